@@ -1,0 +1,32 @@
+"""monoquant: quantize PyTorch checkpoints out of core, into compressed-tensors format.
+
+Example:
+    >>> import torch, monoquant
+    >>> qsd = monoquant.quantize({"fc.weight": torch.randn(32, 128)}, "int4", group_size=32)
+    >>> sorted(qsd)
+    ['fc.weight_packed', 'fc.weight_scale', 'fc.weight_shape']
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+from .errors import CheckpointError as CheckpointError
+from .errors import MonoquantError as MonoquantError
+from .errors import OutputError as OutputError
+from .errors import PlanMismatchError as PlanMismatchError
+from .errors import SchemeError as SchemeError
+from .errors import TensorValueError as TensorValueError
+from .inmemory import QuantizedStateDict as QuantizedStateDict
+from .inmemory import dequantize as dequantize
+from .inmemory import quantize as quantize
+from .rules import Rules as Rules
+from .schemes import PRESETS as PRESETS
+from .schemes import Scheme as Scheme
+from .schemes import get_scheme as get_scheme
+
+try:
+    __version__ = _version("monoquant")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0+unknown"

@@ -1,0 +1,5 @@
+"""``python -m monoquant`` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,168 @@
+"""The in-memory API: quantize a state dict (or a module's) you already hold, and back.
+
+Example:
+    >>> import torch, monoquant
+    >>> model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.LayerNorm(64))
+    >>> qsd = monoquant.quantize(model, "int4")
+    >>> sorted(qsd)
+    ['0.bias', '0.weight_packed', '0.weight_scale', '0.weight_shape', '1.bias', '1.weight']
+    >>> qsd.decisions["1.weight"].reason
+    '1-D tensor (only 2-D weights by default; --include to quantize)'
+    >>> model.load_state_dict(monoquant.dequantize(qsd))
+    <All keys matched successfully>
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .errors import TensorValueError
+from .kernels import ErrorStats, Fp16OverflowError, NonFiniteError, get_kernel
+from .layout import find_groups, infer_scheme
+from .rules import Decision, Rules, decide
+from .schemes import Scheme, get_scheme
+
+
+class QuantizedStateDict(dict[str, torch.Tensor]):
+    """A ``dict[str, Tensor]`` in on-disk names, plus what was done to each input tensor.
+
+    Attributes:
+        decisions: input tensor name -> :class:`~monoquant.rules.Decision` (action and reason).
+        schemes: input tensor name -> :class:`~monoquant.schemes.Scheme` for quantized tensors.
+        stats: input tensor name -> :class:`~monoquant.kernels.ErrorStats` when asked for.
+    """
+
+    decisions: dict[str, Decision]
+    schemes: dict[str, Scheme]
+    stats: dict[str, ErrorStats]
+
+
+def nonfinite_error(name: str, count: int, where: str = "") -> TensorValueError:
+    """The one message for NaN/Inf in a weight."""
+    return TensorValueError(
+        f"{where}tensor {name!r} holds {count} NaN/Inf value(s); fix the checkpoint or "
+        f"--exclude {name!r} to copy it unchanged"
+    )
+
+
+def fp16_overflow_error(name: str, detail: str, where: str = "") -> TensorValueError:
+    """The one message for an fp16 cast out of range."""
+    return TensorValueError(
+        f"{where}tensor {name!r} does not fit float16 ({detail}); use bf16, "
+        f"--exclude {name!r}, or --clamp-fp16 to saturate at ±65504"
+    )
+
+
+def quantize(
+    obj: torch.nn.Module | Mapping[str, torch.Tensor],
+    scheme: str | Scheme = "int8",
+    *,
+    include: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+    clamp_fp16: bool = False,
+    stats: bool = False,
+    **scheme_options: Any,
+) -> QuantizedStateDict:
+    """Quantize a state dict (or ``module.state_dict()``) in memory.
+
+    Args:
+        obj: an ``nn.Module`` or a mapping of names to tensors.
+        scheme: a preset name (``int8``, ``int4``, ``fp8``, ``fp16``, ``bf16``, ...) or a Scheme.
+        include: glob(s) of tensors to quantize even where the default rules skip them.
+        exclude: glob(s) of tensors to leave untouched (wins over ``include``).
+        clamp_fp16: saturate values beyond ±65504 in an fp16 cast instead of failing.
+        stats: compute per-tensor error statistics (``result.stats``).
+        **scheme_options: ``group_size``, ``per_tensor``, ``asymmetric``, ``dynamic``,
+            ``act_strategy``, ``optimize`` (see :func:`monoquant.schemes.get_scheme`).
+
+    Returns:
+        A new :class:`QuantizedStateDict` in the on-disk names; tensors not converted are the
+        same tensor objects as in the input.
+
+    Raises:
+        SchemeError: unknown scheme or impossible options.
+        TensorValueError: NaN/Inf in a converted tensor, or an fp16 overflow.
+    """
+    sd = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
+    sch = get_scheme(scheme, **scheme_options)
+    rules = Rules.of(include, exclude)
+    out = QuantizedStateDict()
+    out.decisions, out.schemes, out.stats = {}, {}, {}
+    for name, t in sd.items():
+        d = decide(name, t.dtype, tuple(t.shape), sch, rules)
+        out.decisions[name] = d
+        if d.action == "copy":
+            out[name] = t
+            continue
+        st = ErrorStats() if stats else None
+        try:
+            parts = get_kernel(sch).quantize_tensor(t, stats=st, clamp_fp16=clamp_fp16)
+        except NonFiniteError:
+            raise nonfinite_error(name, int((~torch.isfinite(t)).sum())) from None
+        except Fp16OverflowError as e:
+            raise fp16_overflow_error(name, str(e)) from None
+        for suffix, v in parts.items():
+            out[name + suffix] = v
+        if d.action == "quantize":
+            out.schemes[name] = sch
+        if st is not None:
+            out.stats[name] = st
+    return out
+
+
+def dequantize(qsd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Turn on-disk names back into the dense state dict (original names and shapes).
+
+    Args:
+        qsd: the result of :func:`quantize`, or any mapping in compressed-tensors names (e.g.
+            loaded with ``safetensors.torch.load_file``).
+        dtype: dtype of the dequantized tensors (default: the stored scale's dtype, i.e. the
+            original weight dtype). Tensors that were not quantized keep their dtype.
+
+    Example:
+        >>> import torch
+        >>> qsd = quantize({"l.weight": torch.ones(4, 8)}, "int8")
+        >>> dequantize(qsd)["l.weight"].unique().tolist()
+        [1.0]
+    """
+    schemes: Mapping[str, Scheme] = getattr(qsd, "schemes", {}) or {}
+    groups = find_groups(qsd.keys())
+    used: set[str] = set()
+    out: dict[str, torch.Tensor] = {}
+    for base, g in groups.items():
+        parts = {s: qsd[n] for s, n in g.names.items()}
+        used.update(g.names.values())
+        scheme = schemes.get(base) or infer_scheme(parts)
+        if "_shape" in parts:
+            shape = tuple(int(v) for v in parts["_shape"].tolist())
+        else:
+            shape = tuple(parts[""].shape)
+        out[base] = get_kernel(scheme).dequantize(parts, shape, dtype)
+    for name, t in qsd.items():
+        if name not in used:
+            out[name] = t
+    return {k: out[k] for k in _order(qsd, out)}
+
+
+def _order(qsd: Mapping[str, torch.Tensor], out: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keep the input order, with each group at the place of its first tensor."""
+    seen: list[str] = []
+    done: set[str] = set()
+    for name in qsd:
+        for cand in (name, *(name[: -len(s)] for s in ("_packed", "_scale", "_shape", "_zero_point") if name.endswith(s))):
+            if cand in out and cand not in done:
+                seen.append(cand)
+                done.add(cand)
+                break
+    return seen
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """10·log10(Σref² / Σ(ref-approx)²) in float64; ``inf`` when equal."""
+    r = ref.double()
+    e = (r - approx.double()).pow(2).sum().item()
+    return math.inf if e == 0 else 10 * math.log10(r.pow(2).sum().item() / e)

@@ -1,0 +1,478 @@
+"""Kernels: for each scheme, the output specs, quantize and dequantize, on blocks of rows.
+
+A tensor is seen as rows (``[shape[0], prod(shape[1:])]``; 1-D tensors are one row). Every
+scheme is row-independent given its scale, so a caller may feed any block of whole rows and get
+exactly the bytes one call on the whole tensor gives. Per-tensor scales need one extra pass
+(:func:`absmax`) before quantizing; :meth:`Kernel.tensor_scale` turns its result into the scale.
+
+Numerics (pinned by tests and ``docs/format.md``):
+
+* compute in float32;
+* symmetric scale = absmax / ((qmax - qmin) / 2): ``/127.5`` int8, ``/7.5`` int4, ``/448`` fp8;
+  asymmetric scale = (max(x.max, 0) - min(x.min, 0)) / (qmax - qmin) and
+  zero point = round(clamp(qmin - min / scale, qmin, qmax));
+* the scale is stored in the weight's dtype, rounded *up* to the next representable value (so
+  no element is clipped by the rounding), and the stored value is the one used to quantize;
+  a zero scale becomes the dtype's eps;
+* codes = clamp(round_half_even(x / scale + zp), qmin, qmax); fp8 = clamp(x / scale, ±448)
+  converted with round-to-nearest-even;
+* dequantize = (q - zp) * scale in float32, then the requested dtype.
+
+Example:
+    >>> import torch
+    >>> from monoquant.schemes import get_scheme
+    >>> k = get_kernel(get_scheme("int4"))
+    >>> [(s.suffix, tuple(s.shape)) for s in k.out_specs((16, 256), torch.bfloat16)]
+    [('_packed', (16, 32)), ('_scale', (16, 2)), ('_shape', (2,))]
+    >>> w = torch.randn(16, 256)
+    >>> parts = k.quantize_tensor(w)
+    >>> (k.dequantize(parts, (16, 256), torch.float32) - w).abs().max() < 0.5 * w.abs().max() / 7
+    tensor(True)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .dtypes import itemsize
+from .errors import MonoquantError, SchemeError
+from .packing import bytes_from_unsigned, codes_per_word, pack_dim0, packed_cols, unpack_dim0, unpack_rows
+from .schemes import Scheme
+
+FP16_MAX = 65504.0
+FP8_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class OutSpec:
+    """One output tensor of a kernel.
+
+    Attributes:
+        suffix: appended to the input tensor's name (``"weight"`` -> ``"weight_packed"``);
+            ``""`` keeps the name.
+        dtype, shape: of the output tensor.
+        row_div: input rows per output row for outputs written block by block (1 for most,
+            8 or 4 for zero points packed along dim 0); ``None`` for a small constant computed
+            once per tensor (``weight_shape``, a per-tensor scale).
+    """
+
+    suffix: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    row_div: int | None = 1
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one output row (for block-wise outputs)."""
+        return (math.prod(self.shape[1:]) if len(self.shape) > 1 else 1) * itemsize(self.dtype)
+
+
+class NonFiniteError(MonoquantError):
+    """A block held NaN or Inf (the caller adds the tensor name and the count)."""
+
+
+class Fp16OverflowError(MonoquantError):
+    """A block held values beyond the fp16 range (the caller adds the tensor name)."""
+
+
+@dataclass
+class ErrorStats:
+    """Accumulated reconstruction error of one tensor (float64 sums over blocks)."""
+
+    numel: int = 0
+    sum_sq: float = 0.0
+    err_sq: float = 0.0
+    max_abs_err: float = 0.0
+    overflow: int = 0
+    underflow: int = 0
+
+    def merge(self, other: ErrorStats) -> None:
+        self.numel += other.numel
+        self.sum_sq += other.sum_sq
+        self.err_sq += other.err_sq
+        self.max_abs_err = max(self.max_abs_err, other.max_abs_err)
+        self.overflow += other.overflow
+        self.underflow += other.underflow
+
+    @property
+    def sqnr_db(self) -> float:
+        """10·log10(Σw² / Σ(w-ŵ)²); ``inf`` for an exact result."""
+        if self.err_sq <= 0.0:
+            return math.inf
+        if self.sum_sq <= 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.sum_sq / self.err_sq)
+
+    @property
+    def rel_err(self) -> float:
+        """‖w-ŵ‖ / ‖w‖."""
+        return math.sqrt(self.err_sq / self.sum_sq) if self.sum_sq > 0 else 0.0
+
+    def to_dict(self) -> dict[str, float | int]:
+        sq = self.sqnr_db
+        return {
+            "sqnr_db": round(sq, 4) if math.isfinite(sq) else None,
+            "rel_err": self.rel_err,
+            "max_abs_err": self.max_abs_err,
+            "overflow": self.overflow,
+            "underflow": self.underflow,
+        }
+
+
+@dataclass
+class Workspace:
+    """Reusable flat buffers, keyed by purpose, grown on demand.
+
+    Fresh allocations cost page faults (~0.7 s per GB on small VMs), so the streaming path
+    keeps one workspace per worker and reuses it for every block of every tensor.
+    """
+
+    buffers: dict[tuple[str, torch.dtype], torch.Tensor] = field(default_factory=dict)
+
+    def get(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self.buffers.get((key, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(max(numel, 1), dtype=dtype)
+            self.buffers[(key, dtype)] = buf
+        return buf[:numel]
+
+
+def as_rows(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D view monoquant processes: ``[shape[0], prod(shape[1:])]``; 1-D is one row."""
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return 1, shape[0]
+    return shape[0], math.prod(shape[1:])
+
+
+def absmax(x: torch.Tensor) -> float:
+    """max |x| of a block (the first pass of per-tensor scales); raises on NaN/Inf."""
+    if x.numel() == 0:
+        return 0.0
+    hi = float(x.amax())
+    lo = float(x.amin())
+    if not (math.isfinite(hi) and math.isfinite(lo)):
+        raise NonFiniteError("NaN or Inf")
+    return max(hi, -lo)
+
+
+def stored_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round float32 scales *up* into ``dtype``; zeros become the dtype's eps."""
+    st = scale.to(dtype)
+    low = st.float() < scale
+    if bool(low.any()):
+        st = torch.where(low, torch.nextafter(st, torch.full_like(st, math.inf)), st)
+    zero = st == 0
+    if bool(zero.any()):
+        st = st.masked_fill(zero, torch.finfo(dtype).eps)
+    return st
+
+
+def scale_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """Scales are stored in the weight's own dtype (float64 weights get float32 scales)."""
+    return torch.float32 if dtype == torch.float64 else dtype
+
+
+class Kernel:
+    """The three pure functions of one scheme (plus the per-tensor scale helper).
+
+    Args:
+        scheme: the scheme to implement.
+    """
+
+    def __init__(self, scheme: Scheme):
+        self.scheme = scheme
+
+    # ---- shapes -----------------------------------------------------------------------------
+    def out_specs(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[OutSpec, ...]:
+        """Output tensors for an input of ``shape``/``dtype``, in on-disk order."""
+        s = self.scheme
+        shape = tuple(int(d) for d in shape)
+        if s.kind == "cast":
+            return (OutSpec("", s.dtype, shape),)  # type: ignore[arg-type]
+        rows, cols = as_rows(shape)
+        sdt = scale_dtype_for(dtype)
+        scale = self._scale_spec(rows, cols, sdt)
+        if s.format == "pack-quantized":
+            specs = [
+                OutSpec("_packed", torch.int32, (rows, packed_cols(cols, s.bits))),
+                scale,
+                OutSpec("_shape", torch.int64, (len(shape),), None),
+            ]
+            if not s.symmetric:
+                groups = scale.shape[1]
+                per = codes_per_word(s.bits)
+                specs.append(OutSpec("_zero_point", torch.int32, (packed_cols(rows, s.bits), groups), per))
+            return tuple(specs)
+        qdtype = torch.int8 if s.kind == "int" else s.dtype
+        return (OutSpec("", qdtype, shape), scale)  # type: ignore[arg-type]
+
+    def _scale_spec(self, rows: int, cols: int, sdt: torch.dtype) -> OutSpec:
+        s = self.scheme
+        if s.strategy == "tensor":
+            return OutSpec("_scale", sdt, (1,), None)
+        if s.strategy == "channel":
+            return OutSpec("_scale", sdt, (rows, 1))
+        return OutSpec("_scale", sdt, (rows, cols // s.group_size))  # type: ignore[operator]
+
+    def check_shape(self, shape: tuple[int, ...]) -> str | None:
+        """Why a tensor of ``shape`` cannot take this scheme, or ``None`` when it can."""
+        s = self.scheme
+        if s.kind == "cast":
+            return None
+        if len(shape) < 2:
+            return f"{len(shape)}-D tensor (quantization needs rows and columns)"
+        rows, cols = as_rows(shape)
+        if rows == 0 or cols == 0:
+            return "empty tensor"
+        if s.strategy == "group" and cols % s.group_size:  # type: ignore[operator]
+            return f"{cols} input columns are not a multiple of the group size {s.group_size}"
+        return None
+
+    @property
+    def block_rows_multiple(self) -> int:
+        """Blocks fed to :meth:`quantize_block` must hold a multiple of this many rows (except
+        the last), so packed zero points fall on word boundaries."""
+        s = self.scheme
+        return codes_per_word(s.bits) if (s.kind == "int" and not s.symmetric) else 1
+
+    @property
+    def needs_absmax(self) -> bool:
+        """True when a first pass over the tensor must compute its absmax."""
+        return self.scheme.strategy == "tensor"
+
+    def tensor_scale(self, amax: float, dtype: torch.dtype) -> torch.Tensor:
+        """The stored per-tensor scale ``[1]`` for a tensor whose absmax is ``amax``."""
+        half = FP8_MAX if self.scheme.kind == "float" else (self.scheme.qmax - self.scheme.qmin) / 2
+        return stored_scale(torch.tensor([amax], dtype=torch.float32) / half, scale_dtype_for(dtype))
+
+    def constants(self, shape: tuple[int, ...], tensor_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Outputs computed once per tensor (``weight_shape``, a per-tensor scale)."""
+        out: dict[str, torch.Tensor] = {}
+        if self.scheme.format == "pack-quantized":
+            out["_shape"] = torch.tensor(shape, dtype=torch.int64)
+        if self.scheme.strategy == "tensor":
+            if tensor_scale is None:
+                raise SchemeError("a per-tensor scheme needs the tensor scale (absmax pass)")
+            out["_scale"] = tensor_scale
+        return out
+
+    # ---- quantize ---------------------------------------------------------------------------
+    def quantize_block(
+        self,
+        x: torch.Tensor,
+        *,
+        tensor_scale: torch.Tensor | None = None,
+        ws: Workspace | None = None,
+        stats: ErrorStats | None = None,
+        clamp_fp16: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Quantize a block of whole rows ``x`` (2-D, the input dtype) into the block-wise outputs.
+
+        Returned tensors may be views into ``ws`` buffers: consume them before the next call.
+        Constants (see :meth:`constants`) are not included.
+
+        Raises:
+            NonFiniteError: the block holds NaN or Inf.
+            Fp16OverflowError: an fp16 cast meets |x| > 65504 and ``clamp_fp16`` is false.
+        """
+        ws = ws if ws is not None else Workspace()
+        if self.scheme.kind == "cast":
+            return self._cast_block(x, ws, stats, clamp_fp16)
+        if self.scheme.optimize:
+            from .optimize import optimized_block
+
+            return optimized_block(self, x, tensor_scale=tensor_scale, ws=ws, stats=stats)
+        return self._quant_block(x, tensor_scale, ws, stats)
+
+    def _cast_block(
+        self, x: torch.Tensor, ws: Workspace, stats: ErrorStats | None, clamp_fp16: bool
+    ) -> dict[str, torch.Tensor]:
+        target: torch.dtype = self.scheme.dtype  # type: ignore[assignment]
+        hi, lo = float(x.amax()), float(x.amin())
+        if not (math.isfinite(hi) and math.isfinite(lo)):
+            raise NonFiniteError("NaN or Inf")
+        out = ws.get("cast", x.numel(), target).view(x.shape)
+        over = target == torch.float16 and max(hi, -lo) > FP16_MAX
+        if over and not clamp_fp16:
+            raise Fp16OverflowError(f"max |x| = {max(hi, -lo):.6g} > {FP16_MAX:g}")
+        if over:
+            out.copy_(torch.clamp(x, -FP16_MAX, FP16_MAX))
+        else:
+            out.copy_(x)
+        if stats is not None:
+            xf = x.float()
+            err = out.float().sub_(xf)
+            stats.numel += x.numel()
+            stats.sum_sq += float(torch.dot(xf.view(-1), xf.view(-1)))
+            stats.err_sq += float(torch.dot(err.view(-1), err.view(-1)))
+            stats.max_abs_err = max(stats.max_abs_err, float(err.abs().amax()) if err.numel() else 0.0)
+            if over:
+                stats.overflow += int((xf.abs() > FP16_MAX).sum())
+            stats.underflow += int(((out == 0) & (x != 0)).sum())
+        return {"": out}
+
+    def _quant_block(
+        self,
+        x: torch.Tensor,
+        tensor_scale: torch.Tensor | None,
+        ws: Workspace,
+        stats: ErrorStats | None,
+    ) -> dict[str, torch.Tensor]:
+        s = self.scheme
+        r, c = x.shape
+        n = r * c
+        sdt = scale_dtype_for(x.dtype)
+        xf = ws.get("xf", n, torch.float32).view(r, c)
+        xf.copy_(x)
+        if stats is not None:
+            flat = xf.view(-1)
+            stats.numel += n
+            stats.sum_sq += float(torch.dot(flat, flat))
+        g = c if s.strategy != "group" else s.group_size
+        groups = c // g  # type: ignore[operator]
+        v = xf.view(r, groups, g)  # type: ignore[arg-type]
+        zp = None
+        if s.strategy == "tensor":
+            if tensor_scale is None:
+                raise SchemeError("a per-tensor scheme needs the tensor scale (absmax pass)")
+            scale = tensor_scale
+            sf = scale.float().view(1, 1, 1)
+        elif s.symmetric:
+            a = ws.get("tmp", n, torch.float32).view(r, groups, g)  # type: ignore[arg-type]
+            torch.abs(v, out=a)
+            amax = a.amax(dim=-1)
+            _check_finite(amax)
+            half = FP8_MAX if s.kind == "float" else (s.qmax - s.qmin) / 2
+            scale = stored_scale(amax / half, sdt)
+            sf = scale.float().unsqueeze(-1)
+        else:
+            mn = v.amin(dim=-1).clamp_(max=0)
+            mx = v.amax(dim=-1).clamp_(min=0)
+            _check_finite(mn)
+            _check_finite(mx)
+            scale = stored_scale((mx - mn) / (s.qmax - s.qmin), sdt)
+            sf32 = scale.float()
+            zp = (s.qmin - mn / sf32).clamp_(s.qmin, s.qmax).round_()
+            sf = sf32.unsqueeze(-1)
+        v.div_(sf)
+        out: dict[str, torch.Tensor] = {}
+        if s.kind == "float":
+            v.clamp_(-FP8_MAX, FP8_MAX)
+            q8 = ws.get("q", n, s.dtype).view(r, c)  # type: ignore[arg-type]
+            q8.copy_(xf)
+            if stats is not None:
+                _accumulate_error(stats, q8.float().view(r, groups, g).mul_(sf), x, ws)  # type: ignore[arg-type]
+            out[""] = q8
+        else:
+            if zp is not None:
+                v.add_(zp.unsqueeze(-1))
+            v.round_().clamp_(s.qmin, s.qmax)
+            if stats is not None:
+                e = ws.get("tmp", n, torch.float32).view(r, groups, g)  # type: ignore[arg-type]
+                if zp is not None:
+                    torch.sub(v, zp.unsqueeze(-1), out=e)
+                    e.mul_(sf)
+                else:
+                    torch.mul(v, sf, out=e)
+                _accumulate_error(stats, e, x, ws)
+            if s.format == "pack-quantized":
+                v.add_(1 << (s.bits - 1))
+                nb = 4 * packed_cols(c, s.bits)
+                u8 = ws.get("u8", r * nb, torch.uint8).view(r, nb)
+                scratch = ws.get("tmp", n // 2 + 1, torch.float32)
+                bytes_from_unsigned(xf, s.bits, out=u8, scratch=scratch)
+                out["_packed"] = u8.view(torch.int32)
+            else:
+                q8 = ws.get("q", n, torch.int8).view(r, c)
+                q8.copy_(xf)
+                out[""] = q8
+        if s.strategy != "tensor":
+            out["_scale"] = scale.view(r, groups)
+        if zp is not None:
+            out["_zero_point"] = pack_dim0(zp.to(torch.int8).view(r, groups), s.bits)
+        return out
+
+    def quantize_tensor(
+        self,
+        w: torch.Tensor,
+        *,
+        stats: ErrorStats | None = None,
+        clamp_fp16: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Quantize a whole tensor held in memory; returns every output keyed by suffix."""
+        shape = tuple(w.shape)
+        rows, cols = as_rows(shape)
+        x = w.detach().reshape(rows, cols)
+        if x.device.type != "cpu":
+            x = x.cpu()
+        tscale = None
+        if self.needs_absmax:
+            tscale = self.tensor_scale(absmax(x), x.dtype)
+        block = self.quantize_block(x, tensor_scale=tscale, ws=Workspace(), stats=stats, clamp_fp16=clamp_fp16)
+        parts = dict(block)
+        parts.update(self.constants(shape, tscale))
+        specs = self.out_specs(shape, w.dtype)
+        # fresh, canonically strided tensors (block outputs may be views into the workspace)
+        return {sp.suffix: parts[sp.suffix].reshape(-1).clone().view(sp.shape) for sp in specs}
+
+    # ---- dequantize -------------------------------------------------------------------------
+    def dequantize(
+        self, parts: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Rebuild the dense tensor from its outputs (keyed by suffix), in ``dtype``
+        (default: the scale's dtype, i.e. the original weight dtype)."""
+        s = self.scheme
+        if s.kind == "cast":
+            w = parts[""]
+            return w.to(dtype) if dtype is not None else w
+        scale = parts["_scale"]
+        dtype = dtype or scale.dtype
+        rows, cols = as_rows(tuple(shape))
+        if s.format == "pack-quantized":
+            q = unpack_rows(parts["_packed"], s.bits, cols).float()
+        else:
+            q = parts[""].reshape(rows, cols).float()
+        if s.strategy == "tensor":
+            w = q * scale.float().view(1, 1)
+            return w.reshape(shape).to(dtype)
+        groups = scale.shape[-1]
+        qv = q.view(rows, groups, cols // groups)
+        if not s.symmetric:
+            zp = unpack_dim0(parts["_zero_point"], s.bits, rows).float()
+            qv = qv - zp.view(rows, groups, 1)
+        w = qv * scale.float().view(rows, groups, 1)
+        return w.reshape(shape).to(dtype)
+
+
+def _check_finite(t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError("NaN or Inf")
+
+
+def _accumulate_error(stats: ErrorStats, dq: torch.Tensor, x: torch.Tensor, ws: Workspace) -> None:
+    """err = dq - x, accumulated into ``stats`` (``dq`` is overwritten)."""
+    e = dq.view(x.shape)
+    e.sub_(x)
+    flat = e.view(-1)
+    stats.err_sq += float(torch.dot(flat, flat))
+    stats.max_abs_err = max(stats.max_abs_err, float(flat.abs_().amax()))
+
+
+_KERNELS: dict[Scheme, Kernel] = {}
+
+
+def get_kernel(scheme: Scheme) -> Kernel:
+    """The kernel of ``scheme`` (kernels are stateless; one instance per scheme is cached)."""
+    k = _KERNELS.get(scheme)
+    if k is None:
+        k = _KERNELS[scheme] = Kernel(scheme)
+    return k

