@@ -21,6 +21,12 @@ from .errors import TensorValueError as TensorValueError
 from .inmemory import QuantizedStateDict as QuantizedStateDict
 from .inmemory import dequantize as dequantize
 from .inmemory import quantize as quantize
+from .loader import load as load
+from .pipeline import ProgressEvent as ProgressEvent
+from .pipeline import Report as Report
+from .pipeline import iter_quantized as iter_quantized
+from .pipeline import plan as plan
+from .pipeline import stream as stream
 from .rules import Rules as Rules
 from .schemes import PRESETS as PRESETS
 from .schemes import Scheme as Scheme

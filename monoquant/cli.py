@@ -1,0 +1,280 @@
+"""The ``monoquant`` command line: a thin shell over the library.
+
+Only this module imports click and tqdm and prints. Library errors become one line on stderr
+and exit code 1 (``-v`` shows the traceback); usage errors exit 2; ``verify`` below its
+threshold exits 3.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import click
+
+from .errors import MonoquantError
+from .plan import DEFAULT_MAX_SHARD, human_bytes
+
+EXIT_ERROR = 1
+EXIT_BELOW_THRESHOLD = 3
+
+
+def _fail(e: BaseException, verbose: int) -> NoReturn:
+    if verbose:
+        traceback.print_exc()
+    click.echo(f"monoquant: error: {e}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def _run(verbose: int, fn: Callable[[], Any]) -> Any:
+    """Call ``fn`` and map library errors to one line and exit code 1."""
+    try:
+        return fn()
+    except MonoquantError as e:
+        _fail(e, verbose)
+    except KeyboardInterrupt:
+        click.echo("monoquant: interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+    except OSError as e:  # anything the library did not translate (should be rare)
+        _fail(e, verbose)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="monoquant")
+def main() -> None:
+    """Quantize PyTorch checkpoints out of core, into compressed-tensors format.
+
+    \b
+    Examples:
+      monoquant stream ckpt/ out/ --int8            # int8 per channel, weight-only
+      monoquant stream ckpt/ out/ --int4 --dry-run  # what would happen, nothing written
+      monoquant verify out/ --against ckpt/ --min-sqnr 20
+      monoquant inspect out/
+    """
+
+
+def scheme_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The scheme flags shared by ``stream`` (and the scheme-aware commands)."""
+    opts = [
+        click.option("--scheme", "scheme", default="int8", show_default=True, metavar="NAME",
+                     help="Scheme preset: int8, int4, fp8, fp16, bf16, w8a8, fp8-dynamic, int4-asym, "
+                          "int8-tensor, ... or a canonical name such as int4-g64-asym."),
+        click.option("--int8", "scheme", flag_value="int8", help="int8 weights, per output channel (pack-quantized)."),
+        click.option("--int4", "scheme", flag_value="int4", help="int4 weights, groups of 128 columns (pack-quantized)."),
+        click.option("--fp8", "scheme", flag_value="fp8", help="float8_e4m3fn weights, per channel."),
+        click.option("--fp16", "scheme", flag_value="fp16", help="Cast floating tensors to float16."),
+        click.option("--bf16", "scheme", flag_value="bf16", help="Cast floating tensors to bfloat16."),
+        click.option("--group-size", type=click.IntRange(min=2), default=None, metavar="N",
+                     help="One scale per group of N input columns (int8/int4)."),
+        click.option("--per-tensor", is_flag=True, help="One scale per tensor."),
+        click.option("--per-channel", is_flag=True, help="One scale per output channel (row)."),
+        click.option("--asymmetric", is_flag=True, help="Integer codes with a zero point (int4/int8 groups or channels)."),
+        click.option("--dynamic", is_flag=True,
+                     help="Declare activations dynamic: W8A8 (int-quantized) with --int8, FP8-dynamic with --fp8."),
+        click.option("--act-strategy", type=click.Choice(["token", "tensor"]), default=None,
+                     help="Granularity of dynamic activations (default: token)."),
+        click.option("--optimize", is_flag=True,
+                     help="Search error-minimising scales per group/channel instead of plain absmax (int schemes)."),
+        click.option("--include", multiple=True, metavar="GLOB",
+                     help="Also quantize tensors matching GLOB that the default rules skip (repeatable)."),
+        click.option("--exclude", multiple=True, metavar="GLOB",
+                     help="Never touch tensors matching GLOB; wins over --include (repeatable)."),
+        click.option("--clamp-fp16", is_flag=True, help="Saturate values beyond ±65504 in an fp16 cast instead of failing."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _scheme_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "group_size": kw.pop("group_size"),
+        "per_tensor": kw.pop("per_tensor"),
+        "per_channel": kw.pop("per_channel"),
+        "asymmetric": kw.pop("asymmetric"),
+        "dynamic": kw.pop("dynamic"),
+        "act_strategy": kw.pop("act_strategy"),
+        "optimize": kw.pop("optimize"),
+    }
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=str))
+@click.argument("dst", type=click.Path(path_type=str))
+@scheme_options
+@click.option("--max-shard-size", default="5GB", show_default=True, metavar="SIZE",
+              help="Output shard size cap (e.g. 5GB, 500MB, 2GiB).")
+@click.option("--worker", default=None, metavar="K/N",
+              help="Process only shards i with i % N == K (split one job over N processes or machines).")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Shards processed concurrently by this process.")
+@click.option("--restart", is_flag=True, help="Discard an unfinished or finished job of other options in DST.")
+@click.option("--backend", type=click.Choice(["mmap", "pread"]), default="mmap", show_default=True,
+              help="How safetensors input is read.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="torch threads per job (1 is fastest on small shared machines).")
+@click.option("--no-stats", is_flag=True, help="Skip the per-tensor error statistics.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (from headers only) and write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress and no summary (errors still go to stderr).")
+@click.option("-v", "--verbose", count=True, help="Show tracebacks of errors.")
+def stream(src: str, dst: str, **kw: Any) -> None:
+    """Quantize the checkpoint SRC into the new directory DST, shard by shard.
+
+    SRC is a .safetensors file, a directory of shards (with or without
+    model.safetensors.index.json) or PyTorch .bin/.pt zip checkpoints. Memory stays bounded
+    whatever the model size; rerun the same command after a crash to resume.
+
+    \b
+    Examples:
+      monoquant stream ckpt/ out/ --int8
+      monoquant stream ckpt/ out/ --int4 --group-size 64 --exclude '*layers.0.*'
+      monoquant stream ckpt/ out/ --int8 --dynamic           # W8A8 for vLLM
+      monoquant stream ckpt/ out/ --int4 --worker 0/4        # one of four workers
+    """
+    from . import pipeline
+
+    verbose, quiet, as_json, dry = kw.pop("verbose"), kw.pop("quiet"), kw.pop("as_json"), kw.pop("dry_run")
+    sopts = _scheme_kwargs(kw)
+    common = {
+        "include": list(kw.pop("include")),
+        "exclude": list(kw.pop("exclude")),
+        "clamp_fp16": kw.pop("clamp_fp16"),
+        "max_shard_size": kw.pop("max_shard_size"),
+    }
+    scheme = kw.pop("scheme")
+    if dry:
+        p = _run(verbose, lambda: pipeline.plan(src, scheme, **common, **sopts))
+        if as_json:
+            click.echo(json.dumps(p.to_json(), indent=1))
+        else:
+            _print_plan(p)
+        return
+    bar = _Progress(quiet or as_json)
+    report = _run(
+        verbose,
+        lambda: pipeline.stream(
+            src, dst, scheme, **common, **sopts, worker=kw["worker"], jobs=kw["jobs"], restart=kw["restart"],
+            backend=kw["backend"], threads=kw["threads"], stats=not kw["no_stats"], on_progress=bar,
+        ),
+    )
+    bar.close()
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=1))
+    elif not quiet:
+        _print_report(report)
+
+
+class _Progress:
+    """tqdm bar in bytes on a terminal; sparse plain lines otherwise (CI logs)."""
+
+    def __init__(self, silent: bool):
+        self.silent = silent
+        self.tty = sys.stderr.isatty()
+        self.bar: Any = None
+        self.last_line = 0.0
+        self.last_frac = -1.0
+
+    def __call__(self, ev: Any) -> None:
+        if self.silent:
+            return
+        if ev.kind == "start":
+            if self.tty:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=ev.bytes_total, unit="B", unit_scale=True, unit_divisor=1024,
+                                desc="monoquant", dynamic_ncols=True, file=sys.stderr)
+            self.started = time.monotonic()
+            return
+        if ev.kind in ("tensor", "shard_skipped", "shard_busy", "shard_done"):
+            if self.bar is not None:
+                self.bar.n = ev.bytes_done
+                self.bar.set_postfix_str(f"shards {ev.shards_done}/{ev.shards_total}", refresh=False)
+                self.bar.refresh()
+            elif ev.bytes_total:
+                frac = ev.bytes_done / ev.bytes_total
+                now = time.monotonic()
+                if ev.kind != "tensor" or frac - self.last_frac >= 0.1 or now - self.last_line >= 30:
+                    if ev.kind == "tensor" and frac - self.last_frac < 0.1 and now - self.last_line < 30:
+                        return
+                    self.last_frac, self.last_line = frac, now
+                    elapsed = now - getattr(self, "started", now)
+                    eta = elapsed * (1 - frac) / frac if frac > 0 else math.nan
+                    what = {"shard_skipped": " (already done)", "shard_busy": " (another worker)"}.get(ev.kind, "")
+                    click.echo(
+                        f"monoquant: {frac:5.1%} {human_bytes(ev.bytes_done)}/{human_bytes(ev.bytes_total)} "
+                        f"shards {ev.shards_done}/{ev.shards_total}{what}"
+                        + (f", eta {eta:.0f} s" if math.isfinite(eta) else ""),
+                        err=True,
+                    )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _print_plan(p: Any) -> None:
+    from .dtypes import dtype_name
+
+    click.echo(f"plan: {p.source} -> {p.scheme.name}  (fingerprint {p.fingerprint[:12]})")
+    width = max((len(t.ref.name) for t in p.tensors), default=10)
+    for t in p.tensors:
+        s = t.decision.scheme.name if (t.decision.scheme and t.decision.action != "copy") else "-"
+        flag = "!" if t.decision.warn else " "
+        click.echo(
+            f" {flag}{t.decision.action:<8} {s:<14} {t.ref.name:<{width}}  {dtype_name(t.ref.dtype):<8} "
+            f"{list(t.ref.shape)!s:<16} {human_bytes(t.ref.nbytes):>10} -> {human_bytes(t.out_bytes):>10}  "
+            f"{p.shards[t.shard].filename}  ({t.decision.reason})"
+        )
+    for s in p.shards:
+        click.echo(f"shard {s.filename}: {human_bytes(s.file_size)}, {len(s.tensors)} tensors")
+    tot = p.totals()
+    bpw = f"{tot['bits_per_weight']:.3f} bits per quantized weight" if tot["bits_per_weight"] else "no tensor quantized"
+    click.echo(
+        f"total: {tot['tensors']} tensors ({tot['quantized']} quantized, {tot['cast']} cast, {tot['copied']} copied), "
+        f"{human_bytes(tot['bytes_in'])} -> {human_bytes(tot['bytes_out'])} ({tot['ratio']:.1%}), {bpw}, "
+        f"{tot['shards']} shard(s), estimated peak memory {human_bytes(tot['estimated_peak_bytes'])}"
+    )
+    for name in tot["warnings"]:
+        reason = next(t.decision.reason for t in p.tensors if t.ref.name == name)
+        click.echo(f"warning: {name} left dense: {reason}")
+    click.echo("dry run: nothing was written")
+
+
+def _print_report(r: Any) -> None:
+    pl = r.plan
+    mem = r.memory
+    if r.shards_written == 0 and r.complete and r.shards_skipped == 0:
+        click.echo(f"monoquant: {r.output} is already complete for these options; nothing to do")
+        return
+    state = "complete" if r.complete else "shards done; index pending (other workers)"
+    click.echo(
+        f"monoquant: {state}: {r.output} ({r.scheme}): {pl['quantized']} quantized, {pl['cast']} cast, "
+        f"{pl['copied']} copied tensors in {pl['shards']} shard(s)"
+    )
+    extra = f", {r.shards_skipped} already done" if r.shards_skipped else ""
+    extra += f", {r.shards_busy} held by other workers" if r.shards_busy else ""
+    bpw = f", {pl['bits_per_weight']:.3f} bits/weight" if pl["bits_per_weight"] else ""
+    click.echo(
+        f"  this run: {r.shards_written} shard(s) written{extra}; {human_bytes(r.bytes_in)} -> {human_bytes(r.bytes_out)}"
+        f"{bpw}; {r.seconds:.2f} s ({r.gb_per_s:.2f} GB/s)"
+    )
+    peak = f"  peak memory: {human_bytes(mem.get('peak_anon') or 0)} anonymous, {human_bytes(mem.get('peak_rss') or 0)} RSS"
+    if mem.get("cgroup_peak"):
+        peak += f", {human_bytes(mem['cgroup_peak'])} cgroup (page cache included)"
+    click.echo(peak)
+    m = r.mean_sqnr()
+    if m is not None:
+        worst = ", ".join(f"{n} {s.sqnr_db:.1f} dB" for n, s in r.worst(3))
+        click.echo(f"  error: mean SQNR {m:.2f} dB over {len(r.stats)} tensors; worst: {worst}")
+    for name in pl["warnings"]:
+        click.echo(f"  warning: {name} left dense (see --dry-run for the reason)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,161 @@
+"""Job state under ``out_dir/.monoquant/``: the plan's fingerprint, a journal of finished shards,
+and per-shard OS file locks.
+
+* ``plan.json`` — fingerprint, format version, scheme, shard list. A rerun with another
+  fingerprint is refused (:class:`PlanMismatchError`) unless ``restart`` discards the state.
+* ``journal.jsonl`` — one line per finished shard: ``{"shard", "bytes", "sha256"}``, appended
+  after the shard was fsynced and renamed, then fsynced itself.
+* ``locks/<shard>.lock`` — ``flock`` locks: two processes never write one shard, and a lock
+  vanishes with the process that held it (SIGKILL included).
+
+A finished job removes the state directory; the index is the completion marker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputError, PlanMismatchError
+from .plan import Plan
+from .schemes import FORMAT_VERSION
+
+STATE_DIR = ".monoquant"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync directory)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+class JobState:
+    """The resumable state of one job in ``out_dir``."""
+
+    def __init__(self, out_dir: Path, plan: Plan):
+        self.out_dir = out_dir
+        self.plan = plan
+        self.dir = out_dir / STATE_DIR
+        self.journal = self.dir / "journal.jsonl"
+        self.locks = self.dir / "locks"
+
+    def prepare(self, restart: bool = False) -> bool:
+        """Create or check the state. Returns True when earlier state of this job was found."""
+        plan_file = self.dir / "plan.json"
+        if plan_file.exists():
+            try:
+                old = json.loads(plan_file.read_text())
+                old_fp = old.get("fingerprint")
+            except (OSError, ValueError):
+                old_fp = None
+            if old_fp == self.plan.fingerprint and not restart:
+                self.locks.mkdir(exist_ok=True)
+                return True
+            if not restart:
+                raise PlanMismatchError(
+                    f"{self.out_dir} holds an unfinished job with other input or options; rerun the original "
+                    "command to finish it, or add --restart to discard it"
+                )
+            self.discard()
+        self.locks.mkdir(parents=True, exist_ok=True)
+        desc: dict[str, Any] = {
+            "fingerprint": self.plan.fingerprint,
+            "format_version": FORMAT_VERSION,
+            "source": self.plan.source,
+            "scheme": self.plan.scheme.to_dict(),
+            "shards": [s.filename for s in self.plan.shards],
+        }
+        atomic_write(plan_file, json.dumps(desc, indent=1).encode())
+        return False
+
+    def discard(self) -> None:
+        """Remove the state and every shard of this output directory (``--restart``)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        for p in self.out_dir.glob("model-*-of-*.safetensors*"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+    def finished(self) -> dict[str, dict[str, Any]]:
+        """Journal entries by shard file name (the last entry wins)."""
+        out: dict[str, dict[str, Any]] = {}
+        try:
+            text = self.journal.read_text()
+        except FileNotFoundError:
+            return out
+        for line in text.splitlines():
+            try:
+                e = json.loads(line)
+            except ValueError:  # a torn last line after a crash: ignore it
+                continue
+            if isinstance(e, dict) and isinstance(e.get("shard"), str):
+                out[e["shard"]] = e
+        return out
+
+    def record(self, shard: str, nbytes: int, digest: str) -> None:
+        """Append one finished shard to the journal, durably."""
+        line = json.dumps({"shard": shard, "bytes": nbytes, "sha256": digest}) + "\n"
+        fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[bool]:
+        """Try to take the lock ``name`` without waiting; yields whether it was taken."""
+        try:
+            fd = os.open(self.locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the job was finished and its state removed meanwhile
+            yield False
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def remove(self) -> None:
+        """Remove the state directory (the job is complete)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def check_writable(out_dir: Path) -> None:
+    """Create ``out_dir`` if needed and check that it is writable, with a clear error."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".monoquant-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(
+            f"{out_dir}: output directory is not writable ({e.strerror or e}); fix permissions or choose another"
+        ) from None

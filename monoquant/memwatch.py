@@ -1,0 +1,113 @@
+"""Peak memory of the running process, as the run reports it.
+
+Three views, because they answer different questions:
+
+* ``peak_rss`` — ``getrusage`` max RSS (includes mapped file pages);
+* ``peak_anon`` — the largest ``RssAnon`` seen by a sampler thread (memory that cannot be
+  reclaimed: what an OOM killer looks at);
+* ``cgroup_peak`` — the memory cgroup's max usage (page cache charged to it included) when the
+  process runs in its own cgroup (e.g. under ``memcap``), else ``None``.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+from pathlib import Path
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def cgroup_peak() -> int | None:
+    """Max usage of this process's memory cgroup in bytes (v1 or v2), when the process runs alone
+    in its own cgroup (as under ``memcap``); ``None`` otherwise (a shared cgroup's peak says
+    nothing about this run)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            f = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.max_usage_in_bytes"
+        elif controllers == "":
+            f = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.peak"
+        else:
+            continue
+        try:
+            procs = {int(x) for x in (f.parent / "cgroup.procs").read_text().split()}
+            if procs - _own_tree():
+                return None
+            return int(f.read_text().strip())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _own_tree() -> set[int]:
+    """This process and its descendants (children of children included)."""
+    me = os.getpid()
+    parents: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                parents[int(d.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    tree = {me}
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parents.items():
+            if ppid in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    return tree
+
+
+class MemWatch:
+    """Samples ``RssAnon`` every ``interval`` seconds while active (a context manager)."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peak_anon = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        kb = _status_kb("RssAnon")
+        if kb is not None:
+            self.peak_anon = max(self.peak_anon, kb * 1024)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> MemWatch:
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="monoquant-memwatch", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+
+    def report(self) -> dict[str, int | None]:
+        return {
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_anon": self.peak_anon,
+            "cgroup_peak": cgroup_peak(),
+        }

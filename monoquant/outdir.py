@@ -1,0 +1,168 @@
+"""The finished output directory: index, ``config.json`` with ``quantization_config``, side files.
+
+The ``quantization_config`` follows compressed-tensors (verified with compressed-tensors 0.20 and
+transformers 5.24, see ``docs/format.md``): ``quant_method: compressed-tensors``,
+``quantization_status: compressed``, ``format`` in every config group *and* at top level, and
+``targets`` listing exactly the modules quantized as anchored regexes (model-agnostic: no class
+names, so an unquantized Linear can never be mistaken for a quantized one).
+
+The index ``metadata`` holds ``total_size`` (transformers needs a ``metadata`` object) and a
+``monoquant`` block with the same quantization description, the fingerprint and each quantized
+tensor's scheme, so an input without ``config.json`` still yields a self-describing output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .dtypes import dtype_name
+from .errors import OutputError
+from .journal import STATE_DIR, atomic_write
+from .plan import INDEX_NAME, Plan, module_of
+from .schemes import FORMAT_VERSION, Scheme
+
+
+def check_paths(src: Path, dst: Path) -> None:
+    """Refuse an output equal to, inside, or containing the input."""
+    s = src.resolve()
+    d = dst.resolve()
+    s_dir = s if s.is_dir() else s.parent
+    if d == s_dir or d == s:
+        raise OutputError(f"{dst}: the output directory is the input; choose a new directory")
+    if s_dir in d.parents:
+        raise OutputError(f"{dst}: the output directory is inside the input {src}; choose a directory outside it")
+    if d in s.parents and s.is_dir():
+        raise OutputError(f"{dst}: the output directory contains the input {src}; choose a directory beside it")
+    if s.is_file() and d in s.parents and d == s.parent:
+        raise OutputError(f"{dst}: the output directory holds the input file; choose a new directory")
+
+
+def quantization_config(plan: Plan) -> dict[str, Any] | None:
+    """The compressed-tensors ``quantization_config`` of a plan (``None`` for casts)."""
+    groups: dict[str, list[str]] = {}
+    schemes: dict[str, Scheme] = {}
+    for t in plan.tensors:
+        s = t.decision.scheme
+        if t.decision.action != "quantize" or s is None:
+            continue
+        schemes[s.name] = s
+        groups.setdefault(s.name, []).append("re:^" + re.escape(module_of(t.ref.name)) + "$")
+    if not groups:
+        return None
+    config_groups = {}
+    for i, name in enumerate(sorted(groups)):
+        s = schemes[name]
+        config_groups[f"group_{i}"] = {
+            "targets": groups[name],
+            "weights": s.ct_weights_args(),
+            "input_activations": s.ct_input_args(),
+            "output_activations": None,
+            "format": s.format,
+        }
+    formats = {schemes[n].format for n in groups}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": [],
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        "producer": f"monoquant {_version()}",
+    }
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def index_json(plan: Plan) -> dict[str, Any]:
+    """The ``model.safetensors.index.json`` object of a plan."""
+    weight_map = {}
+    for t in plan.tensors:
+        for o in t.outputs:
+            weight_map[o.name] = plan.shards[t.shard].filename
+    total = sum(s.data_size for s in plan.shards)
+    tensors = {t.ref.name: t.decision.scheme.name for t in plan.tensors if t.decision.action == "quantize" and t.decision.scheme}
+    schemes = {s.name: s.to_dict() for s in plan.schemes_used().values()}
+    return {
+        "metadata": {
+            "total_size": total,
+            "monoquant": {
+                "version": _version(),
+                "format_version": FORMAT_VERSION,
+                "fingerprint": plan.fingerprint,
+                "scheme": plan.scheme.name,
+                "schemes": schemes,
+                "quantized": tensors,
+                "quantization_config": quantization_config(plan),
+            },
+        },
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+
+
+def output_config(plan: Plan, config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The input ``config.json`` updated for the output (``None`` when the input has none)."""
+    if config is None:
+        return None
+    cfg = dict(config)
+    qc = quantization_config(plan)
+    if qc is not None:
+        cfg["quantization_config"] = qc
+    else:
+        cfg.pop("quantization_config", None)
+    if plan.scheme.kind == "cast":
+        for key in ("torch_dtype", "dtype"):
+            if key in cfg:
+                cfg[key] = dtype_name(plan.scheme.dtype)  # type: ignore[arg-type]
+    return cfg
+
+
+def finalize(out_dir: Path, plan: Plan, side_files: list[Path], src_root: Path, config: dict[str, Any] | None) -> None:
+    """Copy side files, write ``config.json``, then the index (last, atomically)."""
+    try:
+        for p in side_files:
+            rel = p.relative_to(src_root)
+            if rel.as_posix() == "config.json":
+                continue
+            dst = out_dir / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.tmp")
+            shutil.copyfile(p, tmp)
+            os.replace(tmp, dst)
+        cfg = output_config(plan, config)
+        if cfg is not None:
+            atomic_write(out_dir / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
+        atomic_write(out_dir / INDEX_NAME, (json.dumps(index_json(plan), indent=2) + "\n").encode())
+    except OSError as e:
+        from .writer import os_error
+
+        raise os_error(e, out_dir, "writing the index and side files") from None
+
+
+def completed_fingerprint(out_dir: Path) -> str | None:
+    """Fingerprint recorded in a finished output's index, or ``None`` when there is none."""
+    p = out_dir / INDEX_NAME
+    try:
+        meta = json.loads(p.read_text())["metadata"]["monoquant"]
+        return str(meta["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def foreign_entries(out_dir: Path) -> list[str]:
+    """Entries of ``out_dir`` monoquant did not create (refused unless the job is ours)."""
+    if not out_dir.exists():
+        return []
+    ours = re.compile(r"model-\d{5}-of-\d{5}\.safetensors(\.partial)?$")
+    return sorted(p.name for p in out_dir.iterdir() if p.name != STATE_DIR and not ours.match(p.name) and not p.name.startswith(".monoquant-probe"))

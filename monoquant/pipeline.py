@@ -1,0 +1,534 @@
+"""The streaming pipeline: plan, then per shard read → quantize → write → journal, then index.
+
+Example:
+    >>> import monoquant
+    >>> report = monoquant.stream("ckpt/", "out/", "int8", on_progress=print)  # doctest: +SKIP
+    >>> report.complete, report.bits_per_weight                                  # doctest: +SKIP
+    (True, 8.0039)
+    >>> for name, t in monoquant.iter_quantized("ckpt/", "int4"):               # doctest: +SKIP
+    ...     print(name, t.dtype, tuple(t.shape))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import MonoquantError, OutputError
+from .inmemory import fp16_overflow_error, nonfinite_error
+from .journal import JobState, check_writable
+from .kernels import ErrorStats, Fp16OverflowError, NonFiniteError, Workspace, absmax, as_rows, get_kernel
+from .memwatch import MemWatch
+from .outdir import check_paths, completed_fingerprint, finalize, foreign_entries
+from .plan import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_SHARD, INDEX_NAME, Plan, PlannedOutput, PlannedTensor, ShardPlan, block_rows_for, make_plan
+from .reader import Backend, RowReader, open_checkpoint
+from .rules import Rules
+from .schemes import Scheme
+from .writer import ShardWriter, shard_digest
+
+Sink = Callable[[PlannedOutput, int, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """What the pipeline reports through ``on_progress``.
+
+    Attributes:
+        kind: ``start`` (totals known), ``tensor`` (a tensor finished), ``shard_done``,
+            ``shard_skipped`` (already finished earlier), ``shard_busy`` (another process holds
+            it), ``finalized`` (index written), ``done``.
+        bytes_done, bytes_total: input bytes handled so far / in total for this run.
+        name: tensor name (``tensor``) or shard file name (``shard_*``).
+        shards_done, shards_total: shard counts for this run.
+    """
+
+    kind: str
+    bytes_done: int = 0
+    bytes_total: int = 0
+    name: str = ""
+    shards_done: int = 0
+    shards_total: int = 0
+
+
+@dataclass
+class Report:
+    """What a :func:`stream` run did.
+
+    ``bytes_in``/``bytes_out`` count what this run processed (skipped shards excluded);
+    ``plan`` holds the totals of the whole job. ``stats`` maps quantized/cast tensor names to
+    their reconstruction error (when computed).
+    """
+
+    output: str
+    fingerprint: str
+    scheme: str
+    complete: bool
+    plan: dict[str, Any]
+    shards_written: int = 0
+    shards_skipped: int = 0
+    shards_busy: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    memory: dict[str, int | None] = field(default_factory=dict)
+    stats: dict[str, ErrorStats] = field(default_factory=dict)
+
+    @property
+    def bits_per_weight(self) -> float | None:
+        return self.plan.get("bits_per_weight")
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_in / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def worst(self, n: int = 5) -> list[tuple[str, ErrorStats]]:
+        """The ``n`` tensors with the lowest SQNR."""
+        return sorted(self.stats.items(), key=lambda kv: kv[1].sqnr_db)[:n]
+
+    def mean_sqnr(self) -> float | None:
+        vals = [s.sqnr_db for s in self.stats.values() if s.err_sq > 0]
+        return sum(vals) / len(vals) if vals else None
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.mean_sqnr()
+        return {
+            "output": self.output,
+            "complete": self.complete,
+            "scheme": self.scheme,
+            "fingerprint": self.fingerprint,
+            "plan": self.plan,
+            "shards_written": self.shards_written,
+            "shards_skipped": self.shards_skipped,
+            "shards_busy": self.shards_busy,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "seconds": round(self.seconds, 3),
+            "gb_per_s": round(self.gb_per_s, 4),
+            "memory": self.memory,
+            "mean_sqnr_db": round(m, 3) if m is not None else None,
+            "worst": [{"name": n, **s.to_dict()} for n, s in self.worst(10)],
+            "tensors": {n: s.to_dict() for n, s in self.stats.items()},
+        }
+
+
+# ---- one tensor ----------------------------------------------------------------------------------
+def process_tensor(
+    pt: PlannedTensor,
+    reader: RowReader,
+    ws: Workspace,
+    sink: Sink,
+    *,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    clamp_fp16: bool = False,
+    stats: ErrorStats | None = None,
+) -> None:
+    """Read ``pt``'s input block by block, convert it, and hand every output block to ``sink``
+    (in order within each output)."""
+    ref, d = pt.ref, pt.decision
+    if d.action == "copy":
+        out = pt.outputs[0]
+        step = max(block_bytes, 1)
+        for off in range(0, ref.nbytes, step):
+            n = min(step, ref.nbytes - off)
+            sink(out, off, reader.raw(ref, off, n))
+            reader.release(ref, off, off + n)
+        return
+    kernel = get_kernel(d.scheme)  # type: ignore[arg-type]
+    rows, cols = as_rows(ref.shape)
+    br = block_rows_for(pt, block_bytes)
+    row_bytes = ref.nbytes // max(rows, 1)
+    where = f"{ref.file.name}: "
+    try:
+        tscale = None
+        if kernel.needs_absmax:
+            amax = 0.0
+            for a in range(0, rows, br):
+                b = min(a + br, rows)
+                amax = max(amax, absmax(reader.rows(ref, a, b)))
+            tscale = kernel.tensor_scale(amax, ref.dtype)
+        outs = {o.spec.suffix: o for o in pt.outputs}
+        for a in range(0, rows, br):
+            b = min(a + br, rows)
+            x = reader.rows(ref, a, b)
+            res = kernel.quantize_block(x, tensor_scale=tscale, ws=ws, stats=stats, clamp_fp16=clamp_fp16)
+            del x
+            for suffix, t in res.items():
+                o = outs[suffix]
+                sink(o, (a // o.spec.row_div) * o.spec.row_bytes, t)  # type: ignore[operator]
+            reader.release(ref, a * row_bytes, b * row_bytes)
+        for suffix, t in kernel.constants(ref.shape, tscale).items():
+            sink(outs[suffix], 0, t)
+    except NonFiniteError:
+        raise nonfinite_error(ref.name, _count_nonfinite(pt, reader, br), where) from None
+    except Fp16OverflowError as e:
+        raise fp16_overflow_error(ref.name, str(e), where) from None
+
+
+def _count_nonfinite(pt: PlannedTensor, reader: RowReader, br: int) -> int:
+    rows, _ = as_rows(pt.ref.shape)
+    n = 0
+    for a in range(0, rows, br):
+        n += int((~torch.isfinite(reader.rows(pt.ref, a, min(a + br, rows)))).sum())
+    return n
+
+
+# ---- public entry points -------------------------------------------------------------------------
+def plan(
+    src: str | os.PathLike[str],
+    scheme: str | Scheme = "int8",
+    *,
+    include: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD,
+    clamp_fp16: bool = False,
+    **scheme_options: Any,
+) -> Plan:
+    """Plan a run from headers only (what ``--dry-run`` prints). See :func:`stream` for arguments."""
+    ckpt = open_checkpoint(src)
+    return make_plan(
+        ckpt, scheme, rules=Rules.of(include, exclude), max_shard_size=max_shard_size, clamp_fp16=clamp_fp16, **scheme_options
+    )
+
+
+def iter_quantized(
+    src: str | os.PathLike[str],
+    scheme: str | Scheme = "int8",
+    *,
+    include: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+    clamp_fp16: bool = False,
+    backend: Backend = "mmap",
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    **scheme_options: Any,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` output pairs lazily, in plan order, one input tensor at a time.
+
+    Memory is bounded by the largest tensor's outputs (each yielded tensor is a fresh one).
+
+    Example:
+        >>> for name, t in iter_quantized("ckpt/", "int4", group_size=64):   # doctest: +SKIP
+        ...     print(name, t.dtype, tuple(t.shape))
+    """
+    p = plan(src, scheme, include=include, exclude=exclude, clamp_fp16=clamp_fp16, **scheme_options)
+    ws = Workspace()
+    with RowReader(backend, ws) as reader:
+        for pt in p.tensors:
+            bufs = {o.name: torch.empty(o.nbytes, dtype=torch.uint8) for o in pt.outputs}
+
+            def sink(o: PlannedOutput, off: int, t: torch.Tensor, bufs: dict[str, torch.Tensor] = bufs) -> None:
+                flat = t.contiguous().reshape(-1).view(torch.uint8)
+                bufs[o.name][off : off + flat.numel()].copy_(flat)
+
+            process_tensor(pt, reader, ws, sink, block_bytes=block_bytes, clamp_fp16=clamp_fp16)
+            for o in pt.outputs:
+                yield o.name, bufs[o.name].view(o.spec.dtype).view(o.spec.shape)
+
+
+def parse_worker(worker: str | tuple[int, int] | None) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)`` with ``0 <= K < N``."""
+    if worker is None:
+        return 0, 1
+    if isinstance(worker, tuple):
+        k, n = worker
+    else:
+        try:
+            ks, ns = str(worker).split("/")
+            k, n = int(ks), int(ns)
+        except ValueError:
+            raise OutputError(f"--worker {worker!r}: write K/N, e.g. 0/4 for the first of four workers") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise OutputError(f"--worker {k}/{n}: K must be in 0..N-1")
+    return k, n
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``torch.set_num_threads(n)`` and restore the previous setting."""
+    if not n:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def stream(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    scheme: str | Scheme = "int8",
+    *,
+    include: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD,
+    clamp_fp16: bool = False,
+    worker: str | tuple[int, int] | None = None,
+    jobs: int = 1,
+    restart: bool = False,
+    backend: Backend = "mmap",
+    threads: int | None = 1,
+    stats: bool = True,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    on_progress: Callable[[ProgressEvent], None] | None = None,
+    **scheme_options: Any,
+) -> Report:
+    """Quantize a checkpoint into ``dst`` shard by shard, with bounded memory, resumably.
+
+    Args:
+        src: checkpoint file or directory (safetensors, sharded with an index, or torch zip).
+        dst: output directory (created; must not be, contain, or lie inside ``src``).
+        scheme: preset name or Scheme; ``scheme_options`` as in :func:`~monoquant.get_scheme`.
+        include, exclude: glob overrides of the default tensor rules.
+        max_shard_size: output shard size cap (bytes or ``"5GB"``).
+        clamp_fp16: saturate fp16 casts instead of failing on overflow.
+        worker: ``"K/N"``: process only shards ``i`` with ``i % N == K``; workers share nothing
+            but ``dst``; whichever sees every shard done writes the index.
+        jobs: shards processed concurrently by this process (threads).
+        restart: discard unfinished state of a different job in ``dst``.
+        backend: ``mmap`` or ``pread`` for reading safetensors input.
+        threads: torch intra-op threads during the run (``None`` leaves the setting alone).
+        stats: compute per-tensor error statistics (SQNR, max error) during the run.
+        block_bytes: input bytes per processing block (memory vs. speed; output unchanged).
+        on_progress: called with :class:`ProgressEvent` (from worker threads, serialized).
+
+    Returns:
+        A :class:`Report`.
+
+    Raises:
+        MonoquantError: bad input, bad options, unusable output directory, disk full,
+            NaN/Inf weights — always with the file/tensor and what to do.
+    """
+    t0 = time.perf_counter()
+    src_p, dst_p = Path(src), Path(dst)
+    ckpt = open_checkpoint(src_p)
+    check_paths(src_p, dst_p)
+    p = make_plan(
+        ckpt,
+        scheme,
+        rules=Rules.of(include, exclude),
+        max_shard_size=max_shard_size,
+        clamp_fp16=clamp_fp16,
+        block_bytes=block_bytes,
+        **scheme_options,
+    )
+    k, n = parse_worker(worker)
+    report = Report(str(dst_p), p.fingerprint, p.scheme.name, False, p.totals())
+    lock = threading.Lock()
+
+    def emit(ev: ProgressEvent) -> None:
+        if on_progress is not None:
+            with lock:
+                on_progress(ev)
+
+    with MemWatch() as mw, torch_threads(threads):
+        if _already_complete(dst_p, p, restart):
+            report.complete = True
+        else:
+            check_writable(dst_p)
+            state = JobState(dst_p, p)
+            state.prepare(restart)
+            mine = [s for s in p.shards if s.index % n == k]
+            _check_space(dst_p, mine, state)
+            _run_shards(p, mine, state, dst_p, report, emit, jobs=jobs, backend=backend, stats=stats)
+            report.complete = _maybe_finalize(p, state, ckpt, dst_p)
+            if report.complete:
+                emit(ProgressEvent("finalized", name=INDEX_NAME))
+    report.memory = mw.report()
+    report.seconds = time.perf_counter() - t0
+    emit(ProgressEvent("done", report.bytes_in, report.bytes_in))
+    return report
+
+
+def _already_complete(dst: Path, p: Plan, restart: bool) -> bool:
+    done_fp = completed_fingerprint(dst)
+    if done_fp is not None:
+        if done_fp == p.fingerprint and not restart:
+            return True
+        if not restart:
+            raise OutputError(
+                f"{dst} holds a finished model of another job (other input or options); choose another output "
+                "directory or add --restart to replace it"
+            )
+        JobState(dst, p).discard()
+        with contextlib.suppress(OSError):
+            (dst / INDEX_NAME).unlink()
+        return False
+    foreign = foreign_entries(dst)
+    if foreign and not (dst / ".monoquant").exists():
+        shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise OutputError(f"{dst} is not empty ({shown}); choose an empty or new output directory")
+    return False
+
+
+def _check_space(dst: Path, mine: list[ShardPlan], state: JobState) -> None:
+    done = state.finished()
+    need = sum(s.file_size for s in mine if s.filename not in done) + (1 << 20)
+    try:
+        free = shutil.disk_usage(dst).free
+    except OSError:
+        return
+    if free < need:
+        from .plan import human_bytes
+
+        raise OutputError(
+            f"{dst}: needs {human_bytes(need)} for the remaining shards but only {human_bytes(free)} is free; "
+            "free space or choose another output directory"
+        )
+
+
+def _run_shards(
+    p: Plan,
+    mine: list[ShardPlan],
+    state: JobState,
+    dst: Path,
+    report: Report,
+    emit: Callable[[ProgressEvent], None],
+    *,
+    jobs: int,
+    backend: Backend,
+    stats: bool,
+) -> None:
+    total = sum(p.tensors[i].ref.nbytes for s in mine for i in s.tensors)
+    progress = {"bytes": 0, "shards": 0}
+    plock = threading.Lock()
+    emit(ProgressEvent("start", 0, total, shards_total=len(mine)))
+    finished = state.finished()
+    todo: queue.Queue[ShardPlan] = queue.Queue()
+    for s in mine:
+        todo.put(s)
+    failure: list[BaseException] = []
+
+    def advance(nbytes: int, kind: str, name: str, shard_done: bool = False) -> None:
+        with plock:
+            progress["bytes"] += nbytes
+            progress["shards"] += int(shard_done)
+            ev = ProgressEvent(kind, progress["bytes"], total, name, progress["shards"], len(mine))
+        emit(ev)
+
+    def work() -> None:
+        ws = Workspace()
+        with RowReader(backend, ws) as reader:
+            while not failure:
+                try:
+                    shard = todo.get_nowait()
+                except queue.Empty:
+                    return
+                shard_in = sum(p.tensors[i].ref.nbytes for i in shard.tensors)
+                with state.lock(shard.filename) as got:
+                    if not got:
+                        with plock:
+                            report.shards_busy += 1
+                        advance(shard_in, "shard_busy", shard.filename, True)
+                        continue
+                    if _journaled_ok(p, shard, finished.get(shard.filename), dst):
+                        with plock:
+                            report.shards_skipped += 1
+                        advance(shard_in, "shard_skipped", shard.filename, True)
+                        continue
+                    try:
+                        _write_shard(p, shard, state, dst, reader, ws, report, plock, advance, stats)
+                    except BaseException as e:
+                        failure.append(e)
+                        return
+
+    if jobs <= 1:
+        work()
+    else:
+        threads = [threading.Thread(target=work, name=f"monoquant-job-{i}") for i in range(jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if failure:
+        raise failure[0]
+
+
+def _journaled_ok(p: Plan, shard: ShardPlan, entry: dict[str, Any] | None, dst: Path) -> bool:
+    """True when ``shard`` is journaled and the file on disk still has its size and digest."""
+    if entry is None:
+        return False
+    path = dst / shard.filename
+    try:
+        if path.stat().st_size != entry.get("bytes") or entry.get("bytes") != shard.file_size:
+            return False
+    except OSError:
+        return False
+    outputs = [o for i in shard.tensors for o in p.tensors[i].outputs]
+    return shard_digest(path, shard, outputs) == entry.get("sha256")
+
+
+def _write_shard(
+    p: Plan,
+    shard: ShardPlan,
+    state: JobState,
+    dst: Path,
+    reader: RowReader,
+    ws: Workspace,
+    report: Report,
+    plock: threading.Lock,
+    advance: Callable[..., None],
+    stats: bool,
+) -> None:
+    with contextlib.suppress(OSError):
+        (dst / (shard.filename + ".partial")).unlink()  # stale, from a killed run (we hold the lock)
+    writer = ShardWriter(dst, shard)
+    outputs: list[PlannedOutput] = []
+    try:
+        for i in shard.tensors:
+            pt = p.tensors[i]
+            st = ErrorStats() if (stats and pt.decision.action != "copy") else None
+            process_tensor(pt, reader, ws, writer.write, block_bytes=p.block_bytes, clamp_fp16=p.clamp_fp16, stats=st)
+            outputs.extend(pt.outputs)
+            with plock:
+                if st is not None:
+                    report.stats[pt.ref.name] = st
+                report.bytes_in += pt.ref.nbytes
+                report.bytes_out += pt.out_bytes
+            advance(pt.ref.nbytes, "tensor", pt.ref.name)
+        size, digest = writer.finish(outputs)
+    except BaseException:
+        writer.abort()
+        raise
+    state.record(shard.filename, size, digest)
+    with plock:
+        report.shards_written += 1
+    advance(0, "shard_done", shard.filename, True)
+
+
+def _maybe_finalize(p: Plan, state: JobState, ckpt: Any, dst: Path) -> bool:
+    """Write side files, config and index when every shard is journaled (any worker may)."""
+    if completed_fingerprint(dst) == p.fingerprint:
+        return True
+    done = state.finished()
+    if any(s.filename not in done for s in p.shards):
+        return False
+    with state.lock("finalize") as got:
+        if not got:
+            return False
+        if completed_fingerprint(dst) == p.fingerprint:
+            return True
+        for s in p.shards:
+            try:
+                size = (dst / s.filename).stat().st_size
+            except OSError:
+                size = -1
+            if size != s.file_size:
+                raise MonoquantError(
+                    f"{dst / s.filename}: journaled as finished but missing or resized; rerun the same command "
+                    "with --restart"
+                )
+        finalize(dst, p, ckpt.side_files, ckpt.root if ckpt.root.is_dir() else ckpt.root.parent, ckpt.config)
+    state.remove()
+    return True

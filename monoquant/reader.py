@@ -1,0 +1,434 @@
+"""Open a checkpoint without reading its weights, and read rows of one tensor at a time.
+
+Inputs: a ``.safetensors`` file; a directory with ``model.safetensors.index.json`` (or any
+``*.safetensors.index.json``); a directory of ``.safetensors`` files without an index; PyTorch
+zip checkpoints (``.bin``/``.pt``, single or sharded with ``pytorch_model.bin.index.json``),
+opened with ``torch.load(mmap=True, weights_only=True)`` — never an unsafe unpickle.
+
+Safetensors headers are parsed here (the library does not expose byte ranges) and checked:
+header length, JSON, dtypes, shape × dtype = byte range, offsets inside the file and not
+overlapping; an index is cross-checked with the shard headers before any work starts.
+
+Example:
+    >>> ckpt = open_checkpoint("model_dir")                     # doctest: +SKIP
+    >>> ref = ckpt.tensors[0]; ref.name, ref.dtype, ref.shape  # doctest: +SKIP
+    >>> with RowReader(ckpt) as rd: x = rd.rows(ref, 0, 16)    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import mmap
+import os
+import pickle
+import struct
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .dtypes import from_st, itemsize
+from .errors import CheckpointError
+from .kernels import Workspace, as_rows
+
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+Backend = Literal["mmap", "pread"]
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one input tensor lives.
+
+    Attributes:
+        name: tensor name.
+        file: the file holding it.
+        dtype, shape: as in the header.
+        offset: absolute byte offset of its data in ``file`` (``-1`` for torch pickles).
+        nbytes: size of its data.
+    """
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_safetensors(self) -> bool:
+        return self.offset >= 0
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: every tensor's location, in file order, plus side files."""
+
+    root: Path
+    tensors: list[TensorRef]
+    files: list[Path]
+    side_files: list[Path] = field(default_factory=list)
+    index_metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        p = self.root / "config.json" if self.root.is_dir() else None
+        if p is None or not p.exists():
+            return None
+        try:
+            cfg = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{p}: config.json is not valid JSON ({e}); fix or remove it") from None
+        return cfg if isinstance(cfg, dict) else None
+
+
+# ---- safetensors headers ------------------------------------------------------------------------
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse and check a safetensors header. Returns ``(entries, data_start)``."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header); re-download it")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER:
+                raise CheckpointError(f"{path}: header length {n} is implausible (> 100 MB); the file is corrupt")
+            if 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: header length {n} runs beyond the file ({size} bytes); the file is truncated or corrupt"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    return parse_header(raw, size - 8 - n, where=f"{path}: "), 8 + n
+
+
+def parse_header(raw: bytes, data_len: int, *, where: str = "") -> dict[str, Any]:
+    """Validate header bytes against a data section of ``data_len`` bytes.
+
+    Returns ``{name: (dtype, shape, begin, end)}`` (``__metadata__`` dropped). Raises
+    :class:`CheckpointError` — and nothing else — for any malformed input.
+    """
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise CheckpointError(f"{where}header is not valid JSON; the file is corrupt or not safetensors") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{where}header is not a JSON object; the file is corrupt or not safetensors")
+    out: dict[str, Any] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, info in obj.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}tensor {name!r}: header entry is not an object")
+        dtype = from_st(info.get("dtype"), where=f"{where}tensor {name!r}: ")  # type: ignore[arg-type]
+        shape = info.get("shape")
+        offs = info.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointError(f"{where}tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)):
+            raise CheckpointError(f"{where}tensor {name!r}: data_offsets {offs!r} is not [begin, end]")
+        begin, end = offs
+        if not 0 <= begin <= end:
+            raise CheckpointError(f"{where}tensor {name!r}: data_offsets {offs} are not ordered")
+        if end > data_len:
+            raise CheckpointError(
+                f"{where}tensor {name!r}: data ends at byte {end} but the data section has {data_len} bytes; "
+                "the file is truncated"
+            )
+        want = math.prod(shape) * itemsize(dtype)
+        if end - begin != want:
+            raise CheckpointError(
+                f"{where}tensor {name!r}: shape {shape} x {info['dtype']} needs {want} bytes but data_offsets "
+                f"span {end - begin}; the header is corrupt"
+            )
+        out[name] = (dtype, tuple(shape), begin, end)
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{where}tensors {n0!r} and {n1!r} overlap in the file; the header is corrupt")
+    return out
+
+
+def _safetensors_refs(path: Path) -> list[TensorRef]:
+    entries, start = read_header(path)
+    refs = [TensorRef(n, path, d, s, start + b, e - b) for n, (d, s, b, e) in entries.items()]
+    refs.sort(key=lambda r: r.offset)
+    return refs
+
+
+# ---- torch pickles --------------------------------------------------------------------------
+def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load(mmap=True, weights_only=True)`` with clear errors; returns a flat state dict."""
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path}: not a zip-format torch checkpoint (legacy format or corrupt); re-save it with "
+            "torch.save(...) (torch >= 1.6) or convert it to safetensors"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else "unpickling refused"
+        raise CheckpointError(
+            f"{path}: not a weights-only pickle ({first}); monoquant never runs pickle code: convert the file to "
+            "safetensors in a trusted environment"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot load torch checkpoint ({msg}); the file is truncated or corrupt") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; save a plain state dict")
+    return obj
+
+
+def _torch_refs(path: Path) -> list[TensorRef]:
+    sd = load_torch_file(path)
+    return [
+        TensorRef(n, path, t.dtype, tuple(t.shape), -1, t.numel() * t.element_size()) for n, t in sd.items()
+    ]
+
+
+# ---- opening a checkpoint -------------------------------------------------------------------
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a checkpoint file or directory, reading headers only, and check its consistency.
+
+    Raises:
+        CheckpointError: missing path, no weights, malformed headers, index inconsistencies
+            (tensor missing from its shard, in two shards, a shard absent, ...).
+    """
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(f"{root}: no such file or directory")
+    if root.is_file():
+        refs = _refs_of(root)
+        _check_unique(refs)
+        return Checkpoint(root, refs, [root])
+    index_files = sorted(root.glob("*.safetensors.index.json")) or sorted(root.glob("*.bin.index.json"))
+    if index_files:
+        return _open_indexed(root, index_files[0])
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix == ".safetensors")
+    if not files:
+        files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in (".bin", ".pt", ".pth"))
+    if not files:
+        raise CheckpointError(
+            f"{root}: no weights found (no *.safetensors, *.bin or *.pt files, no index); point monoquant at a "
+            "checkpoint directory or file"
+        )
+    refs = [r for f in files for r in _refs_of(f)]
+    _check_unique(refs)
+    return Checkpoint(root, refs, files, _side_files(root, set(files)))
+
+
+def _refs_of(path: Path) -> list[TensorRef]:
+    if path.suffix == ".safetensors":
+        return _safetensors_refs(path)
+    if path.suffix in (".bin", ".pt", ".pth"):
+        return _torch_refs(path)
+    raise CheckpointError(f"{path}: unknown weight file type (expected .safetensors, .bin or .pt)")
+
+
+def _check_unique(refs: list[TensorRef]) -> None:
+    seen: dict[str, Path] = {}
+    for r in refs:
+        if r.name in seen and seen[r.name] != r.file:
+            raise CheckpointError(
+                f"tensor {r.name!r} is in two files, {seen[r.name].name} and {r.file.name}; remove the stale shard"
+            )
+        seen[r.name] = r.file
+
+
+def _open_indexed(root: Path, index_path: Path) -> Checkpoint:
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{index_path}: not valid JSON ({e}); re-download the index") from None
+    wmap = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
+        raise CheckpointError(f"{index_path}: no valid 'weight_map' object; the index is corrupt")
+    shards = sorted(set(wmap.values()))
+    files = []
+    for s in shards:
+        p = root / s
+        if not p.is_file():
+            raise CheckpointError(f"{index_path.name} names shard {s!r}, which is missing from {root}; download it")
+        files.append(p)
+    refs: list[TensorRef] = []
+    by_file: dict[str, set[str]] = {}
+    for p in files:
+        rs = _refs_of(p)
+        by_file[p.name] = {r.name for r in rs}
+        refs.extend(rs)
+    owners: dict[str, list[str]] = {}
+    for r in refs:
+        owners.setdefault(r.name, []).append(r.file.name)
+    for name, fs in owners.items():
+        if len(fs) > 1:
+            raise CheckpointError(f"tensor {name!r} is in two shards ({', '.join(fs)}); the checkpoint is inconsistent")
+    for name, shard in wmap.items():
+        if name not in by_file[shard]:
+            raise CheckpointError(
+                f"{index_path.name} puts tensor {name!r} in {shard}, but that shard does not hold it; "
+                "the index and shards do not match"
+            )
+    for r in refs:
+        if wmap.get(r.name) != r.file.name:
+            raise CheckpointError(
+                f"tensor {r.name!r} in {r.file.name} is not listed in {index_path.name}; the index and shards do not match"
+            )
+    meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+    return Checkpoint(root, refs, files, _side_files(root, set(files) | {index_path}), meta)
+
+
+def _side_files(root: Path, weights: set[Path]) -> list[Path]:
+    """Non-weight files to copy to the output (config, tokenizer, README, ...), recursively,
+    skipping hidden entries and other weight files or indexes."""
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file() or p in weights:
+            continue
+        if p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json"):
+            continue
+        out.append(p)
+    return out
+
+
+# ---- reading rows -------------------------------------------------------------------------------
+class RowReader:
+    """Reads blocks of rows of input tensors, one open file at a time.
+
+    ``backend="mmap"`` maps the file and hands out zero-copy views, then drops the consumed
+    pages from this process (``madvise(DONTNEED)``). ``backend="pread"`` reads into a buffer
+    reused across blocks. Torch pickles are read through their ``mmap=True`` load.
+    """
+
+    def __init__(self, backend: Backend = "mmap", ws: Workspace | None = None):
+        if backend not in ("mmap", "pread"):
+            raise CheckpointError(f"unknown read backend {backend!r} (mmap or pread)")
+        self.backend = backend
+        self.ws = ws or Workspace()
+        self._path: Path | None = None
+        self._fd = -1
+        self._mm: mmap.mmap | None = None
+        self._sd: dict[str, torch.Tensor] | None = None
+
+    def __enter__(self) -> RowReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sd = None
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # a view is still alive somewhere; the GC will unmap it
+                pass
+            self._mm = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._path = None
+
+    def _open(self, ref: TensorRef) -> None:
+        if self._path == ref.file:
+            return
+        self.close()
+        self._path = ref.file
+        if not ref.is_safetensors:
+            self._sd = load_torch_file(ref.file)
+            return
+        try:
+            self._fd = os.open(ref.file, os.O_RDONLY)
+            if self.backend == "mmap" and os.fstat(self._fd).st_size > 0:
+                self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+        except OSError as e:
+            raise CheckpointError(f"{ref.file}: cannot open ({e.strerror or e})") from None
+
+    def rows(self, ref: TensorRef, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of ``ref`` as a 2-D tensor (a view valid until the next call)."""
+        self._open(ref)
+        rows, cols = as_rows(ref.shape)
+        n = (stop - start) * cols
+        if not ref.is_safetensors:
+            assert self._sd is not None
+            t = self._sd[ref.name]
+            return t.reshape(rows, cols)[start:stop] if t.dim() != 2 else t[start:stop]
+        off = ref.offset + start * cols * itemsize(ref.dtype)
+        nbytes = n * itemsize(ref.dtype)
+        if n == 0:
+            return torch.empty((stop - start, cols), dtype=ref.dtype)
+        if self._mm is not None:
+            try:
+                t = torch.frombuffer(self._mm, dtype=ref.dtype, count=n, offset=off)
+            except (ValueError, RuntimeError) as e:
+                raise CheckpointError(f"{ref.file}: tensor {ref.name!r} lies beyond the end of the file ({e})") from None
+            return t.view(stop - start, cols)
+        buf = self.ws.get("read", nbytes, torch.uint8)
+        _pread_into(self._fd, buf, off, ref)
+        return buf.view(ref.dtype).view(stop - start, cols)
+
+    def raw(self, ref: TensorRef, start: int, nbytes: int) -> torch.Tensor:
+        """Bytes ``[start, start+nbytes)`` of a tensor's data as a uint8 tensor (copy path)."""
+        self._open(ref)
+        if not ref.is_safetensors:
+            assert self._sd is not None
+            t = self._sd[ref.name].contiguous().reshape(-1).view(torch.uint8)
+            return t[start : start + nbytes]
+        if self._mm is not None:
+            return torch.frombuffer(self._mm, dtype=torch.uint8, count=nbytes, offset=ref.offset + start)
+        buf = self.ws.get("read", nbytes, torch.uint8)
+        _pread_into(self._fd, buf, ref.offset + start, ref)
+        return buf
+
+    def release(self, ref: TensorRef, start_byte: int, stop_byte: int) -> None:
+        """Drop consumed pages of ``ref``'s byte range from this process's mapping."""
+        if self._mm is None or self._path != ref.file:
+            return
+        page = mmap.PAGESIZE
+        lo = -(-(ref.offset + start_byte) // page) * page
+        hi = ((ref.offset + stop_byte) // page) * page
+        if hi > lo:
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            except (OSError, ValueError, AttributeError):
+                pass
+
+
+def _pread_into(fd: int, buf: torch.Tensor, offset: int, ref: TensorRef) -> None:
+    view = (ctypes.c_char * buf.numel()).from_address(buf.data_ptr())
+    mv = memoryview(view).cast("B")
+    done = 0
+    while done < len(mv):
+        got = os.preadv(fd, [mv[done:]], offset + done)
+        if got <= 0:
+            raise CheckpointError(f"{ref.file}: tensor {ref.name!r} is cut short (file truncated); re-download it")
+        done += got
+
+
+def iter_blocks(n_rows: int, block_rows: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` row ranges of at most ``block_rows`` rows."""
+    for i in range(0, n_rows, block_rows):
+        yield i, min(i + block_rows, n_rows)

@@ -1,0 +1,216 @@
+"""Streaming safetensors shard writer: header first (known from the plan), bytes as produced.
+
+Bytes go to ``<shard>.partial`` with ``pwrite`` at offsets fixed by the plan, so the outputs of
+one tensor (codes, scales, zero points) are written block by block without holding a whole
+tensor or shard. Dirty pages are pushed to disk as the file grows (``sync_file_range``) and
+dropped once written (``posix_fadvise(DONTNEED)``), so page cache does not pile up against a
+memory cap. :meth:`ShardWriter.finish` fsyncs, renames to the final name and fsyncs the
+directory.
+
+Each output tensor's bytes are hashed as they are written (each tensor's region is written in
+order). The shard digest is ``sha256(header || sha256(t1) || sha256(t2) ...)`` over tensors in
+file order — see :func:`shard_digest`, which recomputes it from a file on disk.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from .errors import OutputError
+from .plan import PlannedOutput, ShardPlan
+
+FLUSH_BYTES = 32 * 1024 * 1024
+_WAIT_BEFORE, _WRITE = 1, 2
+
+_libc: ctypes.CDLL | None
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+except (OSError, AttributeError):  # not Linux/glibc: fall back to fdatasync
+    _libc = None
+
+
+def _sync_range(fd: int, flags: int) -> None:
+    if _libc is not None:
+        _libc.sync_file_range(fd, 0, 0, flags)
+    elif flags & _WAIT_BEFORE:
+        os.fdatasync(fd)
+
+
+def tensor_buffer(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (no numpy needed). Keep ``t`` alive."""
+    if not t.is_contiguous():
+        raise ValueError("tensor_buffer needs a contiguous tensor")
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+
+
+def os_error(e: OSError, path: Path, what: str) -> OutputError:
+    """Translate an OS error while writing output into a one-line :class:`OutputError`."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(
+            f"{path}: disk full while {what}; free space (or choose another output directory) and rerun the "
+            "same command: finished shards are kept"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"{path}: not writable ({e.strerror}); fix the permissions or choose another output directory")
+    return OutputError(f"{path}: {e.strerror or e} while {what}")
+
+
+class ShardWriter:
+    """Writes one planned shard.
+
+    Args:
+        out_dir: output directory.
+        shard: the planned shard (file name, header, data size).
+        flush_bytes: push dirty pages to disk every this many bytes written.
+    """
+
+    def __init__(self, out_dir: Path, shard: ShardPlan, flush_bytes: int = FLUSH_BYTES):
+        self.shard = shard
+        self.final = out_dir / shard.filename
+        self.partial = out_dir / (shard.filename + ".partial")
+        self.flush_bytes = flush_bytes
+        self._since_flush = 0
+        self._written: dict[str, int] = {}
+        self._hash: dict[str, hashlib._Hash] = {}
+        self._data_start = 8 + len(shard.header)
+        self._fd = -1
+        try:
+            self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            if hasattr(os, "posix_fallocate") and shard.file_size > 0:
+                try:
+                    os.posix_fallocate(self._fd, 0, shard.file_size)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
+            self._pwrite(struct.pack("<Q", len(shard.header)) + shard.header, 0)
+        except OSError as e:
+            self.abort()
+            raise os_error(e, self.partial, "creating the shard") from None
+
+    def _pwrite(self, data: bytes | memoryview, pos: int) -> None:
+        mv = memoryview(data).cast("B")
+        done = 0
+        while done < len(mv):
+            done += os.pwrite(self._fd, mv[done:], pos + done)
+
+    def write(self, out: PlannedOutput, offset: int, t: torch.Tensor) -> None:
+        """Write tensor ``t``'s bytes at byte ``offset`` of output ``out``. Within one output,
+        writes must come in order (``offset`` = bytes written so far)."""
+        done = self._written.get(out.name, 0)
+        if offset != done:
+            raise RuntimeError(f"{out.name}: write at {offset}, expected {done} (blocks out of order)")
+        buf = tensor_buffer(t.contiguous())
+        n = len(buf)
+        if done + n > out.nbytes:
+            raise RuntimeError(f"{out.name}: {done + n} bytes written, planned {out.nbytes}")
+        try:
+            self._pwrite(buf, self._data_start + out.offset + offset)
+        except OSError as e:
+            raise os_error(e, self.partial, f"writing {out.name}") from None
+        h = self._hash.get(out.name)
+        if h is None:
+            h = self._hash[out.name] = hashlib.sha256()
+        h.update(buf)
+        self._written[out.name] = done + n
+        self._since_flush += n
+        if self._since_flush >= self.flush_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Bound dirty page cache: wait for the writeback started last time, drop what is
+        clean, start writeback of what is dirty now."""
+        self._since_flush = 0
+        try:
+            _sync_range(self._fd, _WAIT_BEFORE)
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            _sync_range(self._fd, _WRITE)
+        except OSError as e:
+            raise os_error(e, self.partial, "flushing") from None
+
+    def finish(self, outputs: list[PlannedOutput]) -> tuple[int, str]:
+        """Check completeness, fsync, rename into place. Returns ``(file size, digest)``."""
+        for o in outputs:
+            if self._written.get(o.name, 0) != o.nbytes:
+                raise RuntimeError(f"{o.name}: {self._written.get(o.name, 0)} of {o.nbytes} bytes written")
+        try:
+            os.fsync(self._fd)
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self.partial, self.final)
+            fsync_dir(self.final.parent)
+        except OSError as e:
+            self.abort()
+            raise os_error(e, self.final, "finishing the shard") from None
+        digest = _combine(self.shard.header, [self._hash[o.name].digest() if o.nbytes else _EMPTY for o in sorted(outputs, key=lambda o: o.offset)])
+        return self.shard.file_size, digest
+
+    def abort(self) -> None:
+        """Close and remove the partial file (frees the space of a failed shard)."""
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+        try:
+            self.partial.unlink()
+        except OSError:
+            pass
+
+
+_EMPTY = hashlib.sha256(b"").digest()
+
+
+def _combine(header: bytes, digests: list[bytes]) -> str:
+    h = hashlib.sha256(header)
+    for d in digests:
+        h.update(d)
+    return h.hexdigest()
+
+
+def shard_digest(path: Path, shard: ShardPlan, outputs: list[PlannedOutput], chunk: int = 16 * 1024 * 1024) -> str:
+    """Recompute a written shard's digest from disk (used to check journaled shards on resume)."""
+    start = 8 + len(shard.header)
+    digests = []
+    with open(path, "rb") as f:
+        head = f.read(start)
+        if head[8:] != shard.header:
+            return ""
+        for o in sorted(outputs, key=lambda o: o.offset):
+            h = hashlib.sha256()
+            f.seek(start + o.offset)
+            left = o.nbytes
+            while left:
+                b = f.read(min(chunk, left))
+                if not b:
+                    return ""
+                h.update(b)
+                left -= len(b)
+            digests.append(h.digest())
+        try:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+    return _combine(shard.header, digests)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename in it is durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
