@@ -33,3 +33,64 @@ def sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:
     r = ref.double()
     e = (r - approx.double()).pow(2).sum().item()
     return math.inf if e == 0 else 10 * math.log10(r.pow(2).sum().item() / e)
+
+
+def tiny_llama_sd(layers: int = 2, hidden: int = 256, inter: int = 512, vocab: int = 1000, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A Llama-shaped state dict with deterministic random weights (names as transformers writes)."""
+    g = torch.Generator().manual_seed(seed)
+    kv = hidden // 2
+
+    def w(o: int, i: int) -> torch.Tensor:
+        return (torch.randn(o, i, generator=g) / math.sqrt(i)).to(dtype)
+
+    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": w(vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        sd[p + "self_attn.q_proj.weight"] = w(hidden, hidden)
+        sd[p + "self_attn.k_proj.weight"] = w(kv, hidden)
+        sd[p + "self_attn.v_proj.weight"] = w(kv, hidden)
+        sd[p + "self_attn.o_proj.weight"] = w(hidden, hidden)
+        sd[p + "mlp.gate_proj.weight"] = w(inter, hidden)
+        sd[p + "mlp.up_proj.weight"] = w(inter, hidden)
+        sd[p + "mlp.down_proj.weight"] = w(hidden, inter)
+        sd[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=dtype)
+        sd[p + "post_attention_layernorm.weight"] = torch.ones(hidden, dtype=dtype)
+    sd["model.norm.weight"] = torch.ones(hidden, dtype=dtype)
+    sd["lm_head.weight"] = w(vocab, hidden)
+    return sd
+
+
+def write_sharded(root: Path, sd: dict[str, torch.Tensor], shards: int = 3, *, index: bool = True, fmt: str = "safetensors", config: dict | None = None) -> Path:
+    """Write ``sd`` as a transformers-style sharded checkpoint (safetensors or torch .bin)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    names = list(sd)
+    per = -(-len(names) // shards)
+    wmap = {}
+    for s in range(shards):
+        part = {n: sd[n].contiguous() for n in names[s * per : (s + 1) * per]}
+        if not part:
+            continue
+        if fmt == "safetensors":
+            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            save_file(part, str(root / fname), metadata={"format": "pt"})
+        else:
+            fname = f"pytorch_model-{s + 1:05d}-of-{shards:05d}.bin"
+            torch.save(part, root / fname)
+        wmap.update({n: fname for n in part})
+    if index:
+        iname = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        (root / iname).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wmap}))
+    cfg = config if config is not None else {"model_type": "llama", "dtype": "bfloat16"}
+    (root / "config.json").write_text(json.dumps(cfg))
+    (root / "tokenizer.json").write_text('{"fake": true}')
+    return root
+
+
+def read_dir_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> bytes), for byte-for-byte comparisons."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -1,0 +1,201 @@
+"""monoquant.stream / iter_quantized / plan / load on every input kind."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import monoquant
+from monoquant import CheckpointError, OutputError
+from monoquant.plan import INDEX_NAME
+from tests.helpers import read_dir_bytes, tiny_llama_sd, write_sharded
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return tiny_llama_sd()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, sd):
+    return write_sharded(tmp_path_factory.mktemp("ckpt") / "in", sd, shards=3)
+
+
+def check_output(out, sd, scheme="int8", **opts):
+    """Every shard loads, every input tensor is accounted for, bytes equal the in-memory API."""
+    index = json.loads((out / INDEX_NAME).read_text())
+    assert index["metadata"]["total_size"] > 0
+    stored = {}
+    for fname in sorted(set(index["weight_map"].values())):
+        with safe_open(str(out / fname), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            for k in f.keys():  # noqa: SIM118
+                assert index["weight_map"][k] == fname
+                stored[k] = f.get_tensor(k)
+    assert set(stored) == set(index["weight_map"])
+    expected = monoquant.quantize(sd, scheme, **opts)
+    assert set(expected) == set(stored)
+    for k, v in expected.items():
+        assert stored[k].dtype == v.dtype and stored[k].shape == v.shape, k
+        assert torch.equal(stored[k].reshape(-1).view(torch.uint8), v.contiguous().reshape(-1).view(torch.uint8)), k
+    dense = monoquant.load(out)
+    assert set(dense) == set(sd)
+    return index
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8", "w8a8", "fp16", "int4-g64-asym", "int8-tensor"])
+def test_stream_equals_in_memory_quantize(tmp_path, ckpt, sd, scheme):
+    report = monoquant.stream(ckpt, tmp_path / "out", scheme, max_shard_size="400KB")
+    assert report.complete and report.shards_written == report.plan["shards"] > 1
+    check_output(tmp_path / "out", sd, scheme)
+    # no state left behind; side files copied
+    assert not (tmp_path / "out" / ".monoquant").exists()
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"fake": true}'
+
+
+@pytest.mark.parametrize("kind", ["single", "noindex", "bin", "bin-sharded"])
+def test_input_kinds(tmp_path, sd, kind):
+    src = tmp_path / "in"
+    if kind == "single":
+        src.mkdir()
+        save_file(sd, str(src / "model.safetensors"))
+        src = src / "model.safetensors"
+    elif kind == "noindex":
+        write_sharded(src, sd, shards=2, index=False)
+    elif kind == "bin":
+        write_sharded(src, sd, shards=1, index=False, fmt="bin")
+    else:
+        write_sharded(src, sd, shards=3, fmt="bin")
+    report = monoquant.stream(src, tmp_path / "out", "int4")
+    assert report.complete
+    check_output(tmp_path / "out", sd, "int4")
+
+
+def test_quantization_config_in_config_json(tmp_path, ckpt, sd):
+    monoquant.stream(ckpt, tmp_path / "out", "int4")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["quantization_status"] == "compressed"
+    assert qc["format"] == "pack-quantized"
+    (group,) = qc["config_groups"].values()
+    assert group["format"] == "pack-quantized"
+    assert group["weights"]["num_bits"] == 4 and group["weights"]["group_size"] == 128
+    quantized = {n[: -len(".weight")] for n in monoquant.quantize(sd, "int4").schemes}
+    assert {t[len("re:^") : -1].replace("\\", "") for t in group["targets"]} == quantized
+    assert "re:^lm_head$" not in group["targets"]
+
+
+def test_two_runs_and_options_that_must_not_matter_give_identical_bytes(tmp_path, ckpt):
+    monoquant.stream(ckpt, tmp_path / "a", "int4", max_shard_size="400KB")
+    monoquant.stream(ckpt, tmp_path / "b", "int4", max_shard_size="400KB")
+    monoquant.stream(ckpt, tmp_path / "c", "int4", max_shard_size="400KB", backend="pread", block_bytes=5000)
+    monoquant.stream(ckpt, tmp_path / "d", "int4", max_shard_size="400KB", jobs=3, threads=2, stats=False)
+    a = read_dir_bytes(tmp_path / "a")
+    for other in "bcd":
+        assert read_dir_bytes(tmp_path / other) == a, other
+
+
+def test_iter_quantized_yields_the_stream_output_in_plan_order(tmp_path, ckpt, sd):
+    monoquant.stream(ckpt, tmp_path / "out", "int4")
+    stored = monoquant.load(tmp_path / "out", dequantize=False)
+    names = []
+    for name, t in monoquant.iter_quantized(ckpt, "int4"):
+        names.append(name)
+        assert torch.equal(t.reshape(-1).view(torch.uint8), stored[name].reshape(-1).view(torch.uint8))
+    assert sorted(names) == sorted(stored)
+    p = monoquant.plan(ckpt, "int4")
+    assert names == [o.name for t in p.tensors for o in t.outputs]
+
+
+def test_dry_run_plan_writes_nothing_and_predicts_sizes(tmp_path, ckpt):
+    p = monoquant.plan(ckpt, "int8", max_shard_size="400KB")
+    assert not (tmp_path / "out").exists()
+    monoquant.stream(ckpt, tmp_path / "out", "int8", max_shard_size="400KB")
+    for s in p.shards:
+        assert (tmp_path / "out" / s.filename).stat().st_size == s.file_size
+    assert p.totals()["bytes_out"] == json.loads((tmp_path / "out" / INDEX_NAME).read_text())["metadata"]["total_size"]
+
+
+def test_load_lazy_and_raw(tmp_path, ckpt, sd):
+    monoquant.stream(ckpt, tmp_path / "out", "int8")
+    lazy = monoquant.load(tmp_path / "out", lazy=True)
+    assert set(lazy) == set(sd)
+    w = lazy["model.layers.0.mlp.up_proj.weight"]
+    assert w.shape == sd["model.layers.0.mlp.up_proj.weight"].shape and w.dtype == torch.bfloat16
+    raw = monoquant.load(tmp_path / "out", dequantize=False)
+    assert "model.layers.0.mlp.up_proj.weight_packed" in raw
+
+
+def test_report_and_progress(tmp_path, ckpt):
+    events = []
+    r = monoquant.stream(ckpt, tmp_path / "out", "int4", max_shard_size="400KB", on_progress=events.append)
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and "finalized" in kinds
+    assert kinds.count("shard_done") == r.plan["shards"]
+    assert events[-2].kind == "finalized"
+    tensor_events = [e for e in events if e.kind == "tensor"]
+    assert tensor_events[-1].bytes_done == tensor_events[-1].bytes_total == r.bytes_in
+    assert r.memory["peak_anon"] > 0 and r.memory["peak_rss"] > 0
+    assert len(r.stats) == r.plan["quantized"] and 15 < r.mean_sqnr() < 25
+
+
+def test_rerun_is_a_noop_and_other_options_are_refused(tmp_path, ckpt):
+    out = tmp_path / "out"
+    monoquant.stream(ckpt, out, "int8")
+    before = read_dir_bytes(out)
+    r = monoquant.stream(ckpt, out, "int8")
+    assert r.complete and r.shards_written == 0
+    assert read_dir_bytes(out) == before
+    with pytest.raises(OutputError, match="another job"):
+        monoquant.stream(ckpt, out, "int4")
+    assert read_dir_bytes(out) == before
+    r = monoquant.stream(ckpt, out, "int4", restart=True)
+    assert r.complete
+    check_output(out, tiny_llama_sd(), "int4")
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "contains"])
+def test_output_overlapping_input_is_refused(tmp_path, ckpt, where):
+    src = write_sharded(tmp_path / "m", tiny_llama_sd(layers=1), shards=1)
+    dst = {"same": src, "inside": src / "q", "contains": tmp_path}[where]
+    before = read_dir_bytes(src)
+    with pytest.raises(OutputError):
+        monoquant.stream(src, dst, "int8")
+    assert read_dir_bytes(src) == before
+
+
+def test_nonempty_foreign_output_is_refused(tmp_path, ckpt):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not empty"):
+        monoquant.stream(ckpt, out, "int8")
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_index_cross_checks(tmp_path, sd):
+    src = write_sharded(tmp_path / "in", sd, shards=3)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    # a tensor listed in a shard that does not hold it
+    bad = dict(index)
+    bad["weight_map"] = dict(index["weight_map"], **{"model.norm.weight": "model-00001-of-00003.safetensors"})
+    (src / "model.safetensors.index.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="does not hold it"):
+        monoquant.plan(src)
+    # a shard missing
+    bad["weight_map"] = dict(index["weight_map"], **{"model.norm.weight": "model-00009-of-00009.safetensors"})
+    (src / "model.safetensors.index.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="missing"):
+        monoquant.plan(src)
+    # a tensor in two shards
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    shard1 = src / "model-00001-of-00003.safetensors"
+    from safetensors.torch import load_file
+
+    extra = load_file(str(shard1))
+    extra["model.norm.weight"] = sd["model.norm.weight"]
+    save_file(extra, str(shard1))
+    with pytest.raises(CheckpointError, match="two shards"):
+        monoquant.plan(src)
