@@ -170,6 +170,92 @@ def stream(src: str, dst: str, **kw: Any) -> None:
         _print_report(report)
 
 
+@main.command()
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--against", type=click.Path(path_type=str), default=None, metavar="IN",
+              help="The input checkpoint: dequantize every tensor and report its error.")
+@click.option("--min-sqnr", type=float, default=None, metavar="DB",
+              help="Exit with code 3 when any tensor's SQNR is below DB (a CI gate; needs --against).")
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="Worst tensors to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON report on stdout.")
+@click.option("-v", "--verbose", count=True, help="Show tracebacks of errors.")
+def verify(out: str, against: str | None, min_sqnr: float | None, top: int, as_json: bool, verbose: int) -> None:
+    """Check the output directory OUT; with --against IN, measure its error.
+
+    Checks that the index, shard headers, sizes, quantized tensor parts and config.json agree.
+    With --against it streams through both checkpoints (bounded memory), dequantizes each
+    tensor and reports SQNR, relative error and max abs error, worst tensors first.
+
+    \b
+    Exit codes: 0 all good; 1 the output is inconsistent or unreadable;
+                3 some tensor is below --min-sqnr.
+    \b
+    Example:
+      monoquant verify out/ --against ckpt/ --min-sqnr 20
+    """
+    from .verify import verify as run_verify
+
+    if min_sqnr is not None and against is None:
+        raise click.UsageError("--min-sqnr needs --against IN")
+    r = _run(verbose, lambda: run_verify(out, against=against, min_sqnr=min_sqnr))
+    if as_json:
+        click.echo(json.dumps(r.to_json(), indent=1))
+    else:
+        for p in r.problems:
+            click.echo(f"problem: {p}")
+        what = f"{r.tensors} tensors ({r.quantized} quantized)"
+        if against is not None:
+            js = r.to_json()
+            click.echo(f"verify: {out}: {what}; {r.compared} compared with {against}; mean SQNR "
+                       + (f"{js['mean_sqnr_db']:.2f} dB" if js["mean_sqnr_db"] is not None else "n/a"))
+            for name, st in r.worst(top):
+                mark = "  BELOW" if name in r.below else ""
+                click.echo(f"  {st.sqnr_db:7.2f} dB  rel {st.rel_err:.2e}  max {st.max_abs_err:.3e}  {name}{mark}")
+        else:
+            click.echo(f"verify: {out}: {what}; structure " + ("ok" if not r.problems else "INCONSISTENT"))
+        if r.below:
+            click.echo(f"verify: {len(r.below)} tensor(s) below {min_sqnr} dB", err=True)
+    if r.problems:
+        sys.exit(EXIT_ERROR)
+    if r.below:
+        sys.exit(EXIT_BELOW_THRESHOLD)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON description.")
+@click.option("-v", "--verbose", count=True, help="Show tracebacks of errors.")
+def inspect(path: str, as_json: bool, verbose: int) -> None:
+    """Show what is in the checkpoint PATH (input or output): tensors, dtypes, sizes, shards,
+    quantization state and scheme per tensor, bits per weight.
+
+    \b
+    Example:
+      monoquant inspect out/ --json | jq .totals
+    """
+    from .inspection import inspect_checkpoint
+
+    info = _run(verbose, lambda: inspect_checkpoint(path))
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    width = max((len(t["name"]) for t in info["tensors"]), default=10)
+    for t in info["tensors"]:
+        kind = t["scheme"] if t["state"] == "quantized" else "dense"
+        bpw = f"{t['bits_per_weight']:.2f} bpw" if t.get("bits_per_weight") else ""
+        click.echo(f"{t['name']:<{width}}  {kind:<14} {t['dtype']:<9} {str(t['shape']):<16} {human_bytes(t['bytes']):>10}  {bpw}")
+    for name, f in info["files"].items():
+        click.echo(f"file {name}: {human_bytes(f['bytes'])}, {f['tensors']} tensors")
+    tot = info["totals"]
+    bpw = f", {tot['bits_per_weight']:.3f} bits per quantized weight" if tot["bits_per_weight"] else ""
+    kinds = ", ".join(f"{k} {human_bytes(v)}" for k, v in tot["bytes_by_kind"].items())
+    click.echo(f"total: {tot['tensors']} tensors ({tot['quantized']} quantized), {human_bytes(tot['bytes'])}{bpw} [{kinds}]")
+    if info["quantization_config"]:
+        qc = info["quantization_config"]
+        click.echo(f"config.json: quant_method {qc.get('quant_method')}, format {qc.get('format')}, "
+                   f"status {qc.get('quantization_status')}, {len(qc.get('config_groups') or {})} group(s)")
+
+
 class _Progress:
     """tqdm bar in bytes on a terminal; sparse plain lines otherwise (CI logs)."""
 

@@ -1,0 +1,308 @@
+"""Check an output directory, and measure its error against the input — streaming, bounded memory.
+
+Structural checks (always): the index parses and agrees with every shard header (reader's
+cross-checks), ``total_size`` matches, every quantized tensor has all its parts with consistent
+shapes, and ``config.json``'s ``quantization_config`` (when present) targets exactly the
+quantized modules with the right format.
+
+With ``against``: every input tensor is found in the output; quantized/cast tensors are
+dequantized block by block and compared with the input (SQNR, relative error, max abs error);
+copied tensors must be byte-identical.
+
+Example:
+    >>> r = verify("out/", against="ckpt/", min_sqnr=20)      # doctest: +SKIP
+    >>> r.ok, r.worst(3)                                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, MonoquantError, VerifyError
+from .kernels import ErrorStats, Kernel, as_rows, get_kernel
+from .layout import find_groups, infer_scheme
+from .packing import codes_per_word
+from .plan import INDEX_NAME, module_of
+from .reader import Checkpoint, RowReader, TensorRef, open_checkpoint
+from .schemes import Scheme
+
+BLOCK_BYTES = 8 * 1024 * 1024
+
+
+@dataclass
+class QuantizedEntry:
+    """A quantized tensor found in a checkpoint: its base name, parts and scheme."""
+
+    base: str
+    parts: dict[str, TensorRef]
+    scheme: Scheme
+    shape: tuple[int, ...]
+
+
+@dataclass
+class VerifyReport:
+    """Result of :func:`verify`."""
+
+    path: str
+    problems: list[str] = field(default_factory=list)
+    stats: dict[str, ErrorStats] = field(default_factory=dict)
+    below: list[str] = field(default_factory=list)
+    min_sqnr: float | None = None
+    tensors: int = 0
+    quantized: int = 0
+    compared: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.below
+
+    def worst(self, n: int = 10) -> list[tuple[str, ErrorStats]]:
+        return sorted(((k, v) for k, v in self.stats.items() if v.err_sq > 0), key=lambda kv: kv[1].sqnr_db)[:n]
+
+    def to_json(self) -> dict[str, Any]:
+        vals = [s.sqnr_db for s in self.stats.values() if s.err_sq > 0]
+        return {
+            "path": self.path,
+            "ok": self.ok,
+            "problems": self.problems,
+            "tensors": self.tensors,
+            "quantized": self.quantized,
+            "compared": self.compared,
+            "min_sqnr": self.min_sqnr,
+            "below_threshold": self.below,
+            "mean_sqnr_db": round(sum(vals) / len(vals), 3) if vals else None,
+            "worst": [{"name": n, **s.to_dict()} for n, s in self.worst(len(self.stats))],
+        }
+
+
+def quantized_entries(ckpt: Checkpoint, reader: RowReader) -> dict[str, QuantizedEntry]:
+    """Find the quantized tensors of an opened checkpoint and their schemes (reads only the tiny
+    ``weight_shape`` tensors; schemes come from the index metadata when monoquant wrote it)."""
+    refs = {r.name: r for r in ckpt.tensors}
+    known: dict[str, Scheme] = {}
+    mq = ckpt.index_metadata.get("monoquant") if isinstance(ckpt.index_metadata, dict) else None
+    if isinstance(mq, dict):
+        defs = {n: Scheme.from_dict(d) for n, d in (mq.get("schemes") or {}).items()}
+        known = {b: defs[s] for b, s in (mq.get("quantized") or {}).items() if s in defs}
+    out: dict[str, QuantizedEntry] = {}
+    for base, g in find_groups(refs).items():
+        parts = {s: refs[n] for s, n in g.names.items()}
+        if "_shape" in parts:
+            shape_t = reader.rows(parts["_shape"], 0, 1).reshape(-1)
+            shape = tuple(int(v) for v in shape_t.tolist())
+        else:
+            shape = parts[""].shape
+        scheme = known.get(base)
+        if scheme is None:
+            scheme = infer_scheme(_meta_parts(parts, shape), shape)
+        out[base] = QuantizedEntry(base, parts, scheme, shape)
+    return out
+
+
+def _meta_parts(parts: dict[str, TensorRef], shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Shape-only stand-ins for :func:`infer_scheme` (meta tensors; ``_shape`` as values)."""
+    out = {s: torch.empty(r.shape, dtype=r.dtype, device="meta") for s, r in parts.items() if s != "_shape"}
+    if "_shape" in parts:
+        out["_shape"] = torch.tensor(shape)
+    return out
+
+
+def _check_entry(e: QuantizedEntry) -> list[str]:
+    """Shape consistency of one quantized tensor's parts."""
+    probs = []
+    specs = {sp.suffix: sp for sp in get_kernel(e.scheme).out_specs(e.shape, e.parts["_scale"].dtype)}
+    for suffix, sp in specs.items():
+        ref = e.parts.get(suffix)
+        if ref is None:
+            probs.append(f"{e.base}{suffix}: missing")
+        elif ref.shape != sp.shape or ref.dtype != sp.dtype:
+            probs.append(f"{e.base}{suffix}: {ref.dtype} {list(ref.shape)}, expected {sp.dtype} {list(sp.shape)}")
+    for s in sorted(set(e.parts) - set(specs)):
+        probs.append(f"{e.base}{s}: unexpected for scheme {e.scheme.name}")
+    return probs
+
+
+def _check_config(root: Path, entries: dict[str, QuantizedEntry]) -> list[str]:
+    cfg_path = root / "config.json"
+    if not cfg_path.exists():
+        return []
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        return [f"config.json: not valid JSON ({e})"]
+    qc = cfg.get("quantization_config")
+    if qc is None:
+        return [] if not entries else ["config.json: quantized tensors but no quantization_config"]
+    probs = []
+    if qc.get("quant_method") != "compressed-tensors":
+        probs.append("config.json: quant_method is not compressed-tensors")
+    if qc.get("quantization_status") != "compressed":
+        probs.append("config.json: quantization_status is not 'compressed' (loaders would give garbage)")
+    if not qc.get("format"):
+        probs.append("config.json: no top-level format")
+    targets: dict[str, dict[str, Any]] = {}
+    for gname, g in (qc.get("config_groups") or {}).items():
+        if not g.get("format"):
+            probs.append(f"config.json: group {gname} has no format")
+        for t in g.get("targets") or []:
+            targets[t] = g
+    modules = {module_of(b): e for b, e in entries.items()}
+    for mod, e in modules.items():
+        g = _match(targets, mod)
+        if g is None:
+            probs.append(f"config.json: quantized module {mod!r} is not targeted by any config group")
+            continue
+        w = g.get("weights") or {}
+        if g.get("format") != e.scheme.format or w.get("num_bits") != e.scheme.bits:
+            probs.append(f"config.json: module {mod!r} is {e.scheme.name} but its group says {g.get('format')}/{w.get('num_bits')} bits")
+    for t in targets:
+        if t.startswith("re:^") and t.endswith("$"):
+            mod = t[4:-1].replace("\\", "")
+            if mod not in modules:
+                probs.append(f"config.json: target {t!r} names a module that is not quantized")
+    return probs
+
+
+def _match(targets: dict[str, dict[str, Any]], module: str) -> dict[str, Any] | None:
+    for t, g in targets.items():
+        if t.startswith("re:"):
+            if re.match(t[3:], module):
+                return g
+        elif t == module:
+            return g
+    return None
+
+
+def _row_slice(ref: TensorRef, reader: RowReader, a: int, b: int, div: int | None) -> torch.Tensor:
+    if div is None:
+        return reader.rows(ref, 0, as_rows(ref.shape)[0]).reshape(ref.shape)
+    return reader.rows(ref, a // div, -(-b // div))
+
+
+def _compare_quantized(
+    e: QuantizedEntry, src: TensorRef, out_reader: RowReader, in_reader: RowReader, ws_rows: int
+) -> ErrorStats:
+    k: Kernel = get_kernel(e.scheme)
+    rows, cols = as_rows(e.shape)
+    st = ErrorStats()
+    specs = {sp.suffix: sp for sp in k.out_specs(e.shape, e.parts["_scale"].dtype)}
+    mult = codes_per_word(e.scheme.bits) if not e.scheme.symmetric else 1
+    br = max(ws_rows // mult, 1) * mult
+    for a in range(0, rows, br):
+        b = min(a + br, rows)
+        parts = {s: _row_slice(e.parts[s], out_reader, a, b, specs[s].row_div).clone() for s in specs if s != "_shape"}
+        block_shape = (b - a, cols)
+        dq = k.dequantize(parts, block_shape, torch.float32)
+        x = in_reader.rows(src, a, b).float()
+        _accumulate(st, x, dq)
+    return st
+
+
+def _accumulate(st: ErrorStats, x: torch.Tensor, dq: torch.Tensor) -> None:
+    xd = x.reshape(-1).double()
+    err = dq.reshape(-1).double() - xd
+    st.numel += xd.numel()
+    st.sum_sq += float(torch.dot(xd, xd))
+    st.err_sq += float(torch.dot(err, err))
+    if err.numel():
+        st.max_abs_err = max(st.max_abs_err, float(err.abs().max()))
+
+
+def verify(
+    path: str | os.PathLike[str],
+    *,
+    against: str | os.PathLike[str] | None = None,
+    min_sqnr: float | None = None,
+    block_bytes: int = BLOCK_BYTES,
+) -> VerifyReport:
+    """Check an output directory; with ``against``, measure per-tensor error versus the input.
+
+    Raises:
+        VerifyError: the output cannot be opened at all (no index, corrupt headers).
+    """
+    root = Path(path)
+    report = VerifyReport(str(root), min_sqnr=min_sqnr)
+    if root.is_dir() and not (root / INDEX_NAME).exists():
+        raise VerifyError(f"{root}: no {INDEX_NAME}; the job is unfinished (rerun it) or this is not a monoquant output")
+    try:
+        out = open_checkpoint(root)
+    except CheckpointError as e:
+        raise VerifyError(str(e)) from None
+    total = out.index_metadata.get("total_size") if isinstance(out.index_metadata, dict) else None
+    if total is not None and total != out.nbytes:
+        report.problems.append(f"index total_size {total} != {out.nbytes} bytes of tensor data")
+    with RowReader("mmap") as oreader:
+        entries = quantized_entries(out, oreader)
+        for e in entries.values():
+            report.problems.extend(_check_entry(e))
+        if root.is_dir():
+            report.problems.extend(_check_config(root, entries))
+        in_group = {r.name for e in entries.values() for r in e.parts.values()}
+        plain = {r.name: r for r in out.tensors if r.name not in in_group}
+        report.tensors = len(entries) + len(plain)
+        report.quantized = len(entries)
+        if against is not None:
+            _compare(report, open_checkpoint(against), entries, plain, oreader, block_bytes)
+    if min_sqnr is not None:
+        report.below = [n for n, s in report.stats.items() if s.err_sq > 0 and s.sqnr_db < min_sqnr]
+    return report
+
+
+def _compare(
+    report: VerifyReport,
+    src: Checkpoint,
+    entries: dict[str, QuantizedEntry],
+    plain: dict[str, TensorRef],
+    oreader: RowReader,
+    block_bytes: int,
+) -> None:
+    with RowReader("mmap") as ireader:
+        for ref in src.tensors:
+            rows, cols = as_rows(ref.shape)
+            br = max(block_bytes // max(cols * ref.dtype.itemsize, 1), 1)
+            try:
+                if ref.name in entries:
+                    e = entries[ref.name]
+                    if tuple(e.shape) != tuple(ref.shape):
+                        report.problems.append(f"{ref.name}: output shape {list(e.shape)} != input {list(ref.shape)}")
+                        continue
+                    report.stats[ref.name] = _compare_quantized(e, ref, oreader, ireader, br)
+                elif ref.name in plain:
+                    o = plain[ref.name]
+                    if o.shape != ref.shape:
+                        report.problems.append(f"{ref.name}: output shape {list(o.shape)} != input {list(ref.shape)}")
+                        continue
+                    if o.dtype == ref.dtype:
+                        if not _same_bytes(ref, o, ireader, oreader, block_bytes):
+                            report.problems.append(f"{ref.name}: copied tensor differs from the input")
+                    else:  # a cast
+                        st = ErrorStats()
+                        for a in range(0, rows, br):
+                            b = min(a + br, rows)
+                            _accumulate(st, ireader.rows(ref, a, b).float(), oreader.rows(o, a, b).float())
+                        report.stats[ref.name] = st
+                else:
+                    report.problems.append(f"{ref.name}: input tensor missing from the output")
+                    continue
+            except MonoquantError as err:
+                report.problems.append(f"{ref.name}: {err}")
+                continue
+            report.compared += 1
+
+
+def _same_bytes(a: TensorRef, b: TensorRef, ra: RowReader, rb: RowReader, step: int) -> bool:
+    if a.nbytes != b.nbytes:
+        return False
+    for off in range(0, a.nbytes, step):
+        n = min(step, a.nbytes - off)
+        if not torch.equal(ra.raw(a, off, n), rb.raw(b, off, n)):
+            return False
+    return True
+

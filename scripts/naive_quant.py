@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""The naive baseline: what users write today to quantize a sharded checkpoint.
+
+    python scripts/naive_quant.py SRC DST --scheme int8|int4|fp16 [--threads N] [--whole]
+
+Per shard: ``safetensors.torch.load_file`` (the whole shard in RAM) -> ``monoquant.quantize``
+on the shard's dict (the same numerics and tensor rules as ``monoquant stream``, so the outputs
+hold the same tensors) -> ``save_file``; then ``model.safetensors.index.json``, a copy of
+``config.json`` and the other side files (unchanged: a naive script adds no quantization
+config), and an fsync of every output file and the directory at the end (``monoquant stream`` fsyncs every
+shard, so the comparison is fair). ``--whole`` loads every shard first, quantizes the whole
+state dict, and saves it shard by shard (the "load the model" variant: memory grows with the
+model). torch keeps its default thread count unless ``--threads`` is given.
+
+Prints one JSON line: seconds (in-process), bytes in/out, peak RSS (getrusage), peak RssAnon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import monoquant
+
+
+class AnonPeak:
+    """Samples RssAnon from /proc/self/status every 20 ms."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        self.peak = max(self.peak, int(line.split()[1]) * 1024)
+                        break
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self._sample()
+
+    def __enter__(self) -> AnonPeak:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self._sample()
+
+
+def fsync_path(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("src", type=Path)
+    ap.add_argument("dst", type=Path)
+    ap.add_argument("--scheme", default="int8", help="int8, int4 or fp16 (any monoquant preset)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
+    ap.add_argument("--whole", action="store_true", help="load every shard first, then quantize and save")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    src, dst = args.src, args.dst
+    index_path = src / "model.safetensors.index.json"
+    if index_path.exists():
+        wmap = json.loads(index_path.read_text())["weight_map"]
+        shards = sorted(set(wmap.values()))
+    else:
+        shards = sorted(p.name for p in src.glob("*.safetensors"))
+    dst.mkdir(parents=True, exist_ok=False)
+    bytes_in = sum((src / s).stat().st_size for s in shards)
+    new_map: dict[str, str] = {}
+    total = 0
+    qcfg = None
+    written: list[Path] = []
+
+    def save(qsd: dict[str, torch.Tensor], name: str) -> None:
+        nonlocal total, qcfg
+        out = dst / name
+        save_file(dict(qsd), str(out), metadata={"format": "pt"})
+        written.append(out)
+        for k, v in qsd.items():
+            new_map[k] = name
+            total += v.numel() * v.element_size()
+
+    with AnonPeak() as anon:
+        if args.whole:
+            sd_all: dict[str, torch.Tensor] = {}
+            owner: dict[str, str] = {}
+            for s in shards:
+                sd = load_file(str(src / s))
+                sd_all.update(sd)
+                owner.update({k: s for k in sd})
+            q = monoquant.quantize(sd_all, args.scheme)
+            for s in shards:
+                part = {k: v for k, v in q.items() if owner.get(_base(k, q)) == s}
+                save(part, s)
+            del sd_all, q
+        else:
+            for s in shards:
+                sd = load_file(str(src / s))
+                q = monoquant.quantize(sd, args.scheme)
+                del sd
+                save(q, s)
+                del q
+        (dst / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}, indent=2) + "\n"
+        )
+        written.append(dst / "model.safetensors.index.json")
+        for p in sorted(src.iterdir()):
+            if p.is_file() and p.name not in shards and p.name != index_path.name:
+                shutil.copy2(p, dst / p.name)
+                written.append(dst / p.name)
+        for p in written:
+            fsync_path(p)
+        fsync_path(dst)
+    secs = time.perf_counter() - t0
+    print(json.dumps({
+        "tool": "naive", "mode": "whole" if args.whole else "shard", "scheme": args.scheme,
+        "threads": torch.get_num_threads(), "seconds": round(secs, 3), "bytes_in": bytes_in,
+        "bytes_out": sum(p.stat().st_size for p in written), "gb_per_s": round(bytes_in / secs / 1e9, 4),
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_anon": anon.peak,
+    }))
+    return 0
+
+
+def _base(out_name: str, q: monoquant.QuantizedStateDict) -> str:
+    """The input tensor an output tensor came from (``x.weight_packed`` -> ``x.weight``)."""
+    if out_name in q.decisions:
+        return out_name
+    for suf in ("_packed", "_scale", "_shape", "_zero_point"):
+        if out_name.endswith(suf) and out_name[: -len(suf)] in q.decisions:
+            return out_name[: -len(suf)]
+    return out_name
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The CLI: flags, dry run, JSON output, error lines and exit codes, progress, python -m."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from monoquant.cli import main
+from tests.helpers import tiny_llama_sd, write_sharded
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return write_sharded(tmp_path_factory.mktemp("c") / "in", tiny_llama_sd(layers=1), shards=2)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize(
+    "flags, scheme",
+    [
+        (["--int8"], "int8"),
+        (["--int4"], "int4-g128"),
+        (["--int4", "--group-size", "64", "--asymmetric"], "int4-g64-asym"),
+        (["--int8", "--per-tensor"], "int8-tensor"),
+        (["--fp8"], "fp8"),
+        (["--fp8", "--dynamic"], "fp8-dynamic"),
+        (["--int8", "--dynamic", "--act-strategy", "tensor"], "int8-dynamic-tensor"),
+        (["--fp16"], "fp16"),
+        (["--bf16"], "bf16"),
+        (["--scheme", "int4-g32"], "int4-g32"),
+        ([], "int8"),
+    ],
+)
+def test_scheme_flags(src, tmp_path, flags, scheme):
+    res = run("stream", src, tmp_path / "o", *flags, "--dry-run", "--json")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    assert plan["scheme"]["name"] == scheme
+    assert not (tmp_path / "o").exists()
+
+
+def test_dry_run_text_lists_every_tensor_and_totals(src, tmp_path):
+    res = run("stream", src, tmp_path / "o", "--int4", "--exclude", "*q_proj*", "--dry-run")
+    assert res.exit_code == 0
+    lines = res.stdout.splitlines()
+    assert sum("model.layers.0." in ln for ln in lines) == 9
+    assert any("excluded by '*q_proj*'" in ln for ln in lines)
+    assert lines[-1] == "dry run: nothing was written"
+    assert any(ln.startswith("total:") and "bits per quantized weight" in ln for ln in lines)
+
+
+def test_stream_json_and_summary(src, tmp_path):
+    res = run("stream", src, tmp_path / "o", "--int8", "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["complete"] and rep["plan"]["quantized"] == 7 and rep["memory"]["peak_anon"] > 0
+    res = run("stream", src, tmp_path / "o2", "--int8")
+    assert res.exit_code == 0
+    assert "monoquant: complete:" in res.stdout and "mean SQNR" in res.stdout
+    res = run("stream", src, tmp_path / "o2", "--int8")
+    assert "already complete" in res.stdout
+
+
+def test_progress_lines_when_not_a_tty(src, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "monoquant", "stream", str(src), str(tmp_path / "o"), "--int4", "--max-shard-size", "100KB"],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    prog = [ln for ln in out.stderr.splitlines() if ln.startswith("monoquant:") and "%" in ln]
+    assert prog and prog[-1].startswith("monoquant: 100.0%")
+    assert len(prog) <= 15  # sparse: about every 10%, not per tensor
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["stream", "{src}", "{src}"], "is the input"),
+        (["stream", "{tmp}/nope", "{tmp}/o"], "no such file or directory"),
+        (["stream", "{src}", "{tmp}/o", "--int4", "--dynamic"], "--dynamic needs 8-bit weights"),
+        (["stream", "{src}", "{tmp}/o", "--scheme", "int5"], "unknown scheme 'int5'"),
+        (["stream", "{src}", "{tmp}/o", "--max-shard-size", "lots"], "cannot read size 'lots'"),
+        (["stream", "{src}", "{tmp}/o", "--worker", "3/2"], "K must be in 0..N-1"),
+    ],
+)
+def test_errors_are_one_line_exit_1_no_traceback(src, tmp_path, args, needle):
+    argv = [a.format(src=src, tmp=tmp_path) for a in args]
+    out = subprocess.run([sys.executable, "-m", "monoquant", *argv], capture_output=True, text=True)
+    assert out.returncode == 1, out
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("monoquant: error: ") and needle in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_verbose_shows_the_traceback(src):
+    out = subprocess.run([sys.executable, "-m", "monoquant", "stream", str(src), str(src), "-v"], capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" in out.stderr and "monoquant: error:" in out.stderr
+
+
+def test_usage_errors_exit_2(src, tmp_path):
+    assert run("stream", src).exit_code == 2
+    assert run("stream", src, tmp_path / "o", "--int3").exit_code == 2
+
+
+def test_version_and_help():
+    assert run("--version").exit_code == 0
+    res = run("--help")
+    assert res.exit_code == 0 and "stream" in res.stdout and "verify" in res.stdout and "inspect" in res.stdout
