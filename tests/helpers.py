@@ -94,3 +94,36 @@ def write_sharded(root: Path, sd: dict[str, torch.Tensor], shards: int = 3, *, i
 def read_dir_bytes(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` (relative path -> bytes), for byte-for-byte comparisons."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_streamed_checkpoint(path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype = torch.bfloat16, seed: int = 0, chunk_bytes: int = 32 << 20) -> int:
+    """Write one safetensors file tensor by tensor in row chunks (bounded memory, any size).
+
+    Values are N(0, 1/cols), deterministic per (seed, tensor index, chunk). Returns the file size.
+    """
+    import json
+    import struct
+
+    from monoquant.dtypes import to_st
+
+    item = torch.empty((), dtype=dtype).element_size()
+    header: dict = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for name, shape in tensors:
+        n = math.prod(shape) * item
+        header[name] = {"dtype": to_st(dtype), "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for ti, (_name, shape) in enumerate(tensors):
+            rows = shape[0] if len(shape) > 1 else 1
+            cols = math.prod(shape) // rows
+            step = max(chunk_bytes // (cols * item), 1)
+            for ci, a in enumerate(range(0, rows, step)):
+                b = min(a + step, rows)
+                g = torch.Generator().manual_seed(seed * 1_000_003 + ti * 10_007 + ci)
+                block = (torch.randn(b - a, cols, generator=g) / math.sqrt(cols)).to(dtype)
+                f.write(block.view(torch.uint8).numpy().tobytes())
+    return path.stat().st_size
