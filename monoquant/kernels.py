@@ -309,15 +309,19 @@ class Kernel:
         else:
             out.copy_(x)
         if stats is not None:
-            xf = x.float()
-            err = out.float().sub_(xf)
-            stats.numel += x.numel()
-            stats.sum_sq += float(torch.dot(xf.view(-1), xf.view(-1)))
-            stats.err_sq += float(torch.dot(err.view(-1), err.view(-1)))
-            stats.max_abs_err = max(stats.max_abs_err, float(err.abs().amax()) if err.numel() else 0.0)
+            n = x.numel()
+            xf = ws.get("xf", n, torch.float32).view(x.shape)
+            xf.copy_(x)
+            stats.numel += n
+            flat = xf.view(-1)
+            stats.sum_sq += float(torch.dot(flat, flat))
+            back = ws.get("tmp", n, torch.float32).view(x.shape)
+            back.copy_(out)
             if over:
-                stats.overflow += int((xf.abs() > FP16_MAX).sum())
-            stats.underflow += int(((out == 0) & (x != 0)).sum())
+                stats.overflow += int((flat.abs() > FP16_MAX).sum())
+            # zeros in the output that were not zeros in the input flushed to zero
+            stats.underflow += int(torch.count_nonzero(x)) - int(torch.count_nonzero(out))
+            _accumulate_error(stats, xf, back, torch.ones((), dtype=torch.float32))
         return {"": out}
 
     def _quant_block(
@@ -327,16 +331,16 @@ class Kernel:
         ws: Workspace,
         stats: ErrorStats | None,
     ) -> dict[str, torch.Tensor]:
+        # Pass count matters more than arithmetic here (the block streams through the caches
+        # ~8 times): reductions read without writing (amax and amin instead of abs + amax),
+        # codes are finished on bytes (xor on int8), and the error statistics reuse the float
+        # input buffer in place (addcmul) instead of re-reading the bf16 input.
         s = self.scheme
         r, c = x.shape
         n = r * c
         sdt = scale_dtype_for(x.dtype)
         xf = ws.get("xf", n, torch.float32).view(r, c)
         xf.copy_(x)
-        if stats is not None:
-            flat = xf.view(-1)
-            stats.numel += n
-            stats.sum_sq += float(torch.dot(flat, flat))
         g = c if s.strategy != "group" else s.group_size
         groups = c // g  # type: ignore[operator]
         v = xf.view(r, groups, g)  # type: ignore[arg-type]
@@ -346,60 +350,79 @@ class Kernel:
                 raise SchemeError("a per-tensor scheme needs the tensor scale (absmax pass)")
             scale = tensor_scale
             sf = scale.float().view(1, 1, 1)
-        elif s.symmetric:
-            a = ws.get("tmp", n, torch.float32).view(r, groups, g)  # type: ignore[arg-type]
-            torch.abs(v, out=a)
-            amax = a.amax(dim=-1)
-            _check_finite(amax)
-            half = FP8_MAX if s.kind == "float" else (s.qmax - s.qmin) / 2
-            scale = stored_scale(amax / half, sdt)
-            sf = scale.float().unsqueeze(-1)
         else:
-            mn = v.amin(dim=-1).clamp_(max=0)
-            mx = v.amax(dim=-1).clamp_(min=0)
-            _check_finite(mn)
+            mx = v.amax(dim=-1)
+            mn = v.amin(dim=-1)
             _check_finite(mx)
-            scale = stored_scale((mx - mn) / (s.qmax - s.qmin), sdt)
-            sf32 = scale.float()
-            zp = (s.qmin - mn / sf32).clamp_(s.qmin, s.qmax).round_()
-            sf = sf32.unsqueeze(-1)
-        v.div_(sf)
+            _check_finite(mn)
+            if s.symmetric:
+                half = FP8_MAX if s.kind == "float" else (s.qmax - s.qmin) / 2
+                scale = stored_scale(torch.maximum(mx, mn.neg_()) / half, sdt)
+                sf = scale.float().unsqueeze(-1)
+            else:
+                mn.clamp_(max=0)
+                mx.clamp_(min=0)
+                scale = stored_scale((mx - mn) / (s.qmax - s.qmin), sdt)
+                sf32 = scale.float()
+                zp = (s.qmin - mn / sf32).clamp_(s.qmin, s.qmax).round_()
+                sf = sf32.unsqueeze(-1)
+        if stats is not None:
+            flat = xf.view(-1)
+            stats.numel += n
+            stats.sum_sq += float(torch.dot(flat, flat))
+        y = ws.get("tmp", n, torch.float32).view(r, groups, g)  # type: ignore[arg-type]
+        torch.div(v, sf, out=y)
         out: dict[str, torch.Tensor] = {}
         if s.kind == "float":
-            v.clamp_(-FP8_MAX, FP8_MAX)
+            y.clamp_(-FP8_MAX, FP8_MAX)
             q8 = ws.get("q", n, s.dtype).view(r, c)  # type: ignore[arg-type]
-            q8.copy_(xf)
+            q8.copy_(y.view(r, c))
             if stats is not None:
-                _accumulate_error(stats, q8.float().view(r, groups, g).mul_(sf), x, ws)  # type: ignore[arg-type]
+                y.copy_(q8.view(r, groups, g))  # type: ignore[arg-type]
+                _accumulate_error(stats, v, y, sf)
             out[""] = q8
         else:
             if zp is not None:
-                v.add_(zp.unsqueeze(-1))
-            v.round_().clamp_(s.qmin, s.qmax)
+                y.add_(zp.unsqueeze(-1))
+            y.round_().clamp_(s.qmin, s.qmax)
             if stats is not None:
-                e = ws.get("tmp", n, torch.float32).view(r, groups, g)  # type: ignore[arg-type]
                 if zp is not None:
-                    torch.sub(v, zp.unsqueeze(-1), out=e)
-                    e.mul_(sf)
-                else:
-                    torch.mul(v, sf, out=e)
-                _accumulate_error(stats, e, x, ws)
+                    y.sub_(zp.unsqueeze(-1))
+                _accumulate_error(stats, v, y, sf)
+                if zp is not None:
+                    y.add_(zp.unsqueeze(-1))
             if s.format == "pack-quantized":
-                v.add_(1 << (s.bits - 1))
-                nb = 4 * packed_cols(c, s.bits)
-                u8 = ws.get("u8", r * nb, torch.uint8).view(r, nb)
-                scratch = ws.get("tmp", n // 2 + 1, torch.float32)
-                bytes_from_unsigned(xf, s.bits, out=u8, scratch=scratch)
-                out["_packed"] = u8.view(torch.int32)
+                out["_packed"] = self._pack_codes(y.view(r, c), ws)
             else:
                 q8 = ws.get("q", n, torch.int8).view(r, c)
-                q8.copy_(xf)
+                q8.copy_(y.view(r, c))
                 out[""] = q8
         if s.strategy != "tensor":
             out["_scale"] = scale.view(r, groups)
         if zp is not None:
             out["_zero_point"] = pack_dim0(zp.to(torch.int8).view(r, groups), s.bits)
         return out
+
+    def _pack_codes(self, y: torch.Tensor, ws: Workspace) -> torch.Tensor:
+        """Float codes ``y`` (integers in [qmin, qmax]) -> packed int32 rows (offset binary)."""
+        bits = self.scheme.bits
+        r, c = y.shape
+        nb = 4 * packed_cols(c, bits)
+        u8 = ws.get("u8", r * nb, torch.uint8).view(r, nb)
+        if bits == 8 and c == nb:
+            q8 = u8.view(torch.int8)
+            q8.copy_(y)
+            u8.bitwise_xor_(0x80)  # q + 128 on the bytes of two's complement codes
+        elif bits == 4 and 2 * nb == c:
+            half = ws.get("half", r * (c // 2), torch.float32).view(r, c // 2)
+            pair = y.view(r, c // 2, 2)
+            torch.add(pair[..., 0], pair[..., 1], alpha=16, out=half)
+            half.add_(8 + 16 * 8)  # (q0 + 8) + 16 * (q1 + 8)
+            u8.copy_(half)
+        else:  # rows that do not fill whole words: the general (slower) path
+            y.add_(1 << (bits - 1))
+            bytes_from_unsigned(y, bits, out=u8)
+        return u8.view(torch.int32)
 
     def quantize_tensor(
         self,
@@ -458,13 +481,13 @@ def _check_finite(t: torch.Tensor) -> None:
         raise NonFiniteError("NaN or Inf")
 
 
-def _accumulate_error(stats: ErrorStats, dq: torch.Tensor, x: torch.Tensor, ws: Workspace) -> None:
-    """err = dq - x, accumulated into ``stats`` (``dq`` is overwritten)."""
-    e = dq.view(x.shape)
-    e.sub_(x)
-    flat = e.view(-1)
+def _accumulate_error(stats: ErrorStats, x: torch.Tensor, q: torch.Tensor, sf: torch.Tensor) -> None:
+    """err = q * scale - x, accumulated into ``stats``; ``x`` (the float32 input) is overwritten."""
+    torch.addcmul(x, q, sf, value=-1, out=x)
+    flat = x.reshape(-1)
     stats.err_sq += float(torch.dot(flat, flat))
-    stats.max_abs_err = max(stats.max_abs_err, float(flat.abs_().amax()))
+    if flat.numel():
+        stats.max_abs_err = max(stats.max_abs_err, float(flat.amax()), -float(flat.amin()))
 
 
 _KERNELS: dict[Scheme, Kernel] = {}

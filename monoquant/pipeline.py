@@ -28,6 +28,7 @@ from .errors import MonoquantError, OutputError
 from .inmemory import fp16_overflow_error, nonfinite_error
 from .journal import JobState, check_writable
 from .kernels import ErrorStats, Fp16OverflowError, NonFiniteError, Workspace, absmax, as_rows, get_kernel
+from .overlap import SyncSink, ThreadSink, WorkspacePool
 from .memwatch import MemWatch
 from .outdir import check_paths, completed_fingerprint, finalize, foreign_entries
 from .plan import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_SHARD, INDEX_NAME, Plan, PlannedOutput, PlannedTensor, ShardPlan, block_rows_for, make_plan
@@ -35,8 +36,6 @@ from .reader import Backend, RowReader, open_checkpoint
 from .rules import Rules
 from .schemes import Scheme
 from .writer import ShardWriter, shard_digest
-
-Sink = Callable[[PlannedOutput, int, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -125,23 +124,37 @@ class Report:
 def process_tensor(
     pt: PlannedTensor,
     reader: RowReader,
-    ws: Workspace,
-    sink: Sink,
+    pool: WorkspacePool,
+    sink: SyncSink | ThreadSink,
     *,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     clamp_fp16: bool = False,
     stats: ErrorStats | None = None,
 ) -> None:
-    """Read ``pt``'s input block by block, convert it, and hand every output block to ``sink``
-    (in order within each output)."""
+    """Read ``pt``'s input block by block, convert it, and submit every output block to ``sink``
+    (in order within each output). Each block works in a workspace of ``pool`` that the sink
+    returns once the block is written; consumed input pages are released then too."""
     ref, d = pt.ref, pt.decision
+
+    def done(ws: Workspace, lo: int, hi: int) -> Callable[[], None]:
+        def cb() -> None:
+            reader.release(ref, lo, hi)
+            pool.release(ws)
+
+        return cb
+
     if d.action == "copy":
         out = pt.outputs[0]
         step = max(block_bytes, 1)
         for off in range(0, ref.nbytes, step):
             n = min(step, ref.nbytes - off)
-            sink(out, off, reader.raw(ref, off, n))
-            reader.release(ref, off, off + n)
+            ws = pool.acquire()
+            try:
+                data = reader.raw(ref, off, n, ws=ws)
+            except BaseException:
+                pool.release(ws)
+                raise
+            sink.submit([(out, off, data)], done(ws, off, off + n))
         return
     kernel = get_kernel(d.scheme)  # type: ignore[arg-type]
     rows, cols = as_rows(ref.shape)
@@ -159,16 +172,20 @@ def process_tensor(
         outs = {o.spec.suffix: o for o in pt.outputs}
         for a in range(0, rows, br):
             b = min(a + br, rows)
-            x = reader.rows(ref, a, b)
-            res = kernel.quantize_block(x, tensor_scale=tscale, ws=ws, stats=stats, clamp_fp16=clamp_fp16)
+            ws = pool.acquire()
+            try:
+                x = reader.rows(ref, a, b, ws=ws)
+                res = kernel.quantize_block(x, tensor_scale=tscale, ws=ws, stats=stats, clamp_fp16=clamp_fp16)
+            except BaseException:
+                pool.release(ws)
+                raise
             del x
-            for suffix, t in res.items():
-                o = outs[suffix]
-                sink(o, (a // o.spec.row_div) * o.spec.row_bytes, t)  # type: ignore[operator]
-            reader.release(ref, a * row_bytes, b * row_bytes)
-        for suffix, t in kernel.constants(ref.shape, tscale).items():
-            sink(outs[suffix], 0, t)
+            items = [(outs[k], (a // outs[k].spec.row_div) * outs[k].spec.row_bytes, t) for k, t in res.items()]  # type: ignore[operator]
+            sink.submit(items, done(ws, a * row_bytes, b * row_bytes))
+        consts = kernel.constants(ref.shape, tscale)
+        sink.submit([(outs[k], 0, t) for k, t in consts.items()], None)
     except NonFiniteError:
+        sink.drain()
         raise nonfinite_error(ref.name, _count_nonfinite(pt, reader, br), where) from None
     except Fp16OverflowError as e:
         raise fp16_overflow_error(ref.name, str(e), where) from None
@@ -220,16 +237,16 @@ def iter_quantized(
         ...     print(name, t.dtype, tuple(t.shape))
     """
     p = plan(src, scheme, include=include, exclude=exclude, clamp_fp16=clamp_fp16, **scheme_options)
-    ws = Workspace()
-    with RowReader(backend, ws) as reader:
+    pool = WorkspacePool(1)
+    with RowReader(backend) as reader:
         for pt in p.tensors:
             bufs = {o.name: torch.empty(o.nbytes, dtype=torch.uint8) for o in pt.outputs}
 
-            def sink(o: PlannedOutput, off: int, t: torch.Tensor, bufs: dict[str, torch.Tensor] = bufs) -> None:
+            def write(o: PlannedOutput, off: int, t: torch.Tensor, bufs: dict[str, torch.Tensor] = bufs) -> None:
                 flat = t.contiguous().reshape(-1).view(torch.uint8)
                 bufs[o.name][off : off + flat.numel()].copy_(flat)
 
-            process_tensor(pt, reader, ws, sink, block_bytes=block_bytes, clamp_fp16=clamp_fp16)
+            process_tensor(pt, reader, pool, SyncSink(write), block_bytes=block_bytes, clamp_fp16=clamp_fp16)
             for o in pt.outputs:
                 yield o.name, bufs[o.name].view(o.spec.dtype).view(o.spec.shape)
 
@@ -281,6 +298,7 @@ def stream(
     threads: int | None = 1,
     stats: bool = True,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    overlap: bool = True,
     on_progress: Callable[[ProgressEvent], None] | None = None,
     **scheme_options: Any,
 ) -> Report:
@@ -301,6 +319,7 @@ def stream(
         threads: torch intra-op threads during the run (``None`` leaves the setting alone).
         stats: compute per-tensor error statistics (SQNR, max error) during the run.
         block_bytes: input bytes per processing block (memory vs. speed; output unchanged).
+        overlap: write and hash blocks on a background thread while the next block is computed.
         on_progress: called with :class:`ProgressEvent` (from worker threads, serialized).
 
     Returns:
@@ -341,7 +360,7 @@ def stream(
             state.prepare(restart)
             mine = [s for s in p.shards if s.index % n == k]
             _check_space(dst_p, mine, state)
-            _run_shards(p, mine, state, dst_p, report, emit, jobs=jobs, backend=backend, stats=stats)
+            _run_shards(p, mine, state, dst_p, report, emit, jobs=jobs, backend=backend, stats=stats, overlap=overlap)
             report.complete = _maybe_finalize(p, state, ckpt, dst_p)
             if report.complete:
                 emit(ProgressEvent("finalized", name=INDEX_NAME))
@@ -399,6 +418,7 @@ def _run_shards(
     jobs: int,
     backend: Backend,
     stats: bool,
+    overlap: bool,
 ) -> None:
     total = sum(p.tensors[i].ref.nbytes for s in mine for i in s.tensors)
     progress = {"bytes": 0, "shards": 0}
@@ -418,8 +438,8 @@ def _run_shards(
         emit(ev)
 
     def work() -> None:
-        ws = Workspace()
-        with RowReader(backend, ws) as reader:
+        pool = WorkspacePool(3 if overlap else 1)
+        with RowReader(backend) as reader:
             while not failure:
                 try:
                     shard = todo.get_nowait()
@@ -438,7 +458,7 @@ def _run_shards(
                         advance(shard_in, "shard_skipped", shard.filename, True)
                         continue
                     try:
-                        _write_shard(p, shard, state, dst, reader, ws, report, plock, advance, stats)
+                        _write_shard(p, shard, state, dst, reader, pool, report, plock, advance, stats, overlap)
                     except BaseException as e:
                         failure.append(e)
                         return
@@ -475,21 +495,26 @@ def _write_shard(
     state: JobState,
     dst: Path,
     reader: RowReader,
-    ws: Workspace,
+    pool: WorkspacePool,
     report: Report,
     plock: threading.Lock,
     advance: Callable[..., None],
     stats: bool,
+    overlap: bool,
 ) -> None:
     with contextlib.suppress(OSError):
         (dst / (shard.filename + ".partial")).unlink()  # stale, from a killed run (we hold the lock)
     writer = ShardWriter(dst, shard)
+    sink: SyncSink | ThreadSink = ThreadSink(writer.write) if overlap else SyncSink(writer.write)
     outputs: list[PlannedOutput] = []
     try:
-        for i in shard.tensors:
+        for k, i in enumerate(shard.tensors):
             pt = p.tensors[i]
             st = ErrorStats() if (stats and pt.decision.action != "copy") else None
-            process_tensor(pt, reader, ws, writer.write, block_bytes=p.block_bytes, clamp_fp16=p.clamp_fp16, stats=st)
+            process_tensor(pt, reader, pool, sink, block_bytes=p.block_bytes, clamp_fp16=p.clamp_fp16, stats=st)
+            nxt = shard.tensors[k + 1] if k + 1 < len(shard.tensors) else None
+            if nxt is None or p.tensors[nxt].ref.file != pt.ref.file:
+                sink.drain()  # views of this file's mapping must be written before it is closed
             outputs.extend(pt.outputs)
             with plock:
                 if st is not None:
@@ -497,10 +522,15 @@ def _write_shard(
                 report.bytes_in += pt.ref.nbytes
                 report.bytes_out += pt.out_bytes
             advance(pt.ref.nbytes, "tensor", pt.ref.name)
+        sink.drain()
         size, digest = writer.finish(outputs)
     except BaseException:
+        with contextlib.suppress(BaseException):
+            sink.drain()
         writer.abort()
         raise
+    finally:
+        sink.close()
     state.record(shard.filename, size, digest)
     with plock:
         report.shards_written += 1

@@ -367,8 +367,9 @@ class RowReader:
         except OSError as e:
             raise CheckpointError(f"{ref.file}: cannot open ({e.strerror or e})") from None
 
-    def rows(self, ref: TensorRef, start: int, stop: int) -> torch.Tensor:
-        """Rows ``[start, stop)`` of ``ref`` as a 2-D tensor (a view valid until the next call)."""
+    def rows(self, ref: TensorRef, start: int, stop: int, ws: Workspace | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` of ``ref`` as a 2-D tensor: a view of the mapped file, or (pread)
+        of a buffer of ``ws`` (default: the reader's own), valid until that buffer is reused."""
         self._open(ref)
         rows, cols = as_rows(ref.shape)
         n = (stop - start) * cols
@@ -386,11 +387,11 @@ class RowReader:
             except (ValueError, RuntimeError) as e:
                 raise CheckpointError(f"{ref.file}: tensor {ref.name!r} lies beyond the end of the file ({e})") from None
             return t.view(stop - start, cols)
-        buf = self.ws.get("read", nbytes, torch.uint8)
+        buf = (ws or self.ws).get("read", nbytes, torch.uint8)
         _pread_into(self._fd, buf, off, ref)
         return buf.view(ref.dtype).view(stop - start, cols)
 
-    def raw(self, ref: TensorRef, start: int, nbytes: int) -> torch.Tensor:
+    def raw(self, ref: TensorRef, start: int, nbytes: int, ws: Workspace | None = None) -> torch.Tensor:
         """Bytes ``[start, start+nbytes)`` of a tensor's data as a uint8 tensor (copy path)."""
         self._open(ref)
         if not ref.is_safetensors:
@@ -399,7 +400,7 @@ class RowReader:
             return t[start : start + nbytes]
         if self._mm is not None:
             return torch.frombuffer(self._mm, dtype=torch.uint8, count=nbytes, offset=ref.offset + start)
-        buf = self.ws.get("read", nbytes, torch.uint8)
+        buf = (ws or self.ws).get("read", nbytes, torch.uint8)
         _pread_into(self._fd, buf, ref.offset + start, ref)
         return buf
 

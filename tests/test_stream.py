@@ -92,8 +92,9 @@ def test_two_runs_and_options_that_must_not_matter_give_identical_bytes(tmp_path
     monoquant.stream(ckpt, tmp_path / "b", "int4", max_shard_size="400KB")
     monoquant.stream(ckpt, tmp_path / "c", "int4", max_shard_size="400KB", backend="pread", block_bytes=5000)
     monoquant.stream(ckpt, tmp_path / "d", "int4", max_shard_size="400KB", jobs=3, threads=2, stats=False)
+    monoquant.stream(ckpt, tmp_path / "e", "int4", max_shard_size="400KB", overlap=False, block_bytes=1 << 20)
     a = read_dir_bytes(tmp_path / "a")
-    for other in "bcd":
+    for other in "bcde":
         assert read_dir_bytes(tmp_path / other) == a, other
 
 

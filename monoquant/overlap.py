@@ -1,0 +1,123 @@
+"""Overlapping compute with writing: a pool of workspaces and block sinks.
+
+The pipeline quantizes block *k+1* while a writer thread copies block *k* into the shard file
+and hashes it (``pwrite`` and ``hashlib`` release the GIL, as do torch kernels). Kernel outputs
+are views into a workspace, so each block takes a workspace from a small pool and the sink
+gives it back once the block is on its way to disk — compute never overwrites bytes that are
+still being written.
+
+Example:
+    >>> pool = WorkspacePool(2)
+    >>> ws = pool.acquire(); pool.release(ws)
+    >>> sink = SyncSink(lambda o, off, t: None)
+    >>> sink.submit([], on_done=None); sink.drain()
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+import torch
+
+from .kernels import Workspace
+from .plan import PlannedOutput
+
+Write = Callable[[PlannedOutput, int, torch.Tensor], None]
+Item = tuple[PlannedOutput, int, torch.Tensor]
+
+
+class WorkspacePool:
+    """``size`` reusable workspaces; :meth:`acquire` waits until one is free."""
+
+    def __init__(self, size: int = 2):
+        self._free: queue.Queue[Workspace] = queue.Queue()
+        for _ in range(size):
+            self._free.put(Workspace())
+
+    def acquire(self) -> Workspace:
+        return self._free.get()
+
+    def release(self, ws: Workspace) -> None:
+        self._free.put(ws)
+
+
+class SyncSink:
+    """Writes each block at once, on the calling thread."""
+
+    def __init__(self, write: Write):
+        self.write = write
+
+    def submit(self, items: list[Item], on_done: Callable[[], None] | None) -> None:
+        try:
+            for o, off, t in items:
+                self.write(o, off, t)
+        finally:
+            if on_done is not None:
+                on_done()
+
+    def drain(self) -> None:
+        """Nothing is pending on a synchronous sink."""
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+
+class ThreadSink:
+    """Writes blocks on a background thread, at most ``depth`` blocks behind.
+
+    An error on the writer thread is raised by the next :meth:`submit`, :meth:`drain` or
+    :meth:`close` on the calling thread; ``on_done`` callbacks always run, so workspaces
+    return to their pool even then.
+    """
+
+    def __init__(self, write: Write, depth: int = 2):
+        self.write = write
+        self._q: queue.Queue[tuple[list[Item], Callable[[], None] | None] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._pending = 0
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="monoquant-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            items, on_done = job
+            try:
+                if self._error is None:
+                    for o, off, t in items:
+                        self.write(o, off, t)
+            except BaseException as e:  # handed to the submitting thread
+                self._error = e
+            finally:
+                if on_done is not None:
+                    on_done()
+                with self._cv:
+                    self._pending -= 1
+                    self._cv.notify_all()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, items: list[Item], on_done: Callable[[], None] | None) -> None:
+        self._raise()
+        with self._cv:
+            self._pending += 1
+        self._q.put((items, on_done))
+
+    def drain(self) -> None:
+        """Wait until every submitted block is written; raise a writer error."""
+        with self._cv:
+            while self._pending:
+                self._cv.wait()
+        self._raise()
+
+    def close(self) -> None:
+        """Stop the writer thread (after the pending blocks)."""
+        self._q.put(None)
+        self._thread.join()
