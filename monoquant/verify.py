@@ -33,7 +33,7 @@ from .plan import INDEX_NAME, module_of
 from .reader import Checkpoint, RowReader, TensorRef, open_checkpoint
 from .schemes import Scheme
 
-BLOCK_BYTES = 8 * 1024 * 1024
+BLOCK_BYTES = 2 * 1024 * 1024  # small blocks: dequantizing makes several float copies of a block
 
 
 @dataclass
@@ -206,13 +206,14 @@ def _compare_quantized(
 
 
 def _accumulate(st: ErrorStats, x: torch.Tensor, dq: torch.Tensor) -> None:
-    xd = x.reshape(-1).double()
-    err = dq.reshape(-1).double() - xd
-    st.numel += xd.numel()
-    st.sum_sq += float(torch.dot(xd, xd))
+    """Add one block's error (float32 per block, float64 across blocks, like the run's stats)."""
+    xf = x.reshape(-1).float()
+    err = dq.reshape(-1).float() - xf
+    st.numel += xf.numel()
+    st.sum_sq += float(torch.dot(xf, xf))
     st.err_sq += float(torch.dot(err, err))
     if err.numel():
-        st.max_abs_err = max(st.max_abs_err, float(err.abs().max()))
+        st.max_abs_err = max(st.max_abs_err, float(err.abs_().max()))
 
 
 def verify(
@@ -238,7 +239,7 @@ def verify(
     total = out.index_metadata.get("total_size") if isinstance(out.index_metadata, dict) else None
     if total is not None and total != out.nbytes:
         report.problems.append(f"index total_size {total} != {out.nbytes} bytes of tensor data")
-    with RowReader("mmap") as oreader:
+    with RowReader("pread") as oreader:  # pread: nothing stays mapped (bounded memory)
         entries = quantized_entries(out, oreader)
         for e in entries.values():
             report.problems.extend(_check_entry(e))
@@ -263,7 +264,7 @@ def _compare(
     oreader: RowReader,
     block_bytes: int,
 ) -> None:
-    with RowReader("mmap") as ireader:
+    with RowReader("pread") as ireader:
         for ref in src.tensors:
             rows, cols = as_rows(ref.shape)
             br = max(block_bytes // max(cols * ref.dtype.itemsize, 1), 1)
