@@ -3,8 +3,9 @@
 The ``quantization_config`` follows compressed-tensors (verified with compressed-tensors 0.20 and
 transformers 5.24, see ``docs/format.md``): ``quant_method: compressed-tensors``,
 ``quantization_status: compressed``, ``format`` in every config group *and* at top level, and
-``targets`` listing exactly the modules quantized as anchored regexes (model-agnostic: no class
-names, so an unquantized Linear can never be mistaken for a quantized one).
+``targets`` listing exactly the modules quantized as regexes (model-agnostic: no class
+names, so an unquantized Linear can never be mistaken for a quantized one; see
+:func:`module_targets` for the base-model prefix).
 
 The index ``metadata`` holds ``total_size`` (transformers needs a ``metadata`` object) and a
 ``monoquant`` block with the same quantization description, the fingerprint and each quantized
@@ -17,6 +18,8 @@ import json
 import os
 import re
 import shutil
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +49,12 @@ def quantization_config(plan: Plan) -> dict[str, Any] | None:
     """The compressed-tensors ``quantization_config`` of a plan (``None`` for casts)."""
     groups: dict[str, list[str]] = {}
     schemes: dict[str, Scheme] = {}
-    for t in plan.tensors:
+    quantized = [t for t in plan.tensors if t.decision.action == "quantize" and t.decision.scheme is not None]
+    targets = module_targets([module_of(t.ref.name) for t in quantized], (module_of(t.ref.name) for t in plan.tensors))
+    for t in quantized:
         s = t.decision.scheme
-        if t.decision.action != "quantize" or s is None:
-            continue
-        schemes[s.name] = s
-        groups.setdefault(s.name, []).append("re:^" + re.escape(module_of(t.ref.name)) + "$")
+        schemes[s.name] = s  # type: ignore[union-attr]
+        groups.setdefault(s.name, []).append(targets[module_of(t.ref.name)])  # type: ignore[union-attr]
     if not groups:
         return None
     config_groups = {}
@@ -77,6 +80,43 @@ def quantization_config(plan: Plan) -> dict[str, Any] | None:
         "transform_config": {},
         "producer": f"monoquant {_version()}",
     }
+
+
+def module_targets(quantized: list[str], modules: Iterable[str]) -> dict[str, str]:
+    """The config-group target of each quantized module path.
+
+    transformers changes module paths when a checkpoint is loaded into another class: it adds
+    the base-model prefix (a ``BertModel`` checkpoint in ``BertForSequenceClassification``:
+    ``encoder.layer.0...`` becomes ``bert.encoder.layer.0...``) or strips it (a
+    ``LlamaForCausalLM`` checkpoint in ``LlamaModel``: ``model.layers.0...`` becomes
+    ``layers.0...``), and compressed-tensors matches targets against those paths. A target
+    anchored on the checkpoint path then matches nothing and every quantized Linear is left
+    randomly initialised. So a target accepts any leading components and, when what remains
+    still has two components and is a suffix of no other module of this checkpoint, the path
+    without its first component. Where even the full path is a dot-suffix of another module
+    path, the target stays anchored (exact).
+
+    Example:
+        >>> print(module_targets(["model.layers.0.q_proj"], ["model.layers.0.q_proj", "lm_head"])["model.layers.0.q_proj"])
+        re:^(?:.*\\.)?layers\\.0\\.q_proj$
+    """
+    counts = Counter(suffix for m in set(modules) for suffix in _dot_suffixes(m))
+    out = {}
+    for path in quantized:
+        _first, dot, rest = path.partition(".")
+        if dot and "." in rest and counts[rest] == 1:
+            out[path] = r"re:^(?:.*\.)?" + re.escape(rest) + "$"
+        elif counts[path] == 1:
+            out[path] = r"re:^(?:.*\.)?" + re.escape(path) + "$"
+        else:
+            out[path] = "re:^" + re.escape(path) + "$"
+    return out
+
+
+def _dot_suffixes(path: str) -> set[str]:
+    """``a.b.c`` -> ``{a.b.c, b.c, c}``."""
+    parts = path.split(".")
+    return {".".join(parts[i:]) for i in range(len(parts))}
 
 
 def _version() -> str:

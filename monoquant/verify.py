@@ -162,11 +162,9 @@ def _check_config(root: Path, entries: dict[str, QuantizedEntry]) -> list[str]:
         w = g.get("weights") or {}
         if g.get("format") != e.scheme.format or w.get("num_bits") != e.scheme.bits:
             probs.append(f"config.json: module {mod!r} is {e.scheme.name} but its group says {g.get('format')}/{w.get('num_bits')} bits")
-    for t in targets:
-        if t.startswith("re:^") and t.endswith("$"):
-            mod = t[4:-1].replace("\\", "")
-            if mod not in modules:
-                probs.append(f"config.json: target {t!r} names a module that is not quantized")
+    for t, g in targets.items():
+        if not any(_match({t: g}, mod) is not None for mod in modules):
+            probs.append(f"config.json: target {t!r} names a module that is not quantized")
     return probs
 
 

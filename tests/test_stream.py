@@ -1,6 +1,7 @@
 """monoquant.stream / iter_quantized / plan / load on every input kind."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -83,8 +84,15 @@ def test_quantization_config_in_config_json(tmp_path, ckpt, sd):
     assert group["format"] == "pack-quantized"
     assert group["weights"]["num_bits"] == 4 and group["weights"]["group_size"] == 128
     quantized = {n[: -len(".weight")] for n in monoquant.quantize(sd, "int4").schemes}
-    assert {t[len("re:^") : -1].replace("\\", "") for t in group["targets"]} == quantized
-    assert "re:^lm_head$" not in group["targets"]
+    modules = {n.rsplit(".", 1)[0] for n in sd}
+    targeted = {m for m in modules if any(re.match(t[len("re:") :], m) for t in group["targets"])}
+    assert targeted == quantized and "lm_head" not in targeted
+    # tolerant of the base-model prefix transformers adds or strips (BertModel -> task class,
+    # LlamaForCausalLM -> LlamaModel), and still matching nothing else
+    q = "re:^(?:.*\\.)?layers\\.0\\.self_attn\\.q_proj$"
+    assert q in group["targets"]
+    for name in ("model.layers.0.self_attn.q_proj", "layers.0.self_attn.q_proj", "bert.model.layers.0.self_attn.q_proj"):
+        assert re.match(q[len("re:") :], name)
 
 
 def test_two_runs_and_options_that_must_not_matter_give_identical_bytes(tmp_path, ckpt):
