@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -31,8 +33,14 @@ def _fail(e: BaseException, verbose: int) -> NoReturn:
     sys.exit(EXIT_ERROR)
 
 
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # unwind like Ctrl-C: the shard being written is removed cleanly
+
+
 def _run(verbose: int, fn: Callable[[], Any]) -> Any:
     """Call ``fn`` and map library errors to one line and exit code 1."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return fn()
     except MonoquantError as e:

@@ -247,6 +247,13 @@ def make_plan(
     sch = get_scheme(scheme, **scheme_options)
     rules = rules or Rules()
     max_bytes = parse_size(max_shard_size)
+    cfg = ckpt.config
+    if cfg is not None and isinstance(cfg.get("quantization_config"), dict):
+        method = cfg["quantization_config"].get("quant_method", "unknown")
+        raise CheckpointError(
+            f"{ckpt.root / 'config.json'}: the checkpoint is already quantized (quant_method {method!r}); "
+            "monoquant needs the dense (original) checkpoint"
+        )
     decided: list[tuple[TensorRef, Decision, tuple[OutSpec, ...]]] = []
     for ref in ckpt.tensors:
         d = decide(ref.name, ref.dtype, ref.shape, sch, rules)

@@ -111,3 +111,32 @@ def test_version_and_help():
     assert run("--version").exit_code == 0
     res = run("--help")
     assert res.exit_code == 0 and "stream" in res.stdout and "verify" in res.stdout and "inspect" in res.stdout
+
+
+def test_sigterm_stops_cleanly_and_the_rerun_completes(tmp_path):
+    import signal
+
+    from tests.helpers import read_dir_bytes, write_streamed_checkpoint
+
+    src = tmp_path / "big"
+    src.mkdir()
+    write_streamed_checkpoint(src / "model.safetensors", [(f"l.{i}.weight", (2048, 4096)) for i in range(12)])
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "monoquant", "stream", str(src), str(out), "--int4", "--max-shard-size", "5MB"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # wait until the job is under way
+        if line.startswith("monoquant:") and "%" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130, err
+    assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
+    assert not list(out.glob("*.partial"))
+    assert not (out / "model.safetensors.index.json").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ref = tmp_path / "ref"
+    assert subprocess.run([*cmd[:5], str(ref), *cmd[6:]], capture_output=True).returncode == 0
+    assert read_dir_bytes(out) == read_dir_bytes(ref)

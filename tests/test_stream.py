@@ -208,3 +208,10 @@ def test_index_cross_checks(tmp_path, sd):
     save_file(extra, str(shard1))
     with pytest.raises(CheckpointError, match="two shards"):
         monoquant.plan(src)
+
+
+def test_an_already_quantized_checkpoint_is_refused(tmp_path, ckpt):
+    out = tmp_path / "out"
+    monoquant.stream(ckpt, out, "int8")
+    with pytest.raises(CheckpointError, match="already quantized"):
+        monoquant.stream(out, tmp_path / "again", "int4")
