@@ -18,6 +18,7 @@ from .errors import OutputError as OutputError
 from .errors import PlanMismatchError as PlanMismatchError
 from .errors import SchemeError as SchemeError
 from .errors import TensorValueError as TensorValueError
+from .errors import VerifyError as VerifyError
 from .inmemory import QuantizedStateDict as QuantizedStateDict
 from .inmemory import dequantize as dequantize
 from .inmemory import quantize as quantize

@@ -337,6 +337,9 @@ def _print_plan(p: Any) -> None:
     for name in tot["warnings"]:
         reason = next(t.decision.reason for t in p.tensors if t.ref.name == name)
         click.echo(f"warning: {name} left dense: {reason}")
+    for s in p.schemes_used().values():
+        for note in s.compat_notes():
+            click.echo(f"note: {note}")
     click.echo("dry run: nothing was written")
 
 
@@ -368,6 +371,10 @@ def _print_report(r: Any) -> None:
         click.echo(f"  error: mean SQNR {m:.2f} dB over {len(r.stats)} tensors; worst: {worst}")
     for name in pl["warnings"]:
         click.echo(f"  warning: {name} left dense (see --dry-run for the reason)")
+    from .schemes import get_scheme
+
+    for note in get_scheme(r.scheme).compat_notes():
+        click.echo(f"  note: {note}")
 
 
 if __name__ == "__main__":  # pragma: no cover

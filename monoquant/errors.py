@@ -31,9 +31,5 @@ class PlanMismatchError(OutputError):
     """The output directory holds state of a different job (other input or options)."""
 
 
-class LockedError(OutputError):
-    """Another process holds the lock of a shard this process wanted to write."""
-
-
 class VerifyError(MonoquantError):
     """An output directory is inconsistent (index, headers, sizes or config disagree)."""

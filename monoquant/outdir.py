@@ -31,18 +31,20 @@ from .schemes import FORMAT_VERSION, Scheme
 
 
 def check_paths(src: Path, dst: Path) -> None:
-    """Refuse an output equal to, inside, or containing the input."""
+    """Refuse an output equal to, inside, or containing the input (for a single-file input:
+    the file itself or the directory holding it; a sibling directory is fine)."""
     s = src.resolve()
     d = dst.resolve()
-    s_dir = s if s.is_dir() else s.parent
-    if d == s_dir or d == s:
+    if s.is_file():
+        if d == s or d == s.parent or d in s.parents:
+            raise OutputError(f"{dst}: the output directory holds the input file {src}; choose a new directory")
+        return
+    if d == s:
         raise OutputError(f"{dst}: the output directory is the input; choose a new directory")
-    if s_dir in d.parents:
+    if s in d.parents:
         raise OutputError(f"{dst}: the output directory is inside the input {src}; choose a directory outside it")
-    if d in s.parents and s.is_dir():
+    if d in s.parents:
         raise OutputError(f"{dst}: the output directory contains the input {src}; choose a directory beside it")
-    if s.is_file() and d in s.parents and d == s.parent:
-        raise OutputError(f"{dst}: the output directory holds the input file; choose a new directory")
 
 
 def quantization_config(plan: Plan) -> dict[str, Any] | None:
@@ -50,7 +52,8 @@ def quantization_config(plan: Plan) -> dict[str, Any] | None:
     groups: dict[str, list[str]] = {}
     schemes: dict[str, Scheme] = {}
     quantized = [t for t in plan.tensors if t.decision.action == "quantize" and t.decision.scheme is not None]
-    targets = module_targets([module_of(t.ref.name) for t in quantized], (module_of(t.ref.name) for t in plan.tensors))
+    modules = [module_of(t.ref.name) for t in plan.tensors]
+    targets = module_targets([module_of(t.ref.name) for t in quantized], modules)
     for t in quantized:
         s = t.decision.scheme
         schemes[s.name] = s  # type: ignore[union-attr]
@@ -68,12 +71,22 @@ def quantization_config(plan: Plan) -> dict[str, Any] | None:
             "format": s.format,
         }
     formats = {schemes[n].format for n in groups}
+    # every dense 2-D weight's module is listed in ``ignore``: vLLM refuses a Linear that is
+    # neither targeted nor ignored (e.g. one left dense by --exclude or a group-size mismatch)
+    qnames = {t.ref.name for t in quantized}
+    dense = sorted({
+        module_of(t.ref.name)
+        for t in plan.tensors
+        if t.ref.name not in qnames and t.ref.name.endswith(".weight") and len(t.ref.shape) == 2
+        and t.ref.dtype.is_floating_point
+    })
+    ignore = sorted(module_targets(dense, modules).values())
     return {
         "quant_method": "compressed-tensors",
         "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": config_groups,
-        "ignore": [],
+        "ignore": ignore,
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
         "sparsity_config": {},

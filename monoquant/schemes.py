@@ -112,6 +112,20 @@ class Scheme:
         """True when codes are packed into int32 words (``weight_packed``)."""
         return self.format == "pack-quantized"
 
+    def compat_notes(self) -> list[str]:
+        """Where this scheme's output does *not* load, as known (see docs/loading.md)."""
+        notes = []
+        if self.kind == "int" and not self.symmetric:
+            notes.append(
+                "asymmetric int: transformers' default path cannot load packed zero points; use "
+                "CompressedTensorsConfig(dequantize=True) or vLLM's zero-point kernels"
+            )
+        if self.format == "pack-quantized" and self.strategy == "tensor":
+            notes.append("per-tensor pack-quantized: vLLM's WNA16 kernels take channel or group scales only")
+        if self.dynamic and self.act_strategy == "tensor":
+            notes.append("dynamic per-tensor activations: vLLM implements dynamic activations per token")
+        return notes
+
     def bits_per_weight(self, shape: tuple[int, ...], scale_bytes: int = 2) -> float:
         """Storage bits per weight element including scales and zero points, for ``shape``."""
         from .kernels import get_kernel

@@ -165,6 +165,10 @@ def _check_config(root: Path, entries: dict[str, QuantizedEntry]) -> list[str]:
     for t, g in targets.items():
         if not any(_match({t: g}, mod) is not None for mod in modules):
             probs.append(f"config.json: target {t!r} names a module that is not quantized")
+    for t in qc.get("ignore") or []:
+        hit = [m for m in modules if _match({t: {}}, m) is not None]
+        if hit:
+            probs.append(f"config.json: ignore entry {t!r} matches the quantized module {hit[0]!r}")
     return probs
 
 

@@ -12,9 +12,11 @@ fi
 . "$VENV/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first, pinned: an unpinned request could pull a multi-GB CUDA build.
+# Where the default index serves CUDA builds, set MONOQUANT_TORCH_INDEX_URL to a CPU index,
+# e.g. https://download.pytorch.org/whl/cpu (the reference machines have the CPU wheel locally).
 if ! python -c "import torch" >/dev/null 2>&1; then
     echo "monoquant: installing torch==2.13.0 (CPU)" >&2
-    python -m pip install -q "torch==2.13.0"
+    python -m pip install -q "torch==2.13.0" ${MONOQUANT_TORCH_INDEX_URL:+--index-url "$MONOQUANT_TORCH_INDEX_URL"}
 fi
 TORCH_VERSION="$(python -c 'import torch; print(torch.__version__.split("+")[0])')"
 CONSTRAINTS="$(mktemp)"

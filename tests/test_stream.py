@@ -87,6 +87,10 @@ def test_quantization_config_in_config_json(tmp_path, ckpt, sd):
     modules = {n.rsplit(".", 1)[0] for n in sd}
     targeted = {m for m in modules if any(re.match(t[len("re:") :], m) for t in group["targets"])}
     assert targeted == quantized and "lm_head" not in targeted
+    # every dense 2-D weight is ignored explicitly (vLLM refuses a Linear neither targeted nor ignored)
+    dense2d = {n[: -len(".weight")] for n, t in sd.items() if t.dim() == 2} - quantized
+    ignored = {m for m in modules if any(re.match(t[len("re:") :], m) for t in qc["ignore"])}
+    assert ignored == dense2d and "lm_head" in ignored
     # tolerant of the base-model prefix transformers adds or strips (BertModel -> task class,
     # LlamaForCausalLM -> LlamaModel), and still matching nothing else
     q = "re:^(?:.*\\.)?layers\\.0\\.self_attn\\.q_proj$"
@@ -165,14 +169,23 @@ def test_rerun_is_a_noop_and_other_options_are_refused(tmp_path, ckpt):
     check_output(out, tiny_llama_sd(), "int4")
 
 
-@pytest.mark.parametrize("where", ["same", "inside", "contains"])
+@pytest.mark.parametrize("where", ["same", "inside", "contains", "file-dir"])
 def test_output_overlapping_input_is_refused(tmp_path, ckpt, where):
     src = write_sharded(tmp_path / "m", tiny_llama_sd(layers=1), shards=1)
-    dst = {"same": src, "inside": src / "q", "contains": tmp_path}[where]
-    before = read_dir_bytes(src)
+    dst = {"same": src, "inside": src / "q", "contains": tmp_path, "file-dir": src}[where]
+    if where == "file-dir":
+        src = src / "model-00001-of-00001.safetensors"
+        before = read_dir_bytes(src.parent)
+    else:
+        before = read_dir_bytes(src)
     with pytest.raises(OutputError):
         monoquant.stream(src, dst, "int8")
-    assert read_dir_bytes(src) == before
+    assert read_dir_bytes(src if src.is_dir() else src.parent) == before
+
+
+def test_single_file_input_may_write_to_a_sibling_directory(tmp_path):
+    src = write_sharded(tmp_path / "m", tiny_llama_sd(layers=1), shards=1) / "model-00001-of-00001.safetensors"
+    assert monoquant.stream(src, src.parent.parent / "sibling", "int8").complete
 
 
 def test_nonempty_foreign_output_is_refused(tmp_path, ckpt):
