@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,12 @@ from .schemes import FORMAT_VERSION
 STATE_DIR = ".monoquant"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync directory)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync directory).
+
+    The temp file goes to ``tmp_dir`` (same filesystem; default: ``path``'s directory); give the
+    job state directory so that a kill cannot leave it in the output."""
+    tmp = (tmp_dir or path.parent) / f".{path.name}.{os.getpid()}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -66,21 +70,21 @@ class JobState:
     def prepare(self, restart: bool = False) -> bool:
         """Create or check the state. Returns True when earlier state of this job was found."""
         plan_file = self.dir / "plan.json"
-        if plan_file.exists():
+        if restart:
+            self.discard()  # whatever is there, even without a plan.json (a kill during a restart)
+        elif plan_file.exists():
             try:
                 old = json.loads(plan_file.read_text())
                 old_fp = old.get("fingerprint")
             except (OSError, ValueError):
                 old_fp = None
-            if old_fp == self.plan.fingerprint and not restart:
-                self.locks.mkdir(exist_ok=True)
+            if old_fp == self.plan.fingerprint:
+                self.locks.mkdir(parents=True, exist_ok=True)
                 return True
-            if not restart:
-                raise PlanMismatchError(
-                    f"{self.out_dir} holds an unfinished job with other input or options; rerun the original "
-                    "command to finish it, or add --restart to discard it"
-                )
-            self.discard()
+            raise PlanMismatchError(
+                f"{self.out_dir} holds an unfinished job with other input or options; rerun the original "
+                "command to finish it, or add --restart to discard it"
+            )
         self.locks.mkdir(parents=True, exist_ok=True)
         desc: dict[str, Any] = {
             "fingerprint": self.plan.fingerprint,
@@ -93,11 +97,20 @@ class JobState:
         return False
 
     def discard(self) -> None:
-        """Remove the state and every shard of this output directory (``--restart``)."""
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Remove every shard of this output directory and the state's contents (``--restart``).
+
+        Shards go first and the state directory itself stays, so that a kill in the middle leaves a
+        directory that a rerun still recognises as a job in progress (not a foreign directory)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
         for p in self.out_dir.glob("model-*-of-*.safetensors*"):
             with contextlib.suppress(OSError):
                 p.unlink()
+        for p in self.dir.iterdir():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
     def finished(self) -> dict[str, dict[str, Any]]:
         """Journal entries by shard file name (the last entry wins)."""
@@ -118,8 +131,11 @@ class JobState:
     def record(self, shard: str, nbytes: int, digest: str) -> None:
         """Append one finished shard to the journal, durably."""
         line = json.dumps({"shard": shard, "bytes": nbytes, "sha256": digest}) + "\n"
-        fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(self.journal, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = "\n" + line  # a torn last line from a crash: do not glue this entry to it
             os.write(fd, line.encode())
             os.fsync(fd)
         finally:
@@ -152,9 +168,8 @@ def check_writable(out_dir: Path) -> None:
     """Create ``out_dir`` if needed and check that it is writable, with a clear error."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".monoquant-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=out_dir):  # O_TMPFILE: no name, so a kill leaves nothing
+            pass
     except OSError as e:
         raise OutputError(
             f"{out_dir}: output directory is not writable ({e.strerror or e}); fix permissions or choose another"

@@ -33,6 +33,8 @@ from .schemes import FORMAT_VERSION, Scheme
 def check_paths(src: Path, dst: Path) -> None:
     """Refuse an output equal to, inside, or containing the input (for a single-file input:
     the file itself or the directory holding it; a sibling directory is fine)."""
+    if dst.exists() and not dst.is_dir():
+        raise OutputError(f"{dst}: exists and is not a directory; choose a new output directory")
     s = src.resolve()
     d = dst.resolve()
     if s.is_file():
@@ -194,9 +196,10 @@ def finalize(out_dir: Path, plan: Plan, side_files: list[Path], src_root: Path, 
             shutil.copyfile(p, tmp)
             os.replace(tmp, dst)
         cfg = output_config(plan, config)
+        scratch = out_dir / STATE_DIR  # removed with the job state: no temp file outlives a kill
         if cfg is not None:
-            atomic_write(out_dir / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
-        atomic_write(out_dir / INDEX_NAME, (json.dumps(index_json(plan), indent=2) + "\n").encode())
+            atomic_write(out_dir / "config.json", (json.dumps(cfg, indent=2) + "\n").encode(), scratch)
+        atomic_write(out_dir / INDEX_NAME, (json.dumps(index_json(plan), indent=2) + "\n").encode(), scratch)
     except OSError as e:
         from .writer import os_error
 

@@ -374,15 +374,18 @@ def _already_complete(dst: Path, p: Plan, restart: bool) -> bool:
     done_fp = completed_fingerprint(dst)
     if done_fp is not None:
         if done_fp == p.fingerprint and not restart:
+            JobState(dst, p).remove()  # left behind by a kill between writing the index and cleaning up
             return True
         if not restart:
             raise OutputError(
                 f"{dst} holds a finished model of another job (other input or options); choose another output "
                 "directory or add --restart to replace it"
             )
-        JobState(dst, p).discard()
+        state = JobState(dst, p)
+        state.dir.mkdir(exist_ok=True)  # first: marks the directory as a job in progress (for a rerun)
         with contextlib.suppress(OSError):
-            (dst / INDEX_NAME).unlink()
+            (dst / INDEX_NAME).unlink()  # then: an index must always mean a complete model
+        state.discard()
         return False
     foreign = foreign_entries(dst)
     if foreign and not (dst / ".monoquant").exists():
@@ -424,7 +427,6 @@ def _run_shards(
     progress = {"bytes": 0, "shards": 0}
     plock = threading.Lock()
     emit(ProgressEvent("start", 0, total, shards_total=len(mine)))
-    finished = state.finished()
     todo: queue.Queue[ShardPlan] = queue.Queue()
     for s in mine:
         todo.put(s)
@@ -452,7 +454,10 @@ def _run_shards(
                             report.shards_busy += 1
                         advance(shard_in, "shard_busy", shard.filename, True)
                         continue
-                    if _journaled_ok(p, shard, finished.get(shard.filename), dst):
+                    # re-read under the lock: another process may have finished this shard, or the
+                    # whole job (index written, state removed), since this one started
+                    entry = state.finished().get(shard.filename)
+                    if _journaled_ok(p, shard, entry, dst) or completed_fingerprint(dst) == p.fingerprint:
                         with plock:
                             report.shards_skipped += 1
                         advance(shard_in, "shard_skipped", shard.filename, True)
@@ -540,6 +545,7 @@ def _write_shard(
 def _maybe_finalize(p: Plan, state: JobState, ckpt: Any, dst: Path) -> bool:
     """Write side files, config and index when every shard is journaled (any worker may)."""
     if completed_fingerprint(dst) == p.fingerprint:
+        state.remove()  # this process may have (re)created it after another one finished the job
         return True
     done = state.finished()
     if any(s.filename not in done for s in p.shards):

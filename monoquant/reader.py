@@ -23,6 +23,7 @@ import math
 import mmap
 import os
 import pickle
+import re
 import struct
 import zipfile
 from collections.abc import Iterator
@@ -184,10 +185,9 @@ def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else "unpickling refused"
         raise CheckpointError(
-            f"{path}: not a weights-only pickle ({first}); monoquant never runs pickle code: convert the file to "
-            "safetensors in a trusted environment"
+            f"{path}: not a weights-only pickle ({_unpickle_reason(e)}); monoquant never runs pickle code: convert "
+            "the file to safetensors in a trusted environment"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -200,6 +200,17 @@ def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; save a plain state dict")
     return obj
+
+
+def _unpickle_reason(e: Exception) -> str:
+    """The useful part of torch's weights-only refusal (its advice to allowlist does not apply)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if m:
+        return f"it references {m.group(1)}, which a weights-only load refuses"
+    m = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    reason = m.group(1) if m else (text.strip().splitlines() or ["unpickling refused"])[0]
+    return reason.strip()[:200]
 
 
 def _torch_refs(path: Path) -> list[TensorRef]:
@@ -223,6 +234,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if root.is_file():
         refs = _refs_of(root)
         _check_unique(refs)
+        _check_not_empty(root, refs)
         return Checkpoint(root, refs, [root])
     index_files = sorted(root.glob("*.safetensors.index.json")) or sorted(root.glob("*.bin.index.json"))
     if index_files:
@@ -237,6 +249,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         )
     refs = [r for f in files for r in _refs_of(f)]
     _check_unique(refs)
+    _check_not_empty(root, refs)
     return Checkpoint(root, refs, files, _side_files(root, set(files)))
 
 
@@ -256,6 +269,11 @@ def _check_unique(refs: list[TensorRef]) -> None:
                 f"tensor {r.name!r} is in two files, {seen[r.name].name} and {r.file.name}; remove the stale shard"
             )
         seen[r.name] = r.file
+
+
+def _check_not_empty(where: Path, refs: list[TensorRef]) -> None:
+    if not refs:
+        raise CheckpointError(f"{where}: holds no tensors; nothing to quantize (is this the right checkpoint?)")
 
 
 def _open_indexed(root: Path, index_path: Path) -> Checkpoint:
@@ -296,6 +314,7 @@ def _open_indexed(root: Path, index_path: Path) -> Checkpoint:
             raise CheckpointError(
                 f"tensor {r.name!r} in {r.file.name} is not listed in {index_path.name}; the index and shards do not match"
             )
+    _check_not_empty(index_path, refs)
     meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
     return Checkpoint(root, refs, files, _side_files(root, set(files) | {index_path}), meta)
 
