@@ -130,10 +130,14 @@ def process_tensor(
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     clamp_fp16: bool = False,
     stats: ErrorStats | None = None,
+    stats_every: int = 1,
 ) -> None:
     """Read ``pt``'s input block by block, convert it, and submit every output block to ``sink``
     (in order within each output). Each block works in a workspace of ``pool`` that the sink
-    returns once the block is written; consumed input pages are released then too."""
+    returns once the block is written; consumed input pages are released then too.
+
+    Error statistics, when ``stats`` is given, are measured on every ``stats_every``-th block
+    (the first block always), so their cost can be kept small on large tensors."""
     ref, d = pt.ref, pt.decision
 
     def done(ws: Workspace, lo: int, hi: int) -> Callable[[], None]:
@@ -170,12 +174,13 @@ def process_tensor(
                 amax = max(amax, absmax(reader.rows(ref, a, b)))
             tscale = kernel.tensor_scale(amax, ref.dtype)
         outs = {o.spec.suffix: o for o in pt.outputs}
-        for a in range(0, rows, br):
+        for k, a in enumerate(range(0, rows, br)):
             b = min(a + br, rows)
             ws = pool.acquire()
+            st = stats if k % max(stats_every, 1) == 0 else None
             try:
                 x = reader.rows(ref, a, b, ws=ws)
-                res = kernel.quantize_block(x, tensor_scale=tscale, ws=ws, stats=stats, clamp_fp16=clamp_fp16)
+                res = kernel.quantize_block(x, tensor_scale=tscale, ws=ws, stats=st, clamp_fp16=clamp_fp16)
             except BaseException:
                 pool.release(ws)
                 raise
@@ -296,9 +301,9 @@ def stream(
     restart: bool = False,
     backend: Backend = "mmap",
     threads: int | None = 1,
-    stats: bool = True,
+    stats: str | bool = "sample",
     block_bytes: int = DEFAULT_BLOCK_BYTES,
-    overlap: bool = True,
+    overlap: bool = False,
     on_progress: Callable[[ProgressEvent], None] | None = None,
     **scheme_options: Any,
 ) -> Report:
@@ -317,9 +322,13 @@ def stream(
         restart: discard unfinished state of a different job in ``dst``.
         backend: ``mmap`` or ``pread`` for reading safetensors input.
         threads: torch intra-op threads during the run (``None`` leaves the setting alone).
-        stats: compute per-tensor error statistics (SQNR, max error) during the run.
+        stats: per-tensor error statistics (SQNR, relative and max abs error) measured during the
+            run: ``"sample"`` (default: every 8th block of a tensor, the first always — about 5%
+            of the run time; small tensors are measured whole), ``"exact"`` (every block, about
+            a third more time) or ``"off"``. ``monoquant verify --against`` gives exact figures.
         block_bytes: input bytes per processing block (memory vs. speed; output unchanged).
-        overlap: write and hash blocks on a background thread while the next block is computed.
+        overlap: write and hash blocks on a background thread while the next block is computed
+            (helps where a core is free; on two busy cores it was slower, see docs/benchmarks.md).
         on_progress: called with :class:`ProgressEvent` (from worker threads, serialized).
 
     Returns:
@@ -330,6 +339,7 @@ def stream(
             NaN/Inf weights — always with the file/tensor and what to do.
     """
     t0 = time.perf_counter()
+    stats_every = _stats_stride(stats)
     src_p, dst_p = Path(src), Path(dst)
     ckpt = open_checkpoint(src_p)
     check_paths(src_p, dst_p)
@@ -360,7 +370,7 @@ def stream(
             state.prepare(restart)
             mine = [s for s in p.shards if s.index % n == k]
             _check_space(dst_p, mine, state)
-            _run_shards(p, mine, state, dst_p, report, emit, jobs=jobs, backend=backend, stats=stats, overlap=overlap)
+            _run_shards(p, mine, state, dst_p, report, emit, jobs=jobs, backend=backend, stats_every=stats_every, overlap=overlap)
             report.complete = _maybe_finalize(p, state, ckpt, dst_p)
             if report.complete:
                 emit(ProgressEvent("finalized", name=INDEX_NAME))
@@ -368,6 +378,20 @@ def stream(
     report.seconds = time.perf_counter() - t0
     emit(ProgressEvent("done", report.bytes_in, report.bytes_in))
     return report
+
+
+STATS_SAMPLE_EVERY = 8
+
+
+def _stats_stride(stats: str | bool) -> int:
+    """Blocks per measured block (0: no statistics)."""
+    if stats is True or stats == "exact":
+        return 1
+    if stats is False or stats == "off":
+        return 0
+    if stats == "sample":
+        return STATS_SAMPLE_EVERY
+    raise OutputError(f"stats={stats!r}: use 'sample', 'exact' or 'off'")
 
 
 def _already_complete(dst: Path, p: Plan, restart: bool) -> bool:
@@ -420,7 +444,7 @@ def _run_shards(
     *,
     jobs: int,
     backend: Backend,
-    stats: bool,
+    stats_every: int,
     overlap: bool,
 ) -> None:
     total = sum(p.tensors[i].ref.nbytes for s in mine for i in s.tensors)
@@ -463,7 +487,7 @@ def _run_shards(
                         advance(shard_in, "shard_skipped", shard.filename, True)
                         continue
                     try:
-                        _write_shard(p, shard, state, dst, reader, pool, report, plock, advance, stats, overlap)
+                        _write_shard(p, shard, state, dst, reader, pool, report, plock, advance, stats_every, overlap)
                     except BaseException as e:
                         failure.append(e)
                         return
@@ -504,7 +528,7 @@ def _write_shard(
     report: Report,
     plock: threading.Lock,
     advance: Callable[..., None],
-    stats: bool,
+    stats_every: int,
     overlap: bool,
 ) -> None:
     with contextlib.suppress(OSError):
@@ -515,8 +539,10 @@ def _write_shard(
     try:
         for k, i in enumerate(shard.tensors):
             pt = p.tensors[i]
-            st = ErrorStats() if (stats and pt.decision.action != "copy") else None
-            process_tensor(pt, reader, pool, sink, block_bytes=p.block_bytes, clamp_fp16=p.clamp_fp16, stats=st)
+            st = ErrorStats() if (stats_every and pt.decision.action != "copy") else None
+            process_tensor(
+                pt, reader, pool, sink, block_bytes=p.block_bytes, clamp_fp16=p.clamp_fp16, stats=st, stats_every=stats_every
+            )
             nxt = shard.tensors[k + 1] if k + 1 < len(shard.tensors) else None
             if nxt is None or p.tensors[nxt].ref.file != pt.ref.file:
                 sink.drain()  # views of this file's mapping must be written before it is closed

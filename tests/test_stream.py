@@ -103,7 +103,7 @@ def test_two_runs_and_options_that_must_not_matter_give_identical_bytes(tmp_path
     monoquant.stream(ckpt, tmp_path / "a", "int4", max_shard_size="400KB")
     monoquant.stream(ckpt, tmp_path / "b", "int4", max_shard_size="400KB")
     monoquant.stream(ckpt, tmp_path / "c", "int4", max_shard_size="400KB", backend="pread", block_bytes=5000)
-    monoquant.stream(ckpt, tmp_path / "d", "int4", max_shard_size="400KB", jobs=3, threads=2, stats=False)
+    monoquant.stream(ckpt, tmp_path / "d", "int4", max_shard_size="400KB", jobs=3, threads=2, stats="off", overlap=True)
     monoquant.stream(ckpt, tmp_path / "e", "int4", max_shard_size="400KB", overlap=False, block_bytes=1 << 20)
     a = read_dir_bytes(tmp_path / "a")
     for other in "bcde":
@@ -228,3 +228,17 @@ def test_an_already_quantized_checkpoint_is_refused(tmp_path, ckpt):
     monoquant.stream(ckpt, out, "int8")
     with pytest.raises(CheckpointError, match="already quantized"):
         monoquant.stream(out, tmp_path / "again", "int4")
+
+
+def test_stats_modes(tmp_path, sd):
+    src = write_sharded(tmp_path / "in", {"big.weight": torch.randn(4096, 512).bfloat16()}, shards=1)
+    name = "big.weight"
+    exact = monoquant.stream(src, tmp_path / "e", "int4", stats="exact", block_bytes=64 << 10).stats[name]
+    sample = monoquant.stream(src, tmp_path / "s", "int4", stats="sample", block_bytes=64 << 10).stats[name]
+    assert exact.numel == 4096 * 512
+    assert 0 < sample.numel < exact.numel / 4  # every 8th block measured
+    assert sample.sqnr_db == pytest.approx(exact.sqnr_db, abs=0.3)
+    assert monoquant.stream(src, tmp_path / "o", "int4", stats="off").stats == {}
+    assert read_dir_bytes(tmp_path / "e") == read_dir_bytes(tmp_path / "s") == read_dir_bytes(tmp_path / "o")
+    with pytest.raises(monoquant.MonoquantError, match="stats="):
+        monoquant.stream(src, tmp_path / "x", "int4", stats="sometimes")
