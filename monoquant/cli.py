@@ -115,6 +115,11 @@ def _scheme_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("dst", type=click.Path(path_type=str))
 @scheme_options
+@click.option("--target-bpw", type=float, default=None, metavar="BITS",
+              help="Mixed precision: per tensor choose int4 g32/g64/g128, int8 or the original dtype to fit BITS "
+                   "bits per weight with the least estimated error.")
+@click.option("--min-sqnr", type=float, default=None, metavar="DB",
+              help="Mixed precision: per tensor the smallest storage whose estimated SQNR reaches DB.")
 @click.option("--max-shard-size", default="5GB", show_default=True, metavar="SIZE",
               help="Output shard size cap (e.g. 5GB, 500MB, 2GiB).")
 @click.option("--worker", default=None, metavar="K/N",
@@ -158,6 +163,8 @@ def stream(src: str, dst: str, **kw: Any) -> None:
         "exclude": list(kw.pop("exclude")),
         "clamp_fp16": kw.pop("clamp_fp16"),
         "max_shard_size": kw.pop("max_shard_size"),
+        "target_bpw": kw.pop("target_bpw"),
+        "min_sqnr": kw.pop("min_sqnr"),
     }
     scheme = kw.pop("scheme")
     if dry:
@@ -268,6 +275,12 @@ def inspect(path: str, as_json: bool, verbose: int) -> None:
                    f"status {qc.get('quantization_status')}, {len(qc.get('config_groups') or {})} group(s)")
 
 
+MIXED_NOTE = (
+    "mixed precision: loads in transformers' default path (and vLLM); transformers' dequantize=True path "
+    "applies one config group's scheme to every layer and gives wrong weights"
+)
+
+
 class _Progress:
     """tqdm bar in bytes on a terminal; sparse plain lines otherwise (CI logs)."""
 
@@ -341,6 +354,13 @@ def _print_plan(p: Any) -> None:
     for name in tot["warnings"]:
         reason = next(t.decision.reason for t in p.tensors if t.ref.name == name)
         click.echo(f"warning: {name} left dense: {reason}")
+    if "mixed" in tot:
+        m = tot["mixed"]
+        choices = ", ".join(f"{k} x{v}" for k, v in m["choices"].items())
+        click.echo(f"mixed precision: {choices}; estimated SQNR {m['est_sqnr_db']} dB"
+                   + ("" if m["feasible"] else " (target not reachable: smallest storage everywhere)"))
+        if len(p.schemes_used()) > 1:
+            click.echo(f"note: {MIXED_NOTE}")
     for s in p.schemes_used().values():
         for note in s.compat_notes():
             click.echo(f"note: {note}")
@@ -379,6 +399,10 @@ def _print_report(r: Any) -> None:
 
     for note in get_scheme(r.scheme).compat_notes():
         click.echo(f"  note: {note}")
+    if "mixed" in pl:
+        m = pl["mixed"]
+        click.echo("  mixed precision: " + ", ".join(f"{k} x{v}" for k, v in m["choices"].items()))
+        click.echo(f"  note: {MIXED_NOTE}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,42 +6,51 @@ asymmetric, the integer zero point) is chosen to minimise the squared reconstruc
 the same tensors, dtypes and shapes as :meth:`monoquant.kernels.Kernel._quant_block` writes, so
 every loader reads the result as it reads a round-to-nearest (RTN) checkpoint.
 
-Method (per group, all groups of a block at once, vectorised):
+Method (per group; all groups of a block at once, vectorised; :data:`SYM_PLAN`, :data:`ASYM_PLAN`):
 
-1. **Candidates.** A fixed grid of clipping ratios ``r`` shrinks the RTN range: symmetric
-   ``s = r · absmax / ((qmax - qmin) / 2)``; asymmetric ``s = r · (max - min) / (qmax - qmin)``
-   with the zero point that keeps the group minimum in range (k-quants' ``make_qx_quants`` /
-   AutoRound's "optimised RTN" idea).
-2. **Least-squares refit.** Each candidate's codes ``q`` fix a linear problem; its optimum is
-   closed-form: symmetric ``s = Σxq / Σq²``; asymmetric first the joint fit ``x ≈ a·q + c``,
-   then the integer zero point ``z = round(-c / a)`` (and ``z ± 1``), then ``s = Σx(q-z) /
-   Σ(q-z)²``. Each refitted scale is rounded to the dtype it is *stored* in (the weight's
-   dtype, e.g. bf16), and its error ``Σx² - 2·s·Σx(q-z) + s²·Σ(q-z)²`` is computed from the
-   same sums, in float64, with that stored scale. That error is an upper bound of the error
-   once the codes are rounded again with the stored scale (round-to-nearest is the best code
-   for each element given the scale and zero point).
-3. **Keep the best, never worse than RTN.** The candidate with the smallest bound is quantized
-   for real, its exact error is compared with the exact RTN error of the same group, and the
-   RTN scale is kept wherever it is not strictly worse. So no group, hence no tensor, ever has
-   a larger error than round-to-nearest.
+1. **Candidate scales**, coarse to fine. Stage 0 shrinks the RTN range by fixed clipping ratios
+   (``1.0, 0.9, 0.8, 0.7``): symmetric ``s = r · absmax / ((qmax - qmin) / 2)``; asymmetric
+   ``s = r · (max - min) / (qmax - qmin)`` with the zero point that centres the clipped range on
+   the group's range. Each later stage multiplies the best scale found so far by factors around
+   1 (``0.95, 1.05``, then ``0.975, 1.025``). This is the clipping search of llama.cpp's k-quants
+   (``make_qx_quants``) and AutoRound's "optimised RTN", made coarse-to-fine.
+2. **Least-squares refit, in closed form.** A candidate's codes ``q`` fix a linear problem.
+   Symmetric: ``s = Σxq / Σq²``. Asymmetric: the joint fit ``x ≈ a·q + c``, then the integer
+   zero point ``z = round(-c / a)`` (clamped to ``[qmin, qmax]``: it is stored as a code), then
+   ``s = Σx(q-z) / Σ(q-z)²``. The refitted scale is rounded to the dtype it is *stored* in (the
+   weight's dtype, e.g. bf16) and scored, from the same sums, with that stored value:
+   ``Σx² - 2·s·Σx(q-z) + s²·Σ(q-z)²``. That score bounds the error from above once the codes
+   are rounded again with the stored scale and zero point (round-to-nearest is the best code
+   for every element given them), which is what is written.
+3. **Keep the best, never worse than RTN.** The best-scoring candidate of each group is
+   quantized for real; its exact error is compared with the exact RTN error of the same group,
+   and RTN is kept wherever the candidate is not strictly better. So no group, hence no tensor,
+   ever has a larger error than round-to-nearest.
+
+No calibration data is used: the objective is the plain (unweighted) squared weight error.
 
 Guarantees (pinned by ``tests/test_optimize.py``):
 
+* **Same format.** The outputs are those of :meth:`monoquant.kernels.Kernel.quantize_block`
+  (suffixes, dtypes, shapes, packing); only the values of ``_scale`` (and ``_zero_point``)
+  differ. compressed-tensors' own compressors decompress them identically.
 * **Deterministic and row-independent.** Every sum is a fixed pairwise tree of elementwise
   adds over one group (:func:`group_sums`), never a library reduction whose order may depend on
-  the thread count or on how many rows a block holds; ties keep the earlier candidate. So the
-  bytes are the same on every run, with any number of threads, and a tensor quantized block
-  by block gives exactly the bytes of one call on the whole tensor (the block contract of
-  :mod:`monoquant.kernels`).
-* **Bounded memory.** Work proceeds on sub-blocks of at most :data:`SUB_BLOCK_ELEMENTS`
-  elements with four scratch buffers from the caller's :class:`~monoquant.kernels.Workspace`,
-  plus the float32 copy of the block that the RTN kernel makes too.
-* **Per-tensor scales** (``--per-tensor``) are not searched: the scale is one constant fixed by
-  the absmax pass before any block is seen, so those schemes fall back to plain RTN (identical
-  bytes). fp8 and casts are not integer schemes and never reach this module.
+  the thread count or on how many groups a block holds; every other step is elementwise; ties
+  keep the earlier candidate. So the bytes are the same on every run with any number of
+  threads, and a tensor quantized block by block gives exactly the bytes of one call on the
+  whole tensor (the block contract of :mod:`monoquant.kernels`).
+* **Bounded memory.** The search runs over sub-blocks of about :data:`SUB_BLOCK_ELEMENTS`
+  elements (at least one group), with one scratch buffer of ``13 ×`` that size from the
+  caller's :class:`~monoquant.kernels.Workspace` (7 MB), plus the float32 copy of the block
+  that the RTN kernel makes too.
+* **Per-tensor scales** (``--per-tensor``) are not searched: that scale is one constant fixed
+  by the absmax pass before any block is seen, so those schemes are written exactly as RTN
+  writes them. fp8 and casts are not integer schemes and never reach this module.
 
-Cost: about :data:`SYM_RATIOS` (or :data:`ASYM_RATIOS`) extra passes over each block, each a
-handful of elementwise operations; ``docs/fidelity.md`` gives the measured seconds per GB.
+Cost: 8 candidates, each about seven elementwise passes over the block (three more sums when
+asymmetric): roughly 10x (symmetric) to 15x (asymmetric) the time of RTN, measured in
+``docs/fidelity.md`` (``scripts/fidelity.py``).
 
 Example:
     >>> import torch
@@ -51,7 +60,8 @@ Example:
     >>> rtn, opt = ErrorStats(), ErrorStats()
     >>> a = get_kernel(get_scheme("int4", group_size=128)).quantize_tensor(w, stats=rtn)
     >>> b = get_kernel(get_scheme("int4", group_size=128, optimize=True)).quantize_tensor(w, stats=opt)
-    >>> [(k, tuple(v.shape), v.dtype) for k, v in b.items()] == [(k, tuple(v.shape), v.dtype) for k, v in a.items()]
+    >>> def specs(parts): return [(k, tuple(v.shape), v.dtype) for k, v in parts.items()]
+    >>> specs(a) == specs(b)
     True
     >>> opt.sqnr_db > rtn.sqnr_db + 0.5
     True
@@ -64,22 +74,24 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kernels import ErrorStats, Workspace, _accumulate_error, _check_finite, scale_dtype_for, stored_scale
-from .packing import bytes_from_unsigned, pack_dim0, packed_cols
+from .kernels import ErrorStats, Workspace, _check_finite, scale_dtype_for, stored_scale
+from .packing import pack_dim0
 
 if TYPE_CHECKING:  # pragma: no cover
     from .kernels import Kernel
 
+#: Version of the search. The plans and every step of the search fix the bytes written with
+#: --optimize: change any of them and bump this (and monoquant.schemes.FORMAT_VERSION, which
+#: enters every plan fingerprint), so a resumed run never mixes bytes of two versions.
+ALGORITHM_VERSION = 1
+
 #: Search plan for symmetric scales: stage 0 lists clipping ratios of the RTN range; each later
 #: stage lists factors applied to the best scale found so far (a coarse-to-fine search).
-SYM_PLAN: tuple[tuple[float, ...], ...] = (tuple(round(1.0 - 0.03 * i, 4) for i in range(14)),)
+SYM_PLAN: tuple[tuple[float, ...], ...] = ((1.0, 0.9, 0.8, 0.7), (0.95, 1.05), (0.975, 1.025))
 #: Search plan for asymmetric scales (same meaning).
-ASYM_PLAN: tuple[tuple[float, ...], ...] = (tuple(round(1.0 - 0.03 * i, 4) for i in range(14)),)
-#: Zero-point offsets tried around each least-squares zero point (asymmetric).
-ZSHIFTS: tuple[float, ...] = (0.0, -1.0, 1.0)
-ZMODE = 'lo'
-#: Elements per sub-block of the search (four float32 scratch buffers of this size).
-SUB_BLOCK_ELEMENTS = 1 << 18
+ASYM_PLAN: tuple[tuple[float, ...], ...] = ((1.0, 0.9, 0.8, 0.7), (0.95, 1.05), (0.975, 1.025))
+#: Elements per sub-block of the search (memory and speed only; the bytes do not depend on it).
+SUB_BLOCK_ELEMENTS = 1 << 17
 
 
 def group_sums(t: torch.Tensor) -> torch.Tensor:
@@ -104,11 +116,6 @@ def group_sums(t: torch.Tensor) -> torch.Tensor:
         t[..., :h, :].add_(t[..., h:w, :])
         w = h
     return t[..., 0, :]
-
-
-def nearest_stored(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Float scales rounded to the nearest value of the storage ``dtype``, back as float64."""
-    return s.to(dtype).double()
 
 
 def optimized_block(
@@ -148,7 +155,7 @@ def optimized_block(
     """
     s = kernel.scheme
     ws = ws if ws is not None else Workspace()
-    if s.kind != "int" or s.strategy == "tensor":
+    if s.kind != "int" or s.strategy == "tensor" or x.numel() == 0:
         return kernel._quant_block(x, tensor_scale, ws, stats)
     r, c = x.shape
     n = r * c
@@ -158,51 +165,52 @@ def optimized_block(
     sdt = scale_dtype_for(x.dtype)
     xf = ws.get("xf", n, torch.float32).view(r, c)
     xf.copy_(x)
+    xg = xf.view(m, g)
+    # ---- round-to-nearest parameters, exactly as the kernel computes them ----
+    hi = xg.amax(dim=-1)
+    lo = xg.amin(dim=-1)
+    _check_finite(hi)
+    _check_finite(lo)
     if stats is not None:
         flat = xf.view(-1)
         stats.numel += n
         stats.sum_sq += float(torch.dot(flat, flat))
-    xg = xf.view(m, g)
-    # ---- round-to-nearest parameters, exactly as the kernel computes them ----
     if s.symmetric:
-        a = ws.get("tmp", n, torch.float32).view(m, g)
-        torch.abs(xg, out=a)
-        amax = a.amax(dim=-1)
-        _check_finite(amax)
-        lo = hi = None
+        amax = torch.maximum(hi, -lo)
         rtn_scale = stored_scale(amax / ((s.qmax - s.qmin) / 2), sdt)
         rtn_zp = None
     else:
-        lo = xg.amin(dim=-1).clamp_(max=0)
-        hi = xg.amax(dim=-1).clamp_(min=0)
-        _check_finite(lo)
-        _check_finite(hi)
         amax = None
+        lo.clamp_(max=0)
+        hi.clamp_(min=0)
         rtn_scale = stored_scale((hi - lo) / (s.qmax - s.qmin), sdt)
         rtn_zp = (s.qmin - lo / rtn_scale.float()).clamp_(s.qmin, s.qmax).round_()
     scale = rtn_scale.clone()
     zp = rtn_zp.clone() if rtn_zp is not None else None
     # ---- search, sub-block by sub-block (each group's result depends on that group only) ----
-    # Groups run along dimension 1 of a transposed copy ``[g, groups]``, so every elementwise
-    # operation (and every level of the pairwise sums) works on contiguous memory.
+    # A sub-block is transposed to ``[g, groups]`` (one group per column), so every elementwise
+    # operation, and every level of the pairwise sums, runs over contiguous memory.
+    plan = SYM_PLAN if s.symmetric else ASYM_PLAN
+    width = max(4, (2 if s.symmetric else 3) * max(len(f) for f in plan))
     step = max(1, SUB_BLOCK_ELEMENTS // g)
-    scratch = ws.get("opt", 5 * min(m, step) * g, torch.float32)
+    scratch = ws.get("opt", (1 + width) * min(m, step) * g, torch.float32)
     err_sq = 0.0
     max_err = 0.0
     for i in range(0, m, step):
         j = min(m, i + step)
-        buf = scratch[: 5 * (j - i) * g].view(5, g, j - i)
-        xt = buf[4]
+        size = (j - i) * g
+        xt = scratch[:size].view(g, j - i)
         xt.copy_(xg[i:j].t())
         e2, emax = _search(
+            plan,
             s.qmin,
             s.qmax,
             sdt,
             xt,
-            buf[:4],
+            scratch[size : (1 + width) * size],
             amax[i:j] if amax is not None else None,
-            lo[i:j] if lo is not None else None,
-            hi[i:j] if hi is not None else None,
+            lo[i:j],
+            hi[i:j],
             scale[i:j],
             zp[i:j] if zp is not None else None,
             stats is not None,
@@ -213,14 +221,10 @@ def optimized_block(
     if stats is not None:
         stats.err_sq += err_sq
         stats.max_abs_err = max(stats.max_abs_err, max_err)
-    # ---- xf now holds the codes: encode exactly as the kernel does ----
+    # ---- xf now holds the codes: encode them exactly as the kernel does ----
     out: dict[str, torch.Tensor] = {}
     if s.format == "pack-quantized":
-        xf.add_(1 << (s.bits - 1))
-        nb = 4 * packed_cols(c, s.bits)
-        u8 = ws.get("u8", r * nb, torch.uint8).view(r, nb)
-        bytes_from_unsigned(xf, s.bits, out=u8, scratch=ws.get("tmp", n // 2 + 1, torch.float32))
-        out["_packed"] = u8.view(torch.int32)
+        out["_packed"] = kernel._pack_codes(xf, ws)
     else:
         q8 = ws.get("q", n, torch.int8).view(r, c)
         q8.copy_(xf)
@@ -232,14 +236,15 @@ def optimized_block(
 
 
 def _search(
+    plan: tuple[tuple[float, ...], ...],
     qmin: int,
     qmax: int,
     sdt: torch.dtype,
     x: torch.Tensor,
-    buf: torch.Tensor,
+    work: torch.Tensor,
     amax: torch.Tensor | None,
-    lo: torch.Tensor | None,
-    hi: torch.Tensor | None,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
     scale: torch.Tensor,
     zp: torch.Tensor | None,
     want_max: bool,
@@ -247,115 +252,92 @@ def _search(
     """Search one sub-block ``x`` (``[g, m]``: one group per column); update ``scale``/``zp``
     (the RTN values on entry) in place and overwrite ``x`` with the chosen codes.
 
-    ``buf`` is ``[4, g, m]`` scratch. Returns (Σ err², max |err|) of the chosen result.
+    ``work`` is flat float32 scratch of at least ``max(4, 3·k) · g · m`` elements (``k``: the
+    largest stage of ``plan``). Returns (Σ err², max |err|) of the chosen result.
     """
     g, m = x.shape
+    f64 = torch.float64
     sym = zp is None
-    t0, t1, t2, t3 = buf[0], buf[1], buf[2], buf[3]
+    nsum = 2 if sym else 3
     if sym:
         base = amax.double() / ((qmax - qmin) / 2)  # type: ignore[union-attr]
-        plan = SYM_PLAN
-        sx = None
-        lo64 = None
+        mid = sx = None
     else:
-        base = (hi - lo).double() / (qmax - qmin)  # type: ignore[operator]
-        plan = ASYM_PLAN
-        t0.copy_(x)
-        sx = group_sums(t0).double()
-        lo64 = lo.double()  # type: ignore[union-attr]
-        hi64 = hi.double()
-    ok = base > 0
-    base = torch.where(ok, base, torch.ones_like(base))
-    best_est = torch.full((m,), math.inf, dtype=torch.float64)
-    best_s = base.clone()
-    best_z = torch.zeros(m, dtype=torch.float64) if sym else (qmin - lo64 / base).round_().clamp_(qmin, qmax)
-    zeros = torch.zeros(m, dtype=torch.float64)
+        base = (hi - lo).double() / (qmax - qmin)
+        mid = (hi + lo).double() / 2
+        t = work[: g * m].view(g, m)
+        t.copy_(x)
+        sx = group_sums(t).double()
+    base = torch.where(base > 0, base, 1.0)
+    best_est = torch.full((m,), math.inf, dtype=f64)
+    best_s = base
+    best_z = torch.zeros(m, dtype=f64)
     for stage, factors in enumerate(plan):
-        center_s, center_z = best_s.clone(), best_z.clone()
-        for f in factors:
-            if stage == 0:
-                sk = base * f
-                if sym:
-                    zk = None
-                elif ZMODE == "center":
-                    zk = ((qmin + qmax) / 2 - (lo64 + hi64) / (2 * sk)).round_().clamp_(qmin, qmax)
-                else:
-                    zk = (qmin - lo64 / sk).round_().clamp_(qmin, qmax)
+        k = len(factors)
+        f = torch.tensor(factors, dtype=f64).unsqueeze(1)
+        sk = (base if stage == 0 else best_s) * f  # [k, m]
+        buf = work[: nsum * k * g * m].view(nsum, k, g, m)
+        codes = buf[0]
+        torch.div(x, sk.float().unsqueeze(1), out=codes)
+        if sym:
+            codes.round_().clamp_(qmin, qmax)
+            torch.mul(codes, x, out=buf[1])
+            codes.mul_(codes)
+            sq, sxq = group_sums(buf).double()
+            num, den, z = sxq, sq, best_z
+        else:
+            if stage == 0:  # centre the clipped range on the group's range
+                zk = ((qmin + qmax) / 2 - mid / sk).round_().clamp_(qmin, qmax)  # type: ignore[operator]
             else:
-                sk = center_s * f
-                zk = center_z
-            torch.div(x, sk.float(), out=t0)
-            if zk is not None:
-                t0.add_(zk.float())
-            t0.round_().clamp_(qmin, qmax)
-            if sym:
-                torch.mul(t0, x, out=t1)
-                t0.mul_(t0)
-                sums = group_sums(buf[:2]).double()
-                cands = [(sums[1], sums[0], zeros)]  # (Σxq, Σq², z = 0)
-            else:
-                torch.mul(t0, t0, out=t1)
-                torch.mul(t0, x, out=t2)
-                sums = group_sums(buf[:3]).double()
-                st, st2, sxt = sums[0], sums[1], sums[2]
-                # joint least squares x ≈ a·t + c, then the integer zero point z = round(-c / a)
-                den = g * st2 - st * st
-                a = torch.where(den > 0, (g * sxt - sx * st) / torch.where(den > 0, den, 1.0), sk)
-                a = torch.where(a > 0, a, sk)
-                z0 = ((st * a - sx) / (g * a)).round_().clamp_(qmin, qmax)
-                cands = []
-                for dz in ZSHIFTS:
-                    z = (z0 + dz).clamp_(qmin, qmax)
-                    cands.append((sxt - z * sx, st2 - 2 * z * st + g * z * z, z))
-            for num, den2, z in cands:
-                sst = nearest_stored(num / torch.where(den2 > 0, den2, 1.0), sdt)
-                est = sst * (sst * den2 - 2 * num)
-                better = ok & (den2 > 0) & (sst > 0) & torch.isfinite(sst) & (est < best_est)
-                best_est = torch.where(better, est, best_est)
-                best_s = torch.where(better, sst, best_s)
-                best_z = torch.where(better, z, best_z)
+                zk = best_z.expand(k, m)
+            codes.add_(zk.float().unsqueeze(1))
+            codes.round_().clamp_(qmin, qmax)
+            torch.mul(codes, codes, out=buf[1])
+            torch.mul(codes, x, out=buf[2])
+            st, st2, sxt = group_sums(buf).double()
+            # least squares x ≈ a·t + c, then the integer zero point z = round(-c / a)
+            a = (g * sxt - sx * st) / (g * st2 - st * st)
+            a = torch.where(torch.isfinite(a) & (a > 0), a, sk)
+            z = ((st * a - sx) / (g * a)).round_().clamp_(qmin, qmax)
+            num = sxt - z * sx  # Σx(t-z)
+            den = st2 - 2 * z * st + g * z * z  # Σ(t-z)²
+        # the refitted scale as stored, and the error it gives these codes (minus Σx²)
+        sst = (num / den).to(sdt).double()
+        est = torch.where(sst > 0, sst * (sst * den - 2 * num), math.inf)
+        for c in range(k):  # in order: ties keep the earlier candidate
+            better = est[c] < best_est
+            best_est = torch.where(better, est[c], best_est)
+            best_s = torch.where(better, sst[c], best_s)
+            if not sym:
+                best_z = torch.where(better, z[c], best_z)
     # ---- exact comparison with RTN, then the codes of the winner ----
     found = best_est < math.inf
-    cand_scale = torch.where(found, best_s, scale.double()).to(scale.dtype)
-    e_opt, m_opt = _exact(x, cand_scale, None if sym else best_z, qmin, qmax, t0, t1, want_max)
-    e_rtn, m_rtn = _exact(x, scale, zp, qmin, qmax, t2, t3, want_max)
-    win = found & (e_opt < e_rtn)
-    if zp is not None:
-        zp.copy_(torch.where(win, best_z.to(zp.dtype), zp))
-    scale.copy_(torch.where(win, cand_scale, scale))
-    torch.where(win, t0, t2, out=x)
-    err = torch.where(win, e_opt, e_rtn)
-    emax = float(torch.where(win, m_opt, m_rtn).amax()) if want_max else 0.0  # type: ignore[arg-type]
-    return float(err.double().sum()), emax
-
-
-def _exact(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    zp: torch.Tensor | None,
-    qmin: int,
-    qmax: int,
-    q: torch.Tensor,
-    e: torch.Tensor,
-    want_max: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Codes of ``x`` (``[g, m]``) with the stored ``scale`` (and ``zp``) into ``q``, computed
-    as the kernel computes them; returns each group's Σ err² (and max |err| when asked)."""
-    sf = scale.float()
+    cand = torch.where(found, best_s, scale.double()).to(scale.dtype)
+    sf = torch.stack((cand, scale)).float().unsqueeze(1)  # [2, 1, m]
+    q = work[: 2 * g * m].view(2, g, m)
+    e = work[2 * g * m : 4 * g * m].view(2, g, m)
     torch.div(x, sf, out=q)
-    if zp is not None:
-        zf = zp.float()
+    if sym:
+        q.round_().clamp_(qmin, qmax)
+        torch.mul(q, sf, out=e)
+    else:
+        zf = torch.stack((best_z.float(), zp.float())).unsqueeze(1)  # type: ignore[union-attr]
         q.add_(zf)
         q.round_().clamp_(qmin, qmax)
         torch.sub(q, zf, out=e)
         e.mul_(sf)
-    else:
-        q.round_().clamp_(qmin, qmax)
-        torch.mul(q, sf, out=e)
     e.sub_(x)
     emax = None
     if want_max:
         e.abs_()
-        emax = e.amax(dim=0)
+        emax = e.amax(dim=1)
     e.mul_(e)
-    return group_sums(e).clone(), emax
+    err = group_sums(e)
+    win = found & (err[0] < err[1])
+    if zp is not None:
+        zp.copy_(torch.where(win, best_z.to(zp.dtype), zp))
+    scale.copy_(torch.where(win, cand, scale))
+    torch.where(win, q[0], q[1], out=x)
+    chosen = torch.where(win, err[0], err[1])
+    top = float(torch.where(win, emax[0], emax[1]).amax()) if emax is not None else 0.0
+    return float(chosen.double().sum()), top

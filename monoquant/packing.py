@@ -111,7 +111,7 @@ def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Inverse of :func:`pack_rows`: int32 ``[r, w]`` -> int8 codes ``[r, cols]``."""
     r = packed.shape[0]
-    b = packed.contiguous().view(torch.uint8).reshape(r, -1).to(torch.int16)
+    b = packed.contiguous().reshape(-1).view(torch.uint8).reshape(r, -1).to(torch.int16)
     if bits == 8:
         u = b[:, :cols]
     else:

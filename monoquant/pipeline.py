@@ -213,13 +213,47 @@ def plan(
     exclude: str | list[str] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD,
     clamp_fp16: bool = False,
+    target_bpw: float | None = None,
+    min_sqnr: float | None = None,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
     **scheme_options: Any,
 ) -> Plan:
-    """Plan a run from headers only (what ``--dry-run`` prints). See :func:`stream` for arguments."""
-    ckpt = open_checkpoint(src)
-    return make_plan(
-        ckpt, scheme, rules=Rules.of(include, exclude), max_shard_size=max_shard_size, clamp_fp16=clamp_fp16, **scheme_options
+    """Plan a run (what ``--dry-run`` prints). See :func:`stream` for arguments.
+
+    From headers only, except with ``target_bpw``/``min_sqnr``: mixed precision estimates each
+    tensor's error on sampled rows first (bounded memory)."""
+    return _make_plan(
+        open_checkpoint(src), scheme, Rules.of(include, exclude), max_shard_size, clamp_fp16, target_bpw, min_sqnr,
+        block_bytes, scheme_options,
     )
+
+
+def _make_plan(
+    ckpt: Any,
+    scheme: str | Scheme,
+    rules: Rules,
+    max_shard_size: int | str,
+    clamp_fp16: bool,
+    target_bpw: float | None,
+    min_sqnr: float | None,
+    block_bytes: int,
+    scheme_options: dict[str, Any],
+) -> Plan:
+    chooser = None
+    extra: dict[str, Any] = {}
+    if target_bpw is not None or min_sqnr is not None:
+        from .mixed import budget_chooser
+        from .schemes import get_scheme
+
+        chooser = budget_chooser(ckpt, get_scheme(scheme, **scheme_options), rules, target_bpw=target_bpw, min_sqnr=min_sqnr)
+        extra = {"mixed": chooser.summary["options"]}
+    p = make_plan(
+        ckpt, scheme, rules=rules, max_shard_size=max_shard_size, clamp_fp16=clamp_fp16, chooser=chooser,
+        block_bytes=block_bytes, extra=extra, **scheme_options,
+    )
+    if chooser is not None:
+        p.extra["mixed_summary"] = chooser.summary
+    return p
 
 
 def iter_quantized(
@@ -241,7 +275,7 @@ def iter_quantized(
         >>> for name, t in iter_quantized("ckpt/", "int4", group_size=64):   # doctest: +SKIP
         ...     print(name, t.dtype, tuple(t.shape))
     """
-    p = plan(src, scheme, include=include, exclude=exclude, clamp_fp16=clamp_fp16, **scheme_options)
+    p = plan(src, scheme, include=include, exclude=exclude, clamp_fp16=clamp_fp16, block_bytes=block_bytes, **scheme_options)
     pool = WorkspacePool(1)
     with RowReader(backend) as reader:
         for pt in p.tensors:
@@ -296,6 +330,8 @@ def stream(
     exclude: str | list[str] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD,
     clamp_fp16: bool = False,
+    target_bpw: float | None = None,
+    min_sqnr: float | None = None,
     worker: str | tuple[int, int] | None = None,
     jobs: int = 1,
     restart: bool = False,
@@ -316,6 +352,11 @@ def stream(
         include, exclude: glob overrides of the default tensor rules.
         max_shard_size: output shard size cap (bytes or ``"5GB"``).
         clamp_fp16: saturate fp16 casts instead of failing on overflow.
+        target_bpw: mixed precision: per tensor, choose among int4 g32/g64/g128, int8 and the
+            original dtype the storage that meets this many bits per weight (over the tensors the
+            rules quantize) with the least estimated total error.
+        min_sqnr: mixed precision: per tensor, the smallest storage whose estimated SQNR reaches
+            this many dB (exclusive with ``target_bpw``).
         worker: ``"K/N"``: process only shards ``i`` with ``i % N == K``; workers share nothing
             but ``dst``; whichever sees every shard done writes the index.
         jobs: shards processed concurrently by this process (threads).
@@ -343,14 +384,9 @@ def stream(
     src_p, dst_p = Path(src), Path(dst)
     ckpt = open_checkpoint(src_p)
     check_paths(src_p, dst_p)
-    p = make_plan(
-        ckpt,
-        scheme,
-        rules=Rules.of(include, exclude),
-        max_shard_size=max_shard_size,
-        clamp_fp16=clamp_fp16,
-        block_bytes=block_bytes,
-        **scheme_options,
+    p = _make_plan(
+        ckpt, scheme, Rules.of(include, exclude), max_shard_size, clamp_fp16, target_bpw, min_sqnr, block_bytes,
+        scheme_options,
     )
     k, n = parse_worker(worker)
     report = Report(str(dst_p), p.fingerprint, p.scheme.name, False, p.totals())

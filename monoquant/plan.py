@@ -102,13 +102,13 @@ class Plan:
         q_in = q_out = q_numel = 0
         for t in self.tensors:
             counts[t.decision.action] += 1
-            if t.decision.action == "quantize":
+            if t.decision.action == "quantize" or t.decision.eligible:  # mixed precision: kept ones count too
                 q_numel += t.ref.numel
                 q_in += t.ref.nbytes
                 q_out += t.out_bytes
         bytes_in = sum(t.ref.nbytes for t in self.tensors)
         bytes_out = sum(t.out_bytes for t in self.tensors)
-        return {
+        out = {
             "tensors": len(self.tensors),
             "quantized": counts["quantize"],
             "cast": counts["cast"],
@@ -123,6 +123,9 @@ class Plan:
             "estimated_peak_bytes": estimate_peak(self),
             "warnings": [t.ref.name for t in self.tensors if t.decision.warn],
         }
+        if "mixed_summary" in self.extra:
+            out["mixed"] = self.extra["mixed_summary"]
+        return out
 
     def schemes_used(self) -> dict[str, Scheme]:
         """Scheme name -> scheme, for every scheme some tensor uses (mixed precision: several)."""
@@ -354,6 +357,10 @@ def fingerprint(
         "clamp_fp16": clamp_fp16,
         "extra": extra,
     }
+    if any(t.decision.scheme is not None and t.decision.scheme.optimize for t in tensors):
+        from .optimize import ALGORITHM_VERSION
+
+        head["optimize_version"] = ALGORITHM_VERSION
     h.update(json.dumps(head, sort_keys=True).encode())
     for t in tensors:
         s = t.decision.scheme

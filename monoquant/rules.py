@@ -77,12 +77,15 @@ class Decision:
         reason: a short human sentence shown in plans and dry runs.
         scheme: the scheme applied (``None`` for ``copy``).
         warn: true for skips a user probably wants to know about (e.g. group size mismatch).
+        eligible: the default rules would quantize this tensor (true for every ``quantize``, and
+            for a tensor that mixed precision chose to keep dense); bits per weight count these.
     """
 
     action: Action
     reason: str
     scheme: Scheme | None = None
     warn: bool = False
+    eligible: bool = False
 
 
 def _first_match(name: str, patterns: tuple[str, ...]) -> str | None:
@@ -119,4 +122,4 @@ def decide(name: str, dtype: torch.dtype, shape: tuple[int, ...], scheme: Scheme
     if problem is not None:
         return Decision("copy", problem, warn=True)
     why = f"included by {included!r}" if included is not None else "2-D weight"
-    return Decision("quantize", why, scheme)
+    return Decision("quantize", why, scheme, eligible=True)

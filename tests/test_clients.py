@@ -79,6 +79,8 @@ class Case:
     error of fp32 Llama logits vs the original model (both load paths). ``act``: the activation
     fake-quantization transformers' default path applies for dynamic schemes (``None`` for
     weight-only). ``default_loads``: False where transformers' default path is known not to load.
+    ``mixed``: mixed precision (several config groups); transformers' ``dequantize=True`` path
+    applies one group's scheme to every dense layer, so it is known not to work there.
     """
 
     id: str
@@ -89,6 +91,7 @@ class Case:
     opts: dict[str, Any] = field(default_factory=dict)
     act: str | None = None
     default_loads: bool = True
+    mixed: bool = False
 
 
 # Thresholds: the figures measured here and CT's own writer on the same tiny Llama (REPORT §4,
@@ -120,6 +123,9 @@ CASES = [
     # FP8 dynamic: fp8 weights + fp8 per-token activations. CT FP8_DYNAMIC: 0.99741 / 0.091;
     # measured 0.99735 / 0.101.
     Case("fp8-dynamic", "fp8", "float-quantized", cos=0.99, max_err=0.3, opts={"dynamic": True}, act="fp8"),
+    # mixed precision by budget (--target-bpw 6): several config groups (int4 groups of 32/64/128,
+    # int8, tensors kept in bf16 listed in ignore); at least as good as uniform int4 g128.
+    Case("mixed-6bpw", "int4", "pack-quantized", cos=0.93, max_err=0.8, opts={"target_bpw": 6.0}, mixed=True),
 ]
 CASE_BY_ID = {c.id: c for c in CASES}
 DEFAULT_CASES = [c for c in CASES if c.default_loads]
@@ -329,14 +335,17 @@ def test_config_targets_exactly_the_quantized_linears(quantized, llama_orig, cas
     assert qc["quant_method"] == "compressed-tensors"
     assert qc["quantization_status"] == "compressed"
     assert qc["format"] == case.fmt
-    assert [g["format"] for g in qc["config_groups"].values()] == [case.fmt]
-    group = next(iter(qc["config_groups"].values()))
-    assert group["weights"]["symmetric"] is (not case.opts.get("asymmetric", False))
-    assert (group["input_activations"] is not None) is (case.act is not None)
+    formats = [g["format"] for g in qc["config_groups"].values()]
+    assert set(formats) == {case.fmt} and (len(formats) >= 2 if case.mixed else len(formats) == 1)
+    for group in qc["config_groups"].values():
+        assert group["weights"]["symmetric"] is (not case.opts.get("asymmetric", False))
+        assert (group["input_activations"] is not None) is (case.act is not None)
 
     modules = quantized_modules(out)
-    # 2 layers x 7 projections; embed_tokens, lm_head and the norms stay dense
-    assert len(modules) == 14 and not any("embed" in m or "lm_head" in m for m in modules)
+    # 2 layers x 7 projections (mixed precision may keep some dense); embed_tokens, lm_head and
+    # the norms stay dense
+    assert (len(modules) <= 14 if case.mixed else len(modules) == 14)
+    assert not any("embed" in m or "lm_head" in m for m in modules)
     targeted = sorted(
         name for name, mod in llama_orig.named_modules()
         if any(match_name(name, t) for g in qc["config_groups"].values() for t in g["targets"])
@@ -357,12 +366,15 @@ def test_tensor_names_dtypes_shapes(quantized, case):
     """Per quantized Linear, exactly the tensors REPORT §3.3 lists for the format."""
     out = quantized("llama", case.id)
     stored = monoquant.load(out, dequantize=False)
-    s = monoquant.get_scheme(case.scheme, **case.opts)
+    per_tensor = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["monoquant"]["quantized"]
     for m in quantized_modules(out):
+        s = monoquant.get_scheme(per_tensor[m + ".weight"])
+        if not case.mixed:
+            assert s == monoquant.get_scheme(case.scheme, **case.opts)
         local = {k[len(m) + 1 :]: v for k, v in stored.items() if k.startswith(m + ".")}
         scale = local["weight_scale"]
         assert scale.dtype == torch.bfloat16  # the model dtype
-        if case.fmt == "pack-quantized":
+        if s.format == "pack-quantized":
             shape = local["weight_shape"]
             assert shape.dtype == torch.int64 and shape.shape == (2,)
             rows, cols = shape.tolist()
@@ -428,8 +440,17 @@ def test_llama_int4_asym_default_path_is_a_known_client_limitation(quantized):
 
 
 # ---- transformers: dequantize=True ---------------------------------------------------------------
+MIXED_DEQUANTIZE_XFAIL = pytest.mark.xfail(raises=AssertionError, strict=True, reason=(
+    "transformers 5.24's dequantize=True path decompresses every dense layer with ONE config "
+    "group's scheme (integrations/compressed_tensors.get_dense_scheme), so the layers of the other "
+    "groups of a mixed-precision output come out wrong; the default path loads them correctly"
+))
+
+
 @IGNORE_CT_CONFIG_WARNING
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=MIXED_DEQUANTIZE_XFAIL) if c.mixed else c for c in CASES], ids=lambda c: c.id
+)
 def test_llama_transformers_dequantize(quantized, llama_orig, llama_ref_logits, case):
     """``CompressedTensorsConfig(dequantize=True)``: plain Linears whose weights are exactly
     monoquant's dequantization in the scale dtype (bf16, CT computes ``q * scale`` there), so
