@@ -46,9 +46,10 @@ DTYPES = {
 }
 CHUNK_BYTES = 8 * 1024 * 1024
 ALIGN = 8  # safetensors pads the header so data starts 8-byte aligned
+Shapes = list[tuple[str, tuple[int, ...]]]
 
 
-def layer_shapes(i: int, hidden: int, ffn: int, heads: int, kv_heads: int) -> list[tuple[str, tuple[int, ...]]]:
+def layer_shapes(i: int, hidden: int, ffn: int, heads: int, kv_heads: int) -> Shapes:
     head_dim = hidden // heads
     kv = kv_heads * head_dim
     p = f"model.layers.{i}."
@@ -65,7 +66,7 @@ def layer_shapes(i: int, hidden: int, ffn: int, heads: int, kv_heads: int) -> li
     ]
 
 
-def model_shapes(args: argparse.Namespace, itemsize: int) -> tuple[list[tuple[str, tuple[int, ...]]], dict]:
+def model_shapes(args: argparse.Namespace, itemsize: int) -> tuple[Shapes, dict]:
     """Tensor names and shapes in state-dict order, and the config."""
     h, ffn, heads, kvh = args.hidden, args.ffn, args.heads, args.kv_heads
     vocab = args.vocab
@@ -81,7 +82,7 @@ def model_shapes(args: argparse.Namespace, itemsize: int) -> tuple[list[tuple[st
             f"--size-gb {args.size_gb}: the embeddings alone take {vocab_bytes / 1e9:.2f} GB; "
             f"use a smaller --vocab (e.g. 32000) or a larger size"
         )
-    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, h))]
+    shapes: Shapes = [("model.embed_tokens.weight", (vocab, h))]
     for i in range(n_layers):
         shapes += layer_shapes(i, h, ffn, heads, kvh)
     shapes += [("model.norm.weight", (h,)), ("lm_head.weight", (vocab, h))]
@@ -108,7 +109,7 @@ def model_shapes(args: argparse.Namespace, itemsize: int) -> tuple[list[tuple[st
     return shapes, config
 
 
-def split_shards(shapes: list[tuple[str, tuple[int, ...]]], itemsize: int, max_bytes: float) -> list[list[int]]:
+def split_shards(shapes: Shapes, itemsize: int, max_bytes: float) -> list[list[int]]:
     """transformers' rule: start a new shard when the next tensor would overflow the current one
     (a tensor larger than the cap gets a shard of its own)."""
     shards: list[list[int]] = [[]]
@@ -123,7 +124,7 @@ def split_shards(shapes: list[tuple[str, tuple[int, ...]]], itemsize: int, max_b
     return shards
 
 
-def header_bytes(entries: list[tuple[str, tuple[int, ...]]], st_dtype: str, itemsize: int) -> tuple[bytes, list[int]]:
+def header_bytes(entries: Shapes, st_dtype: str, itemsize: int) -> tuple[bytes, list[int]]:
     """Safetensors header (tensors sorted by name, as save_file does for one dtype) and the data
     offset of each entry in the given order."""
     order = sorted(range(len(entries)), key=lambda i: entries[i][0])
@@ -186,7 +187,8 @@ def write_all(fd: int, mv: memoryview) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path, help="output directory (created; must not exist or be empty)")
     ap.add_argument("--size-gb", type=float, required=True, help="approximate total size in GB (1e9 bytes)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
@@ -239,11 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             os.close(fd)
         files.append(fname)
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"
-    )
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2) + "\n")
+    gen = {"bos_token_id": 1, "eos_token_id": 2}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     biggest = max(shapes, key=lambda s: math.prod(s[1]))
     print(json.dumps({
         "out": str(out),

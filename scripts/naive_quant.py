@@ -95,11 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     bytes_in = sum((src / s).stat().st_size for s in shards)
     new_map: dict[str, str] = {}
     total = 0
-    qcfg = None
     written: list[Path] = []
 
     def save(qsd: dict[str, torch.Tensor], name: str) -> None:
-        nonlocal total, qcfg
+        nonlocal total
         out = dst / name
         save_file(dict(qsd), str(out), metadata={"format": "pt"})
         written.append(out)
@@ -127,9 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                 del sd
                 save(q, s)
                 del q
-        (dst / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}, indent=2) + "\n"
-        )
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         written.append(dst / "model.safetensors.index.json")
         for p in sorted(src.iterdir()):
             if p.is_file() and p.name not in shards and p.name != index_path.name:
