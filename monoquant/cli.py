@@ -134,8 +134,8 @@ def _scheme_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
 @click.option("--stats", "stats", type=click.Choice(["sample", "exact", "off"]), default="sample", show_default=True,
               help="Per-tensor error statistics during the run: on every 8th block (sample), every block "
                    "(exact, ~1/3 slower) or none. 'monoquant verify --against' gives exact figures.")
-@click.option("--overlap/--no-overlap", default=False, show_default=True,
-              help="Write and hash on a background thread while computing (helps where a core is idle).")
+@click.option("--overlap", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Write and hash on a background thread while computing; auto: when a CPU core is idle.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (from headers only) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no summary (errors still go to stderr).")
@@ -179,7 +179,7 @@ def stream(src: str, dst: str, **kw: Any) -> None:
         verbose,
         lambda: pipeline.stream(
             src, dst, scheme, **common, **sopts, worker=kw["worker"], jobs=kw["jobs"], restart=kw["restart"],
-            backend=kw["backend"], threads=kw["threads"], stats=kw["stats"], overlap=kw["overlap"], on_progress=bar,
+            backend=kw["backend"], threads=kw["threads"], stats=kw["stats"], overlap={"on": True, "off": False}.get(kw["overlap"], "auto"), on_progress=bar,
         ),
     )
     bar.close()

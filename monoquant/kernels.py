@@ -274,27 +274,31 @@ class Kernel:
         ws: Workspace | None = None,
         stats: ErrorStats | None = None,
         clamp_fp16: bool = False,
+        stats_rows: int = 1,
     ) -> dict[str, torch.Tensor]:
         """Quantize a block of whole rows ``x`` (2-D, the input dtype) into the block-wise outputs.
 
         Returned tensors may be views into ``ws`` buffers: consume them before the next call.
-        Constants (see :meth:`constants`) are not included.
+        Constants (see :meth:`constants`) are not included. ``stats`` accumulates the error of
+        first ``1/stats_rows`` of the block's rows (1: all rows; contiguous rows keep the extra
+        passes cheap; the ``--optimize`` path measures all rows).
 
         Raises:
             NonFiniteError: the block holds NaN or Inf.
             Fp16OverflowError: an fp16 cast meets |x| > 65504 and ``clamp_fp16`` is false.
         """
         ws = ws if ws is not None else Workspace()
+        k = max(int(stats_rows), 1)
         if self.scheme.kind == "cast":
-            return self._cast_block(x, ws, stats, clamp_fp16)
+            return self._cast_block(x, ws, stats, clamp_fp16, k)
         if self.scheme.optimize:
             from .optimize import optimized_block
 
             return optimized_block(self, x, tensor_scale=tensor_scale, ws=ws, stats=stats)
-        return self._quant_block(x, tensor_scale, ws, stats)
+        return self._quant_block(x, tensor_scale, ws, stats, k)
 
     def _cast_block(
-        self, x: torch.Tensor, ws: Workspace, stats: ErrorStats | None, clamp_fp16: bool
+        self, x: torch.Tensor, ws: Workspace, stats: ErrorStats | None, clamp_fp16: bool, k: int = 1
     ) -> dict[str, torch.Tensor]:
         target: torch.dtype = self.scheme.dtype  # type: ignore[assignment]
         hi, lo = float(x.amax()), float(x.amin())
@@ -309,18 +313,22 @@ class Kernel:
         else:
             out.copy_(x)
         if stats is not None:
-            n = x.numel()
-            xf = ws.get("xf", n, torch.float32).view(x.shape)
-            xf.copy_(x)
+            m = _head(x.shape[0], k)
+            xs, os_ = x[:m], out[:m]
+            n = xs.numel()
+            xf = ws.get("xf", n, torch.float32).view(xs.shape)
+            xf.copy_(xs)
+            back = ws.get("tmp", n, torch.float32).view(xs.shape)
+            back.copy_(os_)
             stats.numel += n
+            if over:
+                stats.overflow += int((xf.abs() > FP16_MAX).sum())
+            # values flushed to zero; counting is slow, so only where some |x| is that small
+            smallest = torch.finfo(target).tiny * torch.finfo(target).eps
+            if float(torch.abs(xf, out=ws.get("err", n, torch.float32).view(xs.shape)).amin()) < smallest:
+                stats.underflow += int(torch.count_nonzero(xs)) - int(torch.count_nonzero(os_))
             flat = xf.view(-1)
             stats.sum_sq += float(torch.dot(flat, flat))
-            back = ws.get("tmp", n, torch.float32).view(x.shape)
-            back.copy_(out)
-            if over:
-                stats.overflow += int((flat.abs() > FP16_MAX).sum())
-            # zeros in the output that were not zeros in the input flushed to zero
-            stats.underflow += int(torch.count_nonzero(x)) - int(torch.count_nonzero(out))
             _accumulate_error(stats, xf, back, torch.ones((), dtype=torch.float32))
         return {"": out}
 
@@ -330,6 +338,7 @@ class Kernel:
         tensor_scale: torch.Tensor | None,
         ws: Workspace,
         stats: ErrorStats | None,
+        k: int = 1,
     ) -> dict[str, torch.Tensor]:
         # Pass count matters more than arithmetic here (the block streams through the caches
         # ~8 times): reductions read without writing (amax and amin instead of abs + amax),
@@ -366,10 +375,6 @@ class Kernel:
                 sf32 = scale.float()
                 zp = (s.qmin - mn / sf32).clamp_(s.qmin, s.qmax).round_()
                 sf = sf32.unsqueeze(-1)
-        if stats is not None:
-            flat = xf.view(-1)
-            stats.numel += n
-            stats.sum_sq += float(torch.dot(flat, flat))
         y = ws.get("tmp", n, torch.float32).view(r, groups, g)  # type: ignore[arg-type]
         torch.div(v, sf, out=y)
         out: dict[str, torch.Tensor] = {}
@@ -378,19 +383,19 @@ class Kernel:
             q8 = ws.get("q", n, s.dtype).view(r, c)  # type: ignore[arg-type]
             q8.copy_(y.view(r, c))
             if stats is not None:
-                y.copy_(q8.view(r, groups, g))  # type: ignore[arg-type]
-                _accumulate_error(stats, v, y, sf)
+                m = _head(r, k)
+                ys = y[:m]
+                ys.copy_(q8.view(r, groups, g)[:m])  # type: ignore[arg-type]  # fp8 codes as float32
+                _sampled_error(stats, v[:m], ys, _rows(sf, r, m), None, ws)
             out[""] = q8
         else:
             if zp is not None:
                 y.add_(zp.unsqueeze(-1))
             y.round_().clamp_(s.qmin, s.qmax)
             if stats is not None:
-                if zp is not None:
-                    y.sub_(zp.unsqueeze(-1))
-                _accumulate_error(stats, v, y, sf)
-                if zp is not None:
-                    y.add_(zp.unsqueeze(-1))
+                m = _head(r, k)
+                zps = None if zp is None else zp.unsqueeze(-1)[:m]
+                _sampled_error(stats, v[:m], y[:m], _rows(sf, r, m), zps, ws)
             if s.format == "pack-quantized":
                 out["_packed"] = self._pack_codes(y.view(r, c), ws)
             else:
@@ -479,6 +484,42 @@ class Kernel:
 def _check_finite(t: torch.Tensor) -> None:
     if not bool(torch.isfinite(t).all()):
         raise NonFiniteError("NaN or Inf")
+
+
+def _head(rows: int, k: int) -> int:
+    """How many leading rows of a block of ``rows`` the statistics measure (at least one)."""
+    return max(1, -(-rows // k))
+
+
+def _rows(t: torch.Tensor, r: int, m: int) -> torch.Tensor:
+    """The first ``m`` rows of a per-row tensor (a broadcast per-tensor one is left whole)."""
+    return t[:m] if t.shape[0] == r else t
+
+
+def _sampled_error(
+    stats: ErrorStats,
+    x: torch.Tensor,
+    q: torch.Tensor,
+    sf: torch.Tensor,
+    zp: torch.Tensor | None,
+    ws: Workspace,
+) -> None:
+    """Error of the sampled rows: ``x`` the float32 input, ``q`` the codes (float or fp8),
+    ``sf`` the float scales, ``zp`` the zero points; none of them is modified."""
+    e = ws.get("err", x.numel(), torch.float32).view(x.shape)
+    if zp is not None:
+        torch.sub(q, zp, out=e)
+        e.mul_(sf)
+    else:
+        torch.mul(q, sf, out=e)
+    e.sub_(x)
+    stats.numel += x.numel()
+    xf = x.reshape(-1)  # leading rows of a block: contiguous, no copy
+    stats.sum_sq += float(torch.dot(xf, xf))
+    flat = e.view(-1)
+    stats.err_sq += float(torch.dot(flat, flat))
+    if flat.numel():
+        stats.max_abs_err = max(stats.max_abs_err, float(flat.amax()), -float(flat.amin()))
 
 
 def _accumulate_error(stats: ErrorStats, x: torch.Tensor, q: torch.Tensor, sf: torch.Tensor) -> None:

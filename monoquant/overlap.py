@@ -15,8 +15,10 @@ Example:
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -121,3 +123,26 @@ class ThreadSink:
         """Stop the writer thread (after the pending blocks)."""
         self._q.put(None)
         self._thread.join()
+
+
+def spare_core(window: float = 0.1) -> bool:
+    """True when at least ~3/4 of a CPU core sat idle over the last ``window`` seconds (from
+    ``/proc/stat``); False when unknown. The writer thread only pays where a core is free: on
+    two busy cores it made runs slower (see docs/benchmarks.md)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return idle, sum(fields)
+
+    if (os.cpu_count() or 1) < 2:
+        return False
+    try:
+        i0, t0 = sample()
+        time.sleep(window)
+        i1, t1 = sample()
+    except (OSError, ValueError, IndexError):
+        return False
+    if t1 <= t0:
+        return False
+    return (os.cpu_count() or 1) * (i1 - i0) / (t1 - t0) >= 0.75

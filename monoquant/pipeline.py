@@ -28,7 +28,7 @@ from .errors import MonoquantError, OutputError
 from .inmemory import fp16_overflow_error, nonfinite_error
 from .journal import JobState, check_writable
 from .kernels import ErrorStats, Fp16OverflowError, NonFiniteError, Workspace, absmax, as_rows, get_kernel
-from .overlap import SyncSink, ThreadSink, WorkspacePool
+from .overlap import SyncSink, ThreadSink, WorkspacePool, spare_core
 from .memwatch import MemWatch
 from .outdir import check_paths, completed_fingerprint, finalize, foreign_entries
 from .plan import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_SHARD, INDEX_NAME, Plan, PlannedOutput, PlannedTensor, ShardPlan, block_rows_for, make_plan
@@ -81,6 +81,7 @@ class Report:
     seconds: float = 0.0
     memory: dict[str, int | None] = field(default_factory=dict)
     stats: dict[str, ErrorStats] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def bits_per_weight(self) -> float | None:
@@ -114,6 +115,7 @@ class Report:
             "seconds": round(self.seconds, 3),
             "gb_per_s": round(self.gb_per_s, 4),
             "memory": self.memory,
+            "settings": self.settings,
             "mean_sqnr_db": round(m, 3) if m is not None else None,
             "worst": [{"name": n, **s.to_dict()} for n, s in self.worst(10)],
             "tensors": {n: s.to_dict() for n, s in self.stats.items()},
@@ -136,8 +138,8 @@ def process_tensor(
     (in order within each output). Each block works in a workspace of ``pool`` that the sink
     returns once the block is written; consumed input pages are released then too.
 
-    Error statistics, when ``stats`` is given, are measured on every ``stats_every``-th block
-    (the first block always), so their cost can be kept small on large tensors."""
+    Error statistics, when ``stats`` is given, are measured on the first ``1/stats_every`` of
+    each block's rows, so their cost stays small while every part of every tensor is covered."""
     ref, d = pt.ref, pt.decision
 
     def done(ws: Workspace, lo: int, hi: int) -> Callable[[], None]:
@@ -174,13 +176,14 @@ def process_tensor(
                 amax = max(amax, absmax(reader.rows(ref, a, b)))
             tscale = kernel.tensor_scale(amax, ref.dtype)
         outs = {o.spec.suffix: o for o in pt.outputs}
-        for k, a in enumerate(range(0, rows, br)):
+        for a in range(0, rows, br):
             b = min(a + br, rows)
             ws = pool.acquire()
-            st = stats if k % max(stats_every, 1) == 0 else None
             try:
                 x = reader.rows(ref, a, b, ws=ws)
-                res = kernel.quantize_block(x, tensor_scale=tscale, ws=ws, stats=st, clamp_fp16=clamp_fp16)
+                res = kernel.quantize_block(
+                    x, tensor_scale=tscale, ws=ws, stats=stats, clamp_fp16=clamp_fp16, stats_rows=stats_every
+                )
             except BaseException:
                 pool.release(ws)
                 raise
@@ -339,7 +342,7 @@ def stream(
     threads: int | None = 1,
     stats: str | bool = "sample",
     block_bytes: int = DEFAULT_BLOCK_BYTES,
-    overlap: bool = False,
+    overlap: bool | str = "auto",
     on_progress: Callable[[ProgressEvent], None] | None = None,
     **scheme_options: Any,
 ) -> Report:
@@ -364,12 +367,14 @@ def stream(
         backend: ``mmap`` or ``pread`` for reading safetensors input.
         threads: torch intra-op threads during the run (``None`` leaves the setting alone).
         stats: per-tensor error statistics (SQNR, relative and max abs error) measured during the
-            run: ``"sample"`` (default: every 8th block of a tensor, the first always — about 5%
-            of the run time; small tensors are measured whole), ``"exact"`` (every block, about
-            a third more time) or ``"off"``. ``monoquant verify --against`` gives exact figures.
+            run: ``"sample"`` (default: the leading eighth of the rows of every block of every
+            tensor, a sixteenth for casts; a few percent of the run time), ``"exact"`` (every row, about a third more time) or ``"off"``.
+            ``monoquant verify --against`` always gives exact figures.
         block_bytes: input bytes per processing block (memory vs. speed; output unchanged).
-        overlap: write and hash blocks on a background thread while the next block is computed
-            (helps where a core is free; on two busy cores it was slower, see docs/benchmarks.md).
+        overlap: write and hash blocks on a background thread while the next block is computed:
+            ``True``, ``False``, or ``"auto"`` (default: on when a CPU core is idle at the start;
+            it made runs 10-40% faster on a quiet 2-core machine and slower on busy cores, see
+            docs/benchmarks.md). The output bytes are the same either way.
         on_progress: called with :class:`ProgressEvent` (from worker threads, serialized).
 
     Returns:
@@ -381,6 +386,10 @@ def stream(
     """
     t0 = time.perf_counter()
     stats_every = _stats_stride(stats)
+    if overlap == "auto":
+        overlap = spare_core()
+    elif not isinstance(overlap, bool):
+        raise OutputError(f"overlap={overlap!r}: use True, False or 'auto'")
     src_p, dst_p = Path(src), Path(dst)
     ckpt = open_checkpoint(src_p)
     check_paths(src_p, dst_p)
@@ -390,6 +399,10 @@ def stream(
     )
     k, n = parse_worker(worker)
     report = Report(str(dst_p), p.fingerprint, p.scheme.name, False, p.totals())
+    report.settings = {
+        "overlap": overlap, "stats": stats if isinstance(stats, str) else ("exact" if stats else "off"),
+        "backend": backend, "threads": threads, "jobs": jobs, "block_bytes": block_bytes, "worker": f"{k}/{n}",
+    }
     lock = threading.Lock()
 
     def emit(ev: ProgressEvent) -> None:
@@ -500,7 +513,7 @@ def _run_shards(
         emit(ev)
 
     def work() -> None:
-        pool = WorkspacePool(3 if overlap else 1)
+        pool = WorkspacePool(2 if overlap else 1)  # 2: one block computing, one writing (3 thrashed caches)
         with RowReader(backend) as reader:
             while not failure:
                 try:
@@ -576,8 +589,10 @@ def _write_shard(
         for k, i in enumerate(shard.tensors):
             pt = p.tensors[i]
             st = ErrorStats() if (stats_every and pt.decision.action != "copy") else None
+            # a cast's error is small and uniform, and its kernel is cheap: sample it more thinly
+            every = stats_every * 2 if (stats_every > 1 and pt.decision.action == "cast") else stats_every
             process_tensor(
-                pt, reader, pool, sink, block_bytes=p.block_bytes, clamp_fp16=p.clamp_fp16, stats=st, stats_every=stats_every
+                pt, reader, pool, sink, block_bytes=p.block_bytes, clamp_fp16=p.clamp_fp16, stats=st, stats_every=every
             )
             nxt = shard.tensors[k + 1] if k + 1 < len(shard.tensors) else None
             if nxt is None or p.tensors[nxt].ref.file != pt.ref.file:

@@ -17,7 +17,7 @@ def job(tmp_path_factory):
     root = tmp_path_factory.mktemp("v")
     src = write_sharded(root / "in", tiny_llama_sd(), shards=2)
     out = root / "out"
-    report = monoquant.stream(src, out, "int4", max_shard_size="400KB")
+    report = monoquant.stream(src, out, "int4", max_shard_size="400KB", stats="exact")
     return src, out, report
 
 
