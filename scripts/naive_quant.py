@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The naive baseline: what users write today to quantize a sharded checkpoint.
 
-    python scripts/naive_quant.py SRC DST --scheme int8|int4|fp16 [--threads N] [--whole]
+    python scripts/naive_quant.py SRC DST --scheme int8|int4|fp16 [--threads N] [--whole] [--kernel mq|textbook]
 
 Per shard: ``safetensors.torch.load_file`` (the whole shard in RAM) -> ``monoquant.quantize``
 on the shard's dict (the same numerics and tensor rules as ``monoquant stream``, so the outputs
@@ -11,6 +11,12 @@ config), and an fsync of every output file and the directory at the end (``monoq
 shard, so the comparison is fair). ``--whole`` loads every shard first, quantizes the whole
 state dict, and saves it shard by shard (the "load the model" variant: memory grows with the
 model). torch keeps its default thread count unless ``--threads`` is given.
+
+``--kernel textbook`` replaces ``monoquant.quantize`` with the per-tensor code people write from a
+tutorial (whole tensor to float32, ``abs().amax``, divide, round, clamp, pack with shifts; the same
+compressed-tensors names and the same tensor rules): the baseline of the project's performance
+goals. ``--kernel mq`` (default) is the best case of the naive approach: whole shards in memory,
+but monoquant's optimized in-memory kernel.
 
 Prints one JSON line: seconds (in-process), bytes in/out, peak RSS (getrusage), peak RssAnon.
 """
@@ -65,6 +71,39 @@ class AnonPeak:
         self._sample()
 
 
+def textbook_quantize(sd: dict[str, torch.Tensor], scheme: str) -> dict[str, torch.Tensor]:
+    """Tutorial-style per-tensor quantization of a state dict (whole tensors, fresh temporaries)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, w in sd.items():
+        low = name.lower()
+        quantize = (
+            w.dim() == 2 and name.endswith("weight") and w.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and not any(p in low for p in ("embed", "lm_head", "norm"))
+        )
+        if scheme == "fp16":
+            out[name] = w.to(torch.float16) if w.is_floating_point() else w
+            continue
+        if not quantize or (scheme == "int4" and w.shape[1] % 128):
+            out[name] = w
+            continue
+        x = w.float()
+        if scheme == "int8":
+            scale = (x.abs().amax(dim=1, keepdim=True) / 127.5).to(w.dtype)
+            q = torch.clamp(torch.round(x / scale.float()), -128, 127).to(torch.int32) + 128
+            words = q[:, 0::4] | (q[:, 1::4] << 8) | (q[:, 2::4] << 16) | (q[:, 3::4] << 24)
+        else:  # int4, groups of 128
+            g = x.view(x.shape[0], -1, 128)
+            scale = (g.abs().amax(dim=2) / 7.5).to(w.dtype)
+            q = torch.clamp(torch.round(g / scale.float().unsqueeze(2)), -8, 7).to(torch.int32).view(x.shape) + 8
+            words = q[:, 0::8]
+            for j in range(1, 8):
+                words = words | (q[:, j::8] << (4 * j))
+        out[name + "_packed"] = words.contiguous()
+        out[name + "_scale"] = scale.contiguous()
+        out[name + "_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
+    return out
+
+
 def fsync_path(p: Path) -> None:
     fd = os.open(p, os.O_RDONLY)
     try:
@@ -80,9 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scheme", default="int8", help="int8, int4 or fp16 (any monoquant preset)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
     ap.add_argument("--whole", action="store_true", help="load every shard first, then quantize and save")
+    ap.add_argument("--kernel", choices=["mq", "textbook"], default="mq",
+                    help="monoquant.quantize (default) or tutorial-style per-tensor torch code")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    quantize = textbook_quantize if args.kernel == "textbook" else monoquant.quantize
     t0 = time.perf_counter()
     src, dst = args.src, args.dst
     index_path = src / "model.safetensors.index.json"
@@ -114,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 sd = load_file(str(src / s))
                 sd_all.update(sd)
                 owner.update({k: s for k in sd})
-            q = monoquant.quantize(sd_all, args.scheme)
+            q = quantize(sd_all, args.scheme)
             for s in shards:
                 part = {k: v for k, v in q.items() if owner.get(_base(k, q)) == s}
                 save(part, s)
@@ -122,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for s in shards:
                 sd = load_file(str(src / s))
-                q = monoquant.quantize(sd, args.scheme)
+                q = quantize(sd, args.scheme)
                 del sd
                 save(q, s)
                 del q
