@@ -132,8 +132,8 @@ def _scheme_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch threads per job (1 is fastest on small shared machines).")
 @click.option("--stats", "stats", type=click.Choice(["sample", "exact", "off"]), default="sample", show_default=True,
-              help="Per-tensor error statistics during the run: on the leading eighth of every block's rows (sample), "
-                   "on every row (exact, ~1/3 slower) or none. 'monoquant verify --against' gives exact figures.")
+              help="Per-tensor error statistics during the run: estimated on every 8th row (sample), measured on "
+                   "every row (exact, ~1/3 slower) or none. 'monoquant verify --against' gives exact figures.")
 @click.option("--overlap", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Write and hash on a background thread while computing; auto: when a CPU core is idle.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (from headers only) and write nothing.")
@@ -392,7 +392,8 @@ def _print_report(r: Any) -> None:
     m = r.mean_sqnr()
     if m is not None:
         worst = ", ".join(f"{n} {s.sqnr_db:.1f} dB" for n, s in r.worst(3))
-        click.echo(f"  error: mean SQNR {m:.2f} dB over {len(r.stats)} tensors; worst: {worst}")
+        how = "" if r.settings.get("stats") == "exact" else " (estimated on sampled rows; exact: monoquant verify --against SRC)"
+        click.echo(f"  error{how}: mean SQNR {m:.2f} dB over {len(r.stats)} tensors; worst: {worst}")
     for name in pl["warnings"]:
         click.echo(f"  warning: {name} left dense (see --dry-run for the reason)")
     from .schemes import get_scheme

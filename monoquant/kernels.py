@@ -280,8 +280,8 @@ class Kernel:
 
         Returned tensors may be views into ``ws`` buffers: consume them before the next call.
         Constants (see :meth:`constants`) are not included. ``stats`` accumulates the error of
-        first ``1/stats_rows`` of the block's rows (1: all rows; contiguous rows keep the extra
-        passes cheap; the ``--optimize`` path measures all rows).
+        every ``stats_rows``-th row of the block (1: all rows; an even spread keeps the estimate
+        unbiased; the ``--optimize`` path measures all rows).
 
         Raises:
             NonFiniteError: the block holds NaN or Inf.
@@ -313,8 +313,7 @@ class Kernel:
         else:
             out.copy_(x)
         if stats is not None:
-            m = _head(x.shape[0], k)
-            xs, os_ = x[:m], out[:m]
+            xs, os_ = x[::k], out[::k]
             n = xs.numel()
             xf = ws.get("xf", n, torch.float32).view(xs.shape)
             xf.copy_(xs)
@@ -383,19 +382,17 @@ class Kernel:
             q8 = ws.get("q", n, s.dtype).view(r, c)  # type: ignore[arg-type]
             q8.copy_(y.view(r, c))
             if stats is not None:
-                m = _head(r, k)
-                ys = y[:m]
-                ys.copy_(q8.view(r, groups, g)[:m])  # type: ignore[arg-type]  # fp8 codes as float32
-                _sampled_error(stats, v[:m], ys, _rows(sf, r, m), None, ws)
+                ys = y[::k]
+                ys.copy_(q8.view(r, groups, g)[::k])  # type: ignore[arg-type]  # fp8 codes as float32
+                _sampled_error(stats, v[::k], ys, _rows(sf, r, k), None, ws)
             out[""] = q8
         else:
             if zp is not None:
                 y.add_(zp.unsqueeze(-1))
             y.round_().clamp_(s.qmin, s.qmax)
             if stats is not None:
-                m = _head(r, k)
-                zps = None if zp is None else zp.unsqueeze(-1)[:m]
-                _sampled_error(stats, v[:m], y[:m], _rows(sf, r, m), zps, ws)
+                zps = None if zp is None else zp.unsqueeze(-1)[::k]
+                _sampled_error(stats, v[::k], y[::k], _rows(sf, r, k), zps, ws)
             if s.format == "pack-quantized":
                 out["_packed"] = self._pack_codes(y.view(r, c), ws)
             else:
@@ -486,14 +483,9 @@ def _check_finite(t: torch.Tensor) -> None:
         raise NonFiniteError("NaN or Inf")
 
 
-def _head(rows: int, k: int) -> int:
-    """How many leading rows of a block of ``rows`` the statistics measure (at least one)."""
-    return max(1, -(-rows // k))
-
-
-def _rows(t: torch.Tensor, r: int, m: int) -> torch.Tensor:
-    """The first ``m`` rows of a per-row tensor (a broadcast per-tensor one is left whole)."""
-    return t[:m] if t.shape[0] == r else t
+def _rows(t: torch.Tensor, r: int, k: int) -> torch.Tensor:
+    """Every ``k``-th row of a per-row tensor (a broadcast per-tensor one is left whole)."""
+    return t[::k] if t.shape[0] == r else t
 
 
 def _sampled_error(
@@ -506,15 +498,17 @@ def _sampled_error(
 ) -> None:
     """Error of the sampled rows: ``x`` the float32 input, ``q`` the codes (float or fp8),
     ``sf`` the float scales, ``zp`` the zero points; none of them is modified."""
+    xs = ws.get("xs", x.numel(), torch.float32).view(x.shape)
+    xs.copy_(x)  # the sampled rows, gathered contiguous
     e = ws.get("err", x.numel(), torch.float32).view(x.shape)
     if zp is not None:
         torch.sub(q, zp, out=e)
         e.mul_(sf)
     else:
         torch.mul(q, sf, out=e)
-    e.sub_(x)
+    e.sub_(xs)
     stats.numel += x.numel()
-    xf = x.reshape(-1)  # leading rows of a block: contiguous, no copy
+    xf = xs.view(-1)
     stats.sum_sq += float(torch.dot(xf, xf))
     flat = e.view(-1)
     stats.err_sq += float(torch.dot(flat, flat))
