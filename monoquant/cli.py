@@ -207,7 +207,8 @@ def verify(out: str, against: str | None, min_sqnr: float | None, top: int, as_j
 
     \b
     Exit codes: 0 all good; 1 the output is inconsistent or unreadable;
-                3 some tensor is below --min-sqnr.
+                3 some tensor is below --min-sqnr, or (with --against) decodes
+                  to NaN/Inf or to all zeros from a non-zero input.
     \b
     Example:
       monoquant verify out/ --against ckpt/ --min-sqnr 20
@@ -230,13 +231,17 @@ def verify(out: str, against: str | None, min_sqnr: float | None, top: int, as_j
             for name, st in r.worst(top):
                 mark = "  BELOW" if name in r.below else ""
                 click.echo(f"  {st.sqnr_db:7.2f} dB  rel {st.rel_err:.2e}  max {st.max_abs_err:.3e}  {name}{mark}")
+            for name, why in r.failed.items():
+                click.echo(f"  FAILED  {name}: {why}")
         else:
             click.echo(f"verify: {out}: {what}; structure " + ("ok" if not r.problems else "INCONSISTENT"))
+        if r.failed:
+            click.echo(f"verify: {len(r.failed)} tensor(s) decode to NaN/Inf or to all zeros", err=True)
         if r.below:
             click.echo(f"verify: {len(r.below)} tensor(s) below {min_sqnr} dB", err=True)
     if r.problems:
         sys.exit(EXIT_ERROR)
-    if r.below:
+    if r.below or r.failed:
         sys.exit(EXIT_BELOW_THRESHOLD)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import TensorValueError
-from .kernels import ErrorStats, Fp16OverflowError, NonFiniteError, get_kernel
+from .kernels import DecodeOverflowError, ErrorStats, Fp16OverflowError, NonFiniteError, get_kernel
 from .layout import find_groups, infer_scheme
 from .rules import Decision, Rules, decide
 from .schemes import Scheme, get_scheme
@@ -54,6 +54,13 @@ def fp16_overflow_error(name: str, detail: str, where: str = "") -> TensorValueE
     return TensorValueError(
         f"{where}tensor {name!r} does not fit float16 ({detail}); use bf16, "
         f"--exclude {name!r}, or --clamp-fp16 to saturate at ±65504"
+    )
+
+
+def decode_overflow_error(name: str, detail: str, where: str = "") -> TensorValueError:
+    """The one message for a tensor whose output would decode to ``inf`` (or not fit its dtype)."""
+    return TensorValueError(
+        f"{where}tensor {name!r} cannot be stored safely: {detail}; --exclude {name!r} to copy it unchanged"
     )
 
 
@@ -105,6 +112,8 @@ def quantize(
             raise nonfinite_error(name, int((~torch.isfinite(t)).sum())) from None
         except Fp16OverflowError as e:
             raise fp16_overflow_error(name, str(e)) from None
+        except DecodeOverflowError as e:
+            raise decode_overflow_error(name, str(e)) from None
         for suffix, v in parts.items():
             out[name + suffix] = v
         if d.action == "quantize":

@@ -25,9 +25,18 @@ from typing import Any
 import torch
 
 from .errors import MonoquantError, OutputError
-from .inmemory import fp16_overflow_error, nonfinite_error
+from .inmemory import decode_overflow_error, fp16_overflow_error, nonfinite_error
 from .journal import JobState, check_writable
-from .kernels import ErrorStats, Fp16OverflowError, NonFiniteError, Workspace, absmax, as_rows, get_kernel
+from .kernels import (
+    DecodeOverflowError,
+    ErrorStats,
+    Fp16OverflowError,
+    NonFiniteError,
+    Workspace,
+    absmax,
+    as_rows,
+    get_kernel,
+)
 from .overlap import SyncSink, ThreadSink, WorkspacePool, spare_core
 from .memwatch import MemWatch
 from .outdir import check_paths, completed_fingerprint, finalize, foreign_entries
@@ -194,9 +203,14 @@ def process_tensor(
         sink.submit([(outs[k], 0, t) for k, t in consts.items()], None)
     except NonFiniteError:
         sink.drain()
-        raise nonfinite_error(ref.name, _count_nonfinite(pt, reader, br), where) from None
+        count = _count_nonfinite(pt, reader, br)
+        if count == 0:  # finite in float64, beyond float32 once computed
+            raise decode_overflow_error(ref.name, "its values exceed the float32 range the kernels compute in", where) from None
+        raise nonfinite_error(ref.name, count, where) from None
     except Fp16OverflowError as e:
         raise fp16_overflow_error(ref.name, str(e), where) from None
+    except DecodeOverflowError as e:
+        raise decode_overflow_error(ref.name, str(e), where) from None
 
 
 def _count_nonfinite(pt: PlannedTensor, reader: RowReader, br: int) -> int:
