@@ -99,7 +99,10 @@ def quantize(
     rules = Rules.of(include, exclude)
     out = QuantizedStateDict()
     out.decisions, out.schemes, out.stats = {}, {}, {}
+    if not isinstance(sd, Mapping):
+        raise TensorValueError(f"quantize() takes an nn.Module or a mapping of names to tensors, not a {type(sd).__name__}")
     for name, t in sd.items():
+        _check_entry(name, t)
         d = decide(name, t.dtype, tuple(t.shape), sch, rules)
         out.decisions[name] = d
         if d.action == "copy":
@@ -121,6 +124,18 @@ def quantize(
         if st is not None:
             out.stats[name] = st
     return out
+
+
+def _check_entry(name: object, t: object) -> None:
+    """A state dict entry monoquant can convert: a str name and a dense tensor with data."""
+    if not isinstance(name, str):
+        raise TensorValueError(f"state dict key {name!r} is a {type(name).__name__}; tensor names must be str")
+    if not isinstance(t, torch.Tensor):
+        raise TensorValueError(f"{name!r} is a {type(t).__name__}, not a tensor; pass a state dict of tensors only")
+    if t.layout != torch.strided:
+        raise TensorValueError(f"tensor {name!r} is {t.layout} (sparse); convert it with .to_dense() first")
+    if t.is_meta:
+        raise TensorValueError(f"tensor {name!r} is on the meta device (no data); load the real weights first")
 
 
 def dequantize(qsd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
