@@ -20,10 +20,28 @@ from typing import Any, NoReturn
 import click
 
 from .errors import MonoquantError
-from .plan import DEFAULT_MAX_SHARD, human_bytes
+
 
 EXIT_ERROR = 1
 EXIT_BELOW_THRESHOLD = 3
+
+
+def human_bytes(n: float) -> str:
+    from .plan import human_bytes as hb  # torch is imported on first use only (fast --help, clean Ctrl-C)
+
+    return hb(n)
+
+
+class _Group(click.Group):
+    """The top-level group: a Ctrl-C anywhere (even while torch is still being imported) ends
+    with one line and exit code 130, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("monoquant: interrupted; rerun the same command to resume", err=True)
+            sys.exit(130)
 
 
 def _fail(e: BaseException, verbose: int) -> NoReturn:
@@ -52,7 +70,7 @@ def _run(verbose: int, fn: Callable[[], Any]) -> Any:
         _fail(e, verbose)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="monoquant")
 def main() -> None:
     """Quantize PyTorch checkpoints out of core, into compressed-tensors format.
@@ -69,14 +87,14 @@ def main() -> None:
 def scheme_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The scheme flags shared by ``stream`` (and the scheme-aware commands)."""
     opts = [
-        click.option("--scheme", "scheme", default="int8", show_default=True, metavar="NAME",
+        click.option("--scheme", "scheme", default=None, metavar="NAME",
                      help="Scheme preset: int8, int4, fp8, fp16, bf16, w8a8, fp8-dynamic, int4-asym, "
-                          "int8-tensor, ... or a canonical name such as int4-g64-asym."),
-        click.option("--int8", "scheme", flag_value="int8", help="int8 weights, per output channel (pack-quantized)."),
-        click.option("--int4", "scheme", flag_value="int4", help="int4 weights, groups of 128 columns (pack-quantized)."),
-        click.option("--fp8", "scheme", flag_value="fp8", help="float8_e4m3fn weights, per channel."),
-        click.option("--fp16", "scheme", flag_value="fp16", help="Cast floating tensors to float16."),
-        click.option("--bf16", "scheme", flag_value="bf16", help="Cast floating tensors to bfloat16."),
+                          "int8-tensor, ... or a canonical name such as int4-g64-asym.  [default: int8]"),
+        click.option("--int8", "scheme_int8", is_flag=True, help="int8 weights, per output channel (pack-quantized)."),
+        click.option("--int4", "scheme_int4", is_flag=True, help="int4 weights, groups of 128 columns (pack-quantized)."),
+        click.option("--fp8", "scheme_fp8", is_flag=True, help="float8_e4m3fn weights, per channel."),
+        click.option("--fp16", "scheme_fp16", is_flag=True, help="Cast floating tensors to float16."),
+        click.option("--bf16", "scheme_bf16", is_flag=True, help="Cast floating tensors to bfloat16."),
         click.option("--group-size", type=click.IntRange(min=2), default=None, metavar="N",
                      help="One scale per group of N input columns (int8/int4)."),
         click.option("--per-tensor", is_flag=True, help="One scale per tensor."),
@@ -97,6 +115,22 @@ def scheme_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+SCHEME_FLAGS = ("int8", "int4", "fp8", "fp16", "bf16")
+
+
+def _pop_scheme(kw: dict[str, Any]) -> str:
+    """The one scheme asked for; two scheme flags (``--int8 --int4``) are a usage error."""
+    given = [f"--{f}" for f in SCHEME_FLAGS if kw.pop(f"scheme_{f}")]
+    named = kw.pop("scheme")
+    if named is not None:
+        given.insert(0, f"--scheme {named}")
+    if len(given) > 1:
+        raise click.UsageError(f"{' and '.join(given)} conflict: give one scheme")
+    if not given:
+        return "int8"
+    return named if named is not None else given[0][2:]
 
 
 def _scheme_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +200,17 @@ def stream(src: str, dst: str, **kw: Any) -> None:
         "target_bpw": kw.pop("target_bpw"),
         "min_sqnr": kw.pop("min_sqnr"),
     }
-    scheme = kw.pop("scheme")
+    scheme = _pop_scheme(kw)
+    if common["target_bpw"] is not None or common["min_sqnr"] is not None:
+        from .schemes import get_scheme
+
+        try:
+            cast = get_scheme(scheme, **sopts).kind == "cast"
+        except MonoquantError:
+            cast = False  # the run reports the bad scheme itself
+        if cast:
+            opt = "--target-bpw" if common["target_bpw"] is not None else "--min-sqnr"
+            raise click.UsageError(f"{opt} chooses among int4/int8 storages; it needs --int4 or --int8, not --{scheme}")
     if dry:
         p = _run(verbose, lambda: pipeline.plan(src, scheme, **common, **sopts))
         if as_json:
@@ -207,7 +251,8 @@ def verify(out: str, against: str | None, min_sqnr: float | None, top: int, as_j
 
     \b
     Exit codes: 0 all good; 1 the output is inconsistent or unreadable;
-                3 some tensor is below --min-sqnr.
+                3 some tensor is below --min-sqnr, or (with --against) decodes
+                  to NaN/Inf or to all zeros from a non-zero input.
     \b
     Example:
       monoquant verify out/ --against ckpt/ --min-sqnr 20
@@ -230,13 +275,17 @@ def verify(out: str, against: str | None, min_sqnr: float | None, top: int, as_j
             for name, st in r.worst(top):
                 mark = "  BELOW" if name in r.below else ""
                 click.echo(f"  {st.sqnr_db:7.2f} dB  rel {st.rel_err:.2e}  max {st.max_abs_err:.3e}  {name}{mark}")
+            for name, why in r.failed.items():
+                click.echo(f"  FAILED  {name}: {why}")
         else:
             click.echo(f"verify: {out}: {what}; structure " + ("ok" if not r.problems else "INCONSISTENT"))
+        if r.failed:
+            click.echo(f"verify: {len(r.failed)} tensor(s) decode to NaN/Inf or to all zeros", err=True)
         if r.below:
             click.echo(f"verify: {len(r.below)} tensor(s) below {min_sqnr} dB", err=True)
     if r.problems:
         sys.exit(EXIT_ERROR)
-    if r.below:
+    if r.below or r.failed:
         sys.exit(EXIT_BELOW_THRESHOLD)
 
 
@@ -374,8 +423,12 @@ def _print_report(r: Any) -> None:
         click.echo(f"monoquant: {r.output} is already complete for these options; nothing to do")
         return
     state = "complete" if r.complete else "shards done; index pending (other workers)"
+    what = r.scheme
+    if "mixed" in pl:  # say what was written, not only what was asked for
+        what = "mixed precision: " + ", ".join(f"{k} x{v}" for k, v in pl["mixed"]["choices"].items())
+        what += f"; {r.scheme} requested"
     click.echo(
-        f"monoquant: {state}: {r.output} ({r.scheme}): {pl['quantized']} quantized, {pl['cast']} cast, "
+        f"monoquant: {state}: {r.output} ({what}): {pl['quantized']} quantized, {pl['cast']} cast, "
         f"{pl['copied']} copied tensors in {pl['shards']} shard(s)"
     )
     extra = f", {r.shards_skipped} already done" if r.shards_skipped else ""
@@ -396,6 +449,8 @@ def _print_report(r: Any) -> None:
         click.echo(f"  error{how}: mean SQNR {m:.2f} dB over {len(r.stats)} tensors; worst: {worst}")
     for name in pl["warnings"]:
         click.echo(f"  warning: {name} left dense (see --dry-run for the reason)")
+    for note in r.notes:
+        click.echo(f"  note: {note}")
     from .schemes import get_scheme
 
     for note in get_scheme(r.scheme).compat_notes():

@@ -15,6 +15,10 @@ class SchemeError(MonoquantError, ValueError):
     """An unknown scheme name or an impossible combination of scheme options."""
 
 
+class OptionError(MonoquantError, ValueError):
+    """An option value out of range (``jobs=0``, ``max_shard_size=0``, a size of ``1e400``, ...)."""
+
+
 class CheckpointError(MonoquantError):
     """The input checkpoint is missing, unreadable, malformed or inconsistent."""
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import TensorValueError
-from .kernels import ErrorStats, Fp16OverflowError, NonFiniteError, get_kernel
+from .kernels import DecodeOverflowError, ErrorStats, Fp16OverflowError, NonFiniteError, get_kernel
 from .layout import find_groups, infer_scheme
 from .rules import Decision, Rules, decide
 from .schemes import Scheme, get_scheme
@@ -54,6 +54,13 @@ def fp16_overflow_error(name: str, detail: str, where: str = "") -> TensorValueE
     return TensorValueError(
         f"{where}tensor {name!r} does not fit float16 ({detail}); use bf16, "
         f"--exclude {name!r}, or --clamp-fp16 to saturate at ±65504"
+    )
+
+
+def decode_overflow_error(name: str, detail: str, where: str = "") -> TensorValueError:
+    """The one message for a tensor whose output would decode to ``inf`` (or not fit its dtype)."""
+    return TensorValueError(
+        f"{where}tensor {name!r} cannot be stored safely: {detail}; --exclude {name!r} to copy it unchanged"
     )
 
 
@@ -92,7 +99,10 @@ def quantize(
     rules = Rules.of(include, exclude)
     out = QuantizedStateDict()
     out.decisions, out.schemes, out.stats = {}, {}, {}
+    if not isinstance(sd, Mapping):
+        raise TensorValueError(f"quantize() takes an nn.Module or a mapping of names to tensors, not a {type(sd).__name__}")
     for name, t in sd.items():
+        _check_entry(name, t)
         d = decide(name, t.dtype, tuple(t.shape), sch, rules)
         out.decisions[name] = d
         if d.action == "copy":
@@ -105,6 +115,8 @@ def quantize(
             raise nonfinite_error(name, int((~torch.isfinite(t)).sum())) from None
         except Fp16OverflowError as e:
             raise fp16_overflow_error(name, str(e)) from None
+        except DecodeOverflowError as e:
+            raise decode_overflow_error(name, str(e)) from None
         for suffix, v in parts.items():
             out[name + suffix] = v
         if d.action == "quantize":
@@ -112,6 +124,18 @@ def quantize(
         if st is not None:
             out.stats[name] = st
     return out
+
+
+def _check_entry(name: object, t: object) -> None:
+    """A state dict entry monoquant can convert: a str name and a dense tensor with data."""
+    if not isinstance(name, str):
+        raise TensorValueError(f"state dict key {name!r} is a {type(name).__name__}; tensor names must be str")
+    if not isinstance(t, torch.Tensor):
+        raise TensorValueError(f"{name!r} is a {type(t).__name__}, not a tensor; pass a state dict of tensors only")
+    if t.layout != torch.strided:
+        raise TensorValueError(f"tensor {name!r} is {t.layout} (sparse); convert it with .to_dense() first")
+    if t.is_meta:
+        raise TensorValueError(f"tensor {name!r} is on the meta device (no data); load the real weights first")
 
 
 def dequantize(qsd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

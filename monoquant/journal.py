@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,31 +61,26 @@ def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
 class JobState:
     """The resumable state of one job in ``out_dir``."""
 
-    def __init__(self, out_dir: Path, plan: Plan):
+    def __init__(self, out_dir: Path, plan: Plan, files: list[str] | None = None):
         self.out_dir = out_dir
         self.plan = plan
+        self.files = list(files or [])  # side files (relative paths) this job writes at the end
         self.dir = out_dir / STATE_DIR
         self.journal = self.dir / "journal.jsonl"
         self.locks = self.dir / "locks"
 
     def prepare(self, restart: bool = False) -> bool:
         """Create or check the state. Returns True when earlier state of this job was found."""
+        from .ownership import check_state_dir
+
+        check_state_dir(self.out_dir)
         plan_file = self.dir / "plan.json"
         if restart:
             self.discard()  # whatever is there, even without a plan.json (a kill during a restart)
         elif plan_file.exists():
-            try:
-                old = json.loads(plan_file.read_text())
-                old_fp = old.get("fingerprint")
-            except (OSError, ValueError):
-                old_fp = None
-            if old_fp == self.plan.fingerprint:
-                self.locks.mkdir(parents=True, exist_ok=True)
-                return True
-            raise PlanMismatchError(
-                f"{self.out_dir} holds an unfinished job with other input or options; rerun the original "
-                "command to finish it, or add --restart to discard it"
-            )
+            self.check_ours()
+            self.locks.mkdir(parents=True, exist_ok=True)
+            return True
         self.locks.mkdir(parents=True, exist_ok=True)
         desc: dict[str, Any] = {
             "fingerprint": self.plan.fingerprint,
@@ -92,20 +88,76 @@ class JobState:
             "source": self.plan.source,
             "scheme": self.plan.scheme.to_dict(),
             "shards": [s.filename for s in self.plan.shards],
+            "files": self.files,
         }
-        atomic_write(plan_file, json.dumps(desc, indent=1).encode())
+        # create plan.json only if absent (a hard link cannot replace a file): of two runs started
+        # at once into one new directory, exactly one writes its plan; the other compares with it
+        tmp = self.dir / f".plan.json.{os.getpid()}.{threading.get_ident()}.tmp"
+        atomic_write(tmp, json.dumps(desc, indent=1).encode())
+        try:
+            os.link(tmp, plan_file)
+        except FileExistsError:
+            self.check_ours()
+            return True
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         return False
+
+    def recorded(self) -> dict[str, Any] | None:
+        """``plan.json`` of the job in this directory, or ``None``."""
+        try:
+            old = json.loads((self.dir / "plan.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return old if isinstance(old, dict) else None
+
+    def check_ours(self) -> None:
+        """Raise :class:`PlanMismatchError` unless the state belongs to this plan (checked at the
+        start and again under each shard's lock: another run may have replaced it)."""
+        old = self.recorded()
+        if old is not None and old.get("fingerprint") == self.plan.fingerprint:
+            return
+        raise PlanMismatchError(
+            f"{self.out_dir} holds an unfinished job with other input or options; rerun the original "
+            "command to finish it, or add --restart to discard it"
+        )
+
+    def owned(self) -> set[str]:
+        """Files of ``out_dir`` recorded by the unfinished job here (its plan.json, and the list of
+        an interrupted ``--restart``)."""
+        out: set[str] = set()
+        old = self.recorded() or {}
+        for key in ("shards", "files"):
+            vals = old.get(key)
+            if isinstance(vals, list):
+                out.update(v for v in vals if isinstance(v, str))
+        out.update(v + ".partial" for v in list(out) if v.endswith(".safetensors"))
+        try:
+            extra = json.loads((self.dir / "discard.json").read_text())
+            if isinstance(extra, list):
+                out.update(v for v in extra if isinstance(v, str))
+        except (OSError, ValueError):
+            pass
+        return out
+
+    def note_discard(self, files: set[str]) -> None:
+        """Record files to delete before deleting the record that lists them (a finished output's
+        index), so that a kill in between leaves them listed."""
+        atomic_write(self.dir / "discard.json", json.dumps(sorted(files)).encode())
 
     def discard(self) -> None:
         """Remove every shard of this output directory and the state's contents (``--restart``).
 
         Shards go first and the state directory itself stays, so that a kill in the middle leaves a
         directory that a rerun still recognises as a job in progress (not a foreign directory)."""
+        from .ownership import check_state_dir, remove_owned
+
+        check_state_dir(self.out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        for p in self.out_dir.glob("model-*-of-*.safetensors*"):
-            with contextlib.suppress(OSError):
-                p.unlink()
-        for p in self.dir.iterdir():
+        mine = {n for s in self.plan.shards for n in (s.filename, s.filename + ".partial")}
+        remove_owned(self.out_dir, self.owned() | mine)
+        for p in sorted(self.dir.iterdir(), key=lambda q: q.name in ("plan.json", "discard.json")):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:

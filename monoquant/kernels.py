@@ -164,8 +164,14 @@ def absmax(x: torch.Tensor) -> float:
     return max(hi, -lo)
 
 
-def stored_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round float32 scales *up* into ``dtype``; zeros become the dtype's eps."""
+def stored_scale(scale: torch.Tensor, dtype: torch.dtype, mag: float | None = None) -> torch.Tensor:
+    """Round float32 scales *up* into ``dtype``; zeros become the dtype's eps.
+
+    With ``mag`` (the largest code magnitude a decode multiplies the scale by), a scale is also
+    capped at :func:`decode_cap`, so that ``code * scale`` stays finite when a loader decodes in
+    ``dtype`` (an fp16 weight near 65504: a rounded-up scale times 448 or 128 would be ``inf``).
+    Only groups whose values reach the top of ``dtype``'s range are affected: their extreme
+    values are clipped by less than one quantization step."""
     st = scale.to(dtype)
     low = st.float() < scale
     if bool(low.any()):
@@ -173,7 +179,66 @@ def stored_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     zero = st == 0
     if bool(zero.any()):
         st = st.masked_fill(zero, torch.finfo(dtype).eps)
+    if mag is not None:
+        cap = decode_cap(dtype, mag)
+        if bool((st > cap).any()):
+            st = torch.minimum(st, cap.to(st.dtype))
     return st
+
+
+def decode_cap(dtype: torch.dtype, mag: float) -> torch.Tensor:
+    """The largest ``dtype`` value ``s`` with ``mag * s <= finfo(dtype).max`` exactly, so that a
+    decode in ``dtype`` (``code * s`` with ``|code| <= mag``) cannot overflow to ``inf``.
+
+    Example:
+        >>> float(decode_cap(torch.float16, 448)) * 448 <= 65504
+        True
+    """
+    top = torch.finfo(dtype).max
+    cap = torch.tensor(top / mag, dtype=torch.float64).to(dtype)
+    while float(cap) * mag > top:
+        cap = torch.nextafter(cap, torch.tensor(0.0, dtype=dtype))
+    return cap
+
+
+def code_magnitude(scheme: Scheme) -> float:
+    """The largest ``|code|`` (``|q - zp|`` when asymmetric) a decode multiplies a scale by."""
+    if scheme.kind == "float":
+        return FP8_MAX
+    if scheme.symmetric:
+        return float(max(-scheme.qmin, scheme.qmax))
+    return float(scheme.qmax - scheme.qmin)
+
+
+class DecodeOverflowError(MonoquantError):
+    """Codes times scale exceed the stored dtype's range: a loader would decode ``inf``."""
+
+
+def check_decodes_finite(
+    codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, scheme: Scheme, dtype: torch.dtype
+) -> None:
+    """Raise :class:`DecodeOverflowError` when some ``(code - zp) * scale`` (exact) exceeds the
+    range of ``dtype`` (the dtype loaders decode in). ``codes`` is ``[rows, groups, g]``
+    (float codes), ``scale``/``zp`` ``[rows, groups]``. Cheap unless a scale is near the top."""
+    top = torch.finfo(dtype).max
+    sd = scale.double().reshape(codes.shape[0], codes.shape[1])
+    if float(sd.max()) * code_magnitude(scheme) <= top:
+        return
+    hi = codes.amax(dim=-1).double()
+    lo = codes.amin(dim=-1).double()
+    if zp is not None:
+        z = zp.double().reshape(sd.shape)
+        hi, lo = hi - z, lo - z
+    worst = float((torch.maximum(hi.abs(), lo.abs()) * sd).max())
+    if worst > top:
+        raise DecodeOverflowError(
+            f"its values reach {worst:.6g}, beyond {dtype_label(dtype)} (max {top:.6g}) once decoded with the "
+            f"{scheme.name} scale"
+        )
+
+
+def dtype_label(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def scale_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -252,7 +317,10 @@ class Kernel:
     def tensor_scale(self, amax: float, dtype: torch.dtype) -> torch.Tensor:
         """The stored per-tensor scale ``[1]`` for a tensor whose absmax is ``amax``."""
         half = FP8_MAX if self.scheme.kind == "float" else (self.scheme.qmax - self.scheme.qmin) / 2
-        return stored_scale(torch.tensor([amax], dtype=torch.float32) / half, scale_dtype_for(dtype))
+        sdt = scale_dtype_for(dtype)
+        if amax > torch.finfo(sdt).max:
+            raise DecodeOverflowError(f"|x| reaches {amax:.6g}, beyond the {dtype_label(sdt)} scales of {self.scheme.name}")
+        return stored_scale(torch.tensor([amax], dtype=torch.float32) / half, sdt, code_magnitude(self.scheme))
 
     def constants(self, shape: tuple[int, ...], tensor_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Outputs computed once per tensor (``weight_shape``, a per-tensor scale)."""
@@ -301,6 +369,8 @@ class Kernel:
         self, x: torch.Tensor, ws: Workspace, stats: ErrorStats | None, clamp_fp16: bool, k: int = 1
     ) -> dict[str, torch.Tensor]:
         target: torch.dtype = self.scheme.dtype  # type: ignore[assignment]
+        if x.numel() == 0:  # a 0-element tensor: nothing to check or measure
+            return {"": ws.get("cast", 0, target).view(x.shape)}
         hi, lo = float(x.amax()), float(x.amin())
         if not (math.isfinite(hi) and math.isfinite(lo)):
             raise NonFiniteError("NaN or Inf")
@@ -312,6 +382,10 @@ class Kernel:
             out.copy_(torch.clamp(x, -FP16_MAX, FP16_MAX))
         else:
             out.copy_(x)
+            if max(hi, -lo) > torch.finfo(target).max and not bool(torch.isfinite(out).all()):
+                raise DecodeOverflowError(
+                    f"max |x| = {max(hi, -lo):.6g} rounds to inf in {dtype_label(target)} (max {torch.finfo(target).max:.6g})"
+                )
         if stats is not None:
             xs, os_ = x[::k], out[::k]
             n = xs.numel()
@@ -365,12 +439,13 @@ class Kernel:
             _check_finite(mn)
             if s.symmetric:
                 half = FP8_MAX if s.kind == "float" else (s.qmax - s.qmin) / 2
-                scale = stored_scale(torch.maximum(mx, mn.neg_()) / half, sdt)
+                scale = stored_scale(torch.maximum(mx, mn.neg_()) / half, sdt, code_magnitude(s))
                 sf = scale.float().unsqueeze(-1)
             else:
                 mn.clamp_(max=0)
                 mx.clamp_(min=0)
                 scale = stored_scale((mx - mn) / (s.qmax - s.qmin), sdt)
+                _check_scale_range(scale, s)
                 sf32 = scale.float()
                 zp = (s.qmin - mn / sf32).clamp_(s.qmin, s.qmax).round_()
                 sf = sf32.unsqueeze(-1)
@@ -390,6 +465,8 @@ class Kernel:
             if zp is not None:
                 y.add_(zp.unsqueeze(-1))
             y.round_().clamp_(s.qmin, s.qmax)
+            if zp is not None:
+                check_decodes_finite(y, scale, zp, s, sdt)
             if stats is not None:
                 zps = None if zp is None else zp.unsqueeze(-1)[::k]
                 _sampled_error(stats, v[::k], y[::k], _rows(sf, r, k), zps, ws)
@@ -476,6 +553,13 @@ class Kernel:
             qv = qv - zp.view(rows, groups, 1)
         w = qv * scale.float().view(rows, groups, 1)
         return w.reshape(shape).to(dtype)
+
+
+def _check_scale_range(scale: torch.Tensor, scheme: Scheme) -> None:
+    """A scale that rounded up to ``inf`` (float64 weights beyond float32, whose scales are
+    float32) cannot be written."""
+    if not bool(torch.isfinite(scale).all()):
+        raise DecodeOverflowError(f"its range does not fit the {dtype_label(scale.dtype)} scales of {scheme.name}")
 
 
 def _check_finite(t: torch.Tensor) -> None:

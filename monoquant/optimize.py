@@ -74,7 +74,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kernels import ErrorStats, Workspace, _check_finite, scale_dtype_for, stored_scale
+from .kernels import (
+    ErrorStats,
+    Workspace,
+    _check_finite,
+    _check_scale_range,
+    check_decodes_finite,
+    code_magnitude,
+    decode_cap,
+    scale_dtype_for,
+    stored_scale,
+)
 from .packing import pack_dim0
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -177,13 +187,14 @@ def optimized_block(
         stats.sum_sq += float(torch.dot(flat, flat))
     if s.symmetric:
         amax = torch.maximum(hi, -lo)
-        rtn_scale = stored_scale(amax / ((s.qmax - s.qmin) / 2), sdt)
+        rtn_scale = stored_scale(amax / ((s.qmax - s.qmin) / 2), sdt, code_magnitude(s))
         rtn_zp = None
     else:
         amax = None
         lo.clamp_(max=0)
         hi.clamp_(min=0)
         rtn_scale = stored_scale((hi - lo) / (s.qmax - s.qmin), sdt)
+        _check_scale_range(rtn_scale, s)
         rtn_zp = (s.qmin - lo / rtn_scale.float()).clamp_(s.qmin, s.qmax).round_()
     scale = rtn_scale.clone()
     zp = rtn_zp.clone() if rtn_zp is not None else None
@@ -221,6 +232,8 @@ def optimized_block(
     if stats is not None:
         stats.err_sq += err_sq
         stats.max_abs_err = max(stats.max_abs_err, max_err)
+    if zp is not None:
+        check_decodes_finite(xf.view(r, groups, g), scale, zp, s, sdt)
     # ---- xf now holds the codes: encode them exactly as the kernel does ----
     out: dict[str, torch.Tensor] = {}
     if s.format == "pack-quantized":
@@ -313,6 +326,8 @@ def _search(
     # ---- exact comparison with RTN, then the codes of the winner ----
     found = best_est < math.inf
     cand = torch.where(found, best_s, scale.double()).to(scale.dtype)
+    if sym:  # a loader decodes code * scale in the stored dtype: keep it finite (stored_scale)
+        cand = torch.minimum(cand, decode_cap(scale.dtype, max(-qmin, qmax)).to(cand.dtype))
     sf = torch.stack((cand, scale)).float().unsqueeze(1)  # [2, 1, m]
     q = work[: 2 * g * m].view(2, g, m)
     e = work[2 * g * m : 4 * g * m].view(2, g, m)

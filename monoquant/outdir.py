@@ -14,6 +14,7 @@ tensor's scheme, so an input without ``config.json`` still yields a self-describ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -184,25 +185,35 @@ def output_config(plan: Plan, config: dict[str, Any] | None) -> dict[str, Any] |
 
 
 def finalize(out_dir: Path, plan: Plan, side_files: list[Path], src_root: Path, config: dict[str, Any] | None) -> None:
-    """Copy side files, write ``config.json``, then the index (last, atomically)."""
+    """Copy side files, write ``config.json``, then the index (last, atomically). The index lists
+    the side files (``metadata.monoquant.files``): a later ``--restart`` deletes exactly those."""
+    scratch = out_dir / STATE_DIR  # removed with the job state: no temp file outlives a kill
+    tmp: Path | None = None
+    written = []
     try:
         for p in side_files:
             rel = p.relative_to(src_root)
+            written.append(rel.as_posix())
             if rel.as_posix() == "config.json":
                 continue
             dst = out_dir / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(f".{dst.name}.tmp")
+            tmp = scratch / f".{dst.name}.{os.getpid()}.tmp"
             shutil.copyfile(p, tmp)
             os.replace(tmp, dst)
+            tmp = None
         cfg = output_config(plan, config)
-        scratch = out_dir / STATE_DIR  # removed with the job state: no temp file outlives a kill
         if cfg is not None:
             atomic_write(out_dir / "config.json", (json.dumps(cfg, indent=2) + "\n").encode(), scratch)
-        atomic_write(out_dir / INDEX_NAME, (json.dumps(index_json(plan), indent=2) + "\n").encode(), scratch)
+        index = index_json(plan)
+        index["metadata"]["monoquant"]["files"] = sorted(written)
+        atomic_write(out_dir / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode(), scratch)
     except OSError as e:
         from .writer import os_error
 
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         raise os_error(e, out_dir, "writing the index and side files") from None
 
 
@@ -214,11 +225,3 @@ def completed_fingerprint(out_dir: Path) -> str | None:
         return str(meta["fingerprint"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def foreign_entries(out_dir: Path) -> list[str]:
-    """Entries of ``out_dir`` monoquant did not create (refused unless the job is ours)."""
-    if not out_dir.exists():
-        return []
-    ours = re.compile(r"model-\d{5}-of-\d{5}\.safetensors(\.partial)?$")
-    return sorted(p.name for p in out_dir.iterdir() if p.name != STATE_DIR and not ours.match(p.name) and not p.name.startswith(".monoquant-probe"))

@@ -24,13 +24,23 @@ from typing import Any
 
 import torch
 
-from .errors import MonoquantError, OutputError
-from .inmemory import fp16_overflow_error, nonfinite_error
+from .errors import MonoquantError, OptionError, OutputError, SchemeError
+from .inmemory import decode_overflow_error, fp16_overflow_error, nonfinite_error
 from .journal import JobState, check_writable
-from .kernels import ErrorStats, Fp16OverflowError, NonFiniteError, Workspace, absmax, as_rows, get_kernel
+from .kernels import (
+    DecodeOverflowError,
+    ErrorStats,
+    Fp16OverflowError,
+    NonFiniteError,
+    Workspace,
+    absmax,
+    as_rows,
+    get_kernel,
+)
 from .overlap import SyncSink, ThreadSink, WorkspacePool, spare_core
 from .memwatch import MemWatch
-from .outdir import check_paths, completed_fingerprint, finalize, foreign_entries
+from .outdir import check_paths, completed_fingerprint, finalize
+from .ownership import check_state_dir, finished_files, planned_files, present_files, refuse_foreign
 from .plan import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_SHARD, INDEX_NAME, Plan, PlannedOutput, PlannedTensor, ShardPlan, block_rows_for, make_plan
 from .reader import Backend, RowReader, open_checkpoint
 from .rules import Rules
@@ -82,6 +92,8 @@ class Report:
     memory: dict[str, int | None] = field(default_factory=dict)
     stats: dict[str, ErrorStats] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    #: things the user should know that are not errors (files of the input that were ignored)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def bits_per_weight(self) -> float | None:
@@ -116,6 +128,7 @@ class Report:
             "gb_per_s": round(self.gb_per_s, 4),
             "memory": self.memory,
             "settings": self.settings,
+            "notes": self.notes,
             "mean_sqnr_db": round(m, 3) if m is not None else None,
             "worst": [{"name": n, **s.to_dict()} for n, s in self.worst(10)],
             "tensors": {n: s.to_dict() for n, s in self.stats.items()},
@@ -194,9 +207,14 @@ def process_tensor(
         sink.submit([(outs[k], 0, t) for k, t in consts.items()], None)
     except NonFiniteError:
         sink.drain()
-        raise nonfinite_error(ref.name, _count_nonfinite(pt, reader, br), where) from None
+        count = _count_nonfinite(pt, reader, br)
+        if count == 0:  # finite in float64, beyond float32 once computed
+            raise decode_overflow_error(ref.name, "its values exceed the float32 range the kernels compute in", where) from None
+        raise nonfinite_error(ref.name, count, where) from None
     except Fp16OverflowError as e:
         raise fp16_overflow_error(ref.name, str(e), where) from None
+    except DecodeOverflowError as e:
+        raise decode_overflow_error(ref.name, str(e), where) from None
 
 
 def _count_nonfinite(pt: PlannedTensor, reader: RowReader, br: int) -> int:
@@ -244,9 +262,16 @@ def _make_plan(
 ) -> Plan:
     chooser = None
     extra: dict[str, Any] = {}
+    check_counts(block_bytes=block_bytes)
     if target_bpw is not None or min_sqnr is not None:
         from .mixed import budget_chooser
         from .schemes import get_scheme
+
+        if get_scheme(scheme, **scheme_options).kind == "cast":
+            raise SchemeError(
+                f"{'--target-bpw' if target_bpw is not None else '--min-sqnr'} chooses among int4/int8 storages: it "
+                "needs an int scheme (--int4 or --int8), not a cast"
+            )
 
         chooser = budget_chooser(ckpt, get_scheme(scheme, **scheme_options), rules, target_bpw=target_bpw, min_sqnr=min_sqnr)
         extra = {"mixed": chooser.summary["options"]}
@@ -386,6 +411,7 @@ def stream(
             NaN/Inf weights — always with the file/tensor and what to do.
     """
     t0 = time.perf_counter()
+    check_counts(jobs=jobs, threads=threads, block_bytes=block_bytes)
     stats_every = _stats_stride(stats)
     if overlap == "auto":
         overlap = spare_core()
@@ -400,6 +426,7 @@ def stream(
     )
     k, n = parse_worker(worker)
     report = Report(str(dst_p), p.fingerprint, p.scheme.name, False, p.totals())
+    report.notes = list(getattr(ckpt, "notes", []))
     report.settings = {
         "overlap": overlap, "stats": stats if isinstance(stats, str) else ("exact" if stats else "off"),
         "backend": backend, "threads": threads, "jobs": jobs, "block_bytes": block_bytes, "worker": f"{k}/{n}",
@@ -411,15 +438,16 @@ def stream(
             with lock:
                 on_progress(ev)
 
+    side = side_relpaths(ckpt)
     with MemWatch() as mw, torch_threads(threads):
-        if _already_complete(dst_p, p, restart):
+        if _already_complete(dst_p, p, restart, side):
             report.complete = True
         else:
             check_writable(dst_p)
-            state = JobState(dst_p, p)
+            state = JobState(dst_p, p, side)
             state.prepare(restart)
             mine = [s for s in p.shards if s.index % n == k]
-            _check_space(dst_p, mine, state)
+            _check_space(dst_p, mine, state, ckpt)
             _run_shards(p, mine, state, dst_p, report, emit, jobs=jobs, backend=backend, stats_every=stats_every, overlap=overlap)
             report.complete = _maybe_finalize(p, state, ckpt, dst_p)
             if report.complete:
@@ -433,6 +461,15 @@ def stream(
 STATS_SAMPLE_EVERY = 8
 
 
+def check_counts(**counts: Any) -> None:
+    """Each given count must be a positive int (``None`` allowed for ``threads``)."""
+    for name, v in counts.items():
+        if v is None and name == "threads":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise OptionError(f"{name}={v!r}: must be a positive integer")
+
+
 def _stats_stride(stats: str | bool) -> int:
     """Blocks per measured block (0: no statistics)."""
     if stats is True or stats == "exact":
@@ -444,33 +481,55 @@ def _stats_stride(stats: str | bool) -> int:
     raise OutputError(f"stats={stats!r}: use 'sample', 'exact' or 'off'")
 
 
-def _already_complete(dst: Path, p: Plan, restart: bool) -> bool:
+def side_relpaths(ckpt: Any) -> list[str]:
+    """The side files a run of ``ckpt`` writes into the output, as relative POSIX paths."""
+    root = ckpt.root if ckpt.root.is_dir() else ckpt.root.parent
+    return sorted(p.relative_to(root).as_posix() for p in ckpt.side_files)
+
+
+def _already_complete(dst: Path, p: Plan, restart: bool, side: list[str]) -> bool:
+    """Whether ``dst`` already holds this job's finished output; otherwise check that everything
+    in ``dst`` is ours (see :mod:`monoquant.ownership`) and, for ``restart``, delete the files of
+    the job being replaced."""
+    check_state_dir(dst)
     done_fp = completed_fingerprint(dst)
+    if done_fp is not None and done_fp == p.fingerprint and not restart:
+        JobState(dst, p).remove()  # left behind by a kill between writing the index and cleaning up
+        return True
+    present = present_files(dst)
+    ours = planned_files(p, side)
+    state = JobState(dst, p, side)
     if done_fp is not None:
-        if done_fp == p.fingerprint and not restart:
-            JobState(dst, p).remove()  # left behind by a kill between writing the index and cleaning up
-            return True
         if not restart:
             raise OutputError(
                 f"{dst} holds a finished model of another job (other input or options); choose another output "
                 "directory or add --restart to replace it"
             )
-        state = JobState(dst, p)
+        old = finished_files(dst)
+        refuse_foreign(dst, present - old - ours - state.owned(), "holds files next to the finished model")
         state.dir.mkdir(exist_ok=True)  # first: marks the directory as a job in progress (for a rerun)
+        state.note_discard(old)  # then: what to delete, recorded before the index that lists it goes
         with contextlib.suppress(OSError):
             (dst / INDEX_NAME).unlink()  # then: an index must always mean a complete model
         state.discard()
         return False
-    foreign = foreign_entries(dst)
-    if foreign and not (dst / ".monoquant").exists():
-        shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+    if state.dir.is_dir():
+        rec = state.recorded()
+        if restart or rec is None or rec.get("fingerprint") == p.fingerprint:
+            refuse_foreign(dst, present - state.owned() - ours, "holds files")
+        return False  # another job's state: prepare() says so
+    if present:
+        shown = ", ".join(sorted(present)[:3]) + (" ..." if len(present) > 3 else "")
         raise OutputError(f"{dst} is not empty ({shown}); choose an empty or new output directory")
     return False
 
 
-def _check_space(dst: Path, mine: list[ShardPlan], state: JobState) -> None:
+def _check_space(dst: Path, mine: list[ShardPlan], state: JobState, ckpt: Any = None) -> None:
     done = state.finished()
     need = sum(s.file_size for s in mine if s.filename not in done) + (1 << 20)
+    for f in getattr(ckpt, "side_files", []):  # copied at the end: they need room too
+        with contextlib.suppress(OSError):
+            need += f.stat().st_size
     try:
         free = shutil.disk_usage(dst).free
     except OSError:
@@ -530,6 +589,8 @@ def _run_shards(
                         continue
                     # re-read under the lock: another process may have finished this shard, or the
                     # whole job (index written, state removed), since this one started
+                    if completed_fingerprint(dst) != p.fingerprint:
+                        state.check_ours()  # or replaced the job with another (--restart, other options)
                     entry = state.finished().get(shard.filename)
                     if _journaled_ok(p, shard, entry, dst) or completed_fingerprint(dst) == p.fingerprint:
                         with plock:

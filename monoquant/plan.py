@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .dtypes import dtype_name, itemsize, to_st
-from .errors import CheckpointError, OutputError
+from .errors import CheckpointError, OptionError
 from .kernels import OutSpec, as_rows, get_kernel
 from .reader import Checkpoint, TensorRef
 from .rules import Decision, Rules, decide
@@ -200,21 +200,27 @@ def block_rows_for(t: PlannedTensor, block_bytes: int) -> int:
 
 # ---- building ------------------------------------------------------------------------------------
 def parse_size(text: str | int) -> int:
-    """Parse ``5GB``, ``500MB``, ``2GiB``, ``1e9`` or a byte count."""
+    """Parse ``5GB``, ``500MB``, ``2GiB``, ``1e9`` or a byte count (positive, finite)."""
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise OptionError(f"max shard size {text!r}: give a byte count or a size such as 5GB")
     if isinstance(text, int):
+        if text <= 0:
+            raise OptionError(f"size {text!r} must be positive")
         return text
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
     if not m:
-        raise OutputError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB")
+        raise OptionError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB")
     num, unit, binary = m.groups()
     base = 1024 if binary else 1000
     power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit.lower()]
     try:
         value = int(float(num) * base**power)
-    except ValueError:
-        raise OutputError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB") from None
+    except (ValueError, OverflowError):  # 1e400 is inf: no size
+        raise OptionError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB") from None
     if value <= 0:
-        raise OutputError(f"size {text!r} must be positive")
+        raise OptionError(f"size {text!r} must be positive")
+    if value > 1 << 60:
+        raise OptionError(f"size {text!r} is implausibly large; write e.g. 5GB")
     return value
 
 

@@ -33,9 +33,11 @@ from typing import Any, Literal
 
 import torch
 
+from .containment import check_inside, index_entry
 from .dtypes import from_st, itemsize
 from .errors import CheckpointError
 from .kernels import Workspace, as_rows
+from .weightfiles import select_weight_files
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -79,6 +81,7 @@ class Checkpoint:
     files: list[Path]
     side_files: list[Path] = field(default_factory=list)
     index_metadata: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -89,6 +92,7 @@ class Checkpoint:
         p = self.root / "config.json" if self.root.is_dir() else None
         if p is None or not p.exists():
             return None
+        check_inside(p, self.root, "config.json")
         try:
             cfg = json.loads(p.read_text())
         except (OSError, ValueError) as e:
@@ -186,8 +190,9 @@ def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path}: not a weights-only pickle ({_unpickle_reason(e)}); monoquant never runs pickle code: convert "
-            "the file to safetensors in a trusted environment"
+            f"{path}: refused: not a weights-only pickle ({_unpickle_reason(e)}); loading it fully could execute "
+            "arbitrary code from the file, and monoquant never runs pickle code: if you trust its source, re-save it "
+            "as safetensors in a separate environment"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -203,14 +208,16 @@ def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _unpickle_reason(e: Exception) -> str:
-    """The useful part of torch's weights-only refusal (its advice to allowlist does not apply)."""
+    """The useful part of torch's weights-only refusal, as one complete clause (its advice to
+    allowlist the global does not apply: that would run the pickle's code)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
     m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if m:
-        return f"it references {m.group(1)}, which a weights-only load refuses"
+        return f"it needs the global {m.group(1)}, which a weights-only load blocks"
     m = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
     reason = m.group(1) if m else (text.strip().splitlines() or ["unpickling refused"])[0]
-    return reason.strip()[:200]
+    reason = re.split(r"(?<=[a-z0-9)])\. ", reason.strip(), maxsplit=1)[0].rstrip(".")  # the first sentence
+    return reason if len(reason) <= 160 else reason[:157].rsplit(" ", 1)[0] + " ..."
 
 
 def _torch_refs(path: Path) -> list[TensorRef]:
@@ -242,6 +249,9 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix == ".safetensors")
     if not files:
         files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in (".bin", ".pt", ".pth"))
+    files, notes = select_weight_files(root, files)
+    for f in files:
+        check_inside(f, root, "weight file")
     if not files:
         raise CheckpointError(
             f"{root}: no weights found (no *.safetensors, *.bin or *.pt files, no index); point monoquant at a "
@@ -250,7 +260,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     refs = [r for f in files for r in _refs_of(f)]
     _check_unique(refs)
     _check_not_empty(root, refs)
-    return Checkpoint(root, refs, files, _side_files(root, set(files)))
+    return Checkpoint(root, refs, files, _side_files(root, set(files)), notes=notes)
 
 
 def _refs_of(path: Path) -> list[TensorRef]:
@@ -277,6 +287,7 @@ def _check_not_empty(where: Path, refs: list[TensorRef]) -> None:
 
 
 def _open_indexed(root: Path, index_path: Path) -> Checkpoint:
+    check_inside(index_path, root, "index")
     try:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError) as e:
@@ -286,16 +297,20 @@ def _open_indexed(root: Path, index_path: Path) -> Checkpoint:
         raise CheckpointError(f"{index_path}: no valid 'weight_map' object; the index is corrupt")
     shards = sorted(set(wmap.values()))
     files = []
+    entry_of: dict[Path, str] = {}  # file -> the index entry naming it (``sub/x.safetensors`` allowed inside)
     for s in shards:
-        p = root / s
+        p = index_entry(root, s, index_path.name)
         if not p.is_file():
             raise CheckpointError(f"{index_path.name} names shard {s!r}, which is missing from {root}; download it")
+        if p in entry_of:
+            raise CheckpointError(f"{index_path.name} names one shard file twice ({entry_of[p]!r}, {s!r}); the index is corrupt")
         files.append(p)
+        entry_of[p] = s
     refs: list[TensorRef] = []
     by_file: dict[str, set[str]] = {}
     for p in files:
         rs = _refs_of(p)
-        by_file[p.name] = {r.name for r in rs}
+        by_file[entry_of[p]] = {r.name for r in rs}
         refs.extend(rs)
     owners: dict[str, list[str]] = {}
     for r in refs:
@@ -310,7 +325,7 @@ def _open_indexed(root: Path, index_path: Path) -> Checkpoint:
                 "the index and shards do not match"
             )
     for r in refs:
-        if wmap.get(r.name) != r.file.name:
+        if wmap.get(r.name) != entry_of[r.file]:
             raise CheckpointError(
                 f"tensor {r.name!r} in {r.file.name} is not listed in {index_path.name}; the index and shards do not match"
             )
@@ -329,6 +344,7 @@ def _side_files(root: Path, weights: set[Path]) -> list[Path]:
             continue
         if p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json"):
             continue
+        check_inside(p, root, "side file")  # a symlink to /etc/passwd must not be published
         out.append(p)
     return out
 
@@ -351,6 +367,7 @@ class RowReader:
         self._fd = -1
         self._mm: mmap.mmap | None = None
         self._sd: dict[str, torch.Tensor] | None = None
+        self._size = 0
 
     def __enter__(self) -> RowReader:
         return self
@@ -377,6 +394,7 @@ class RowReader:
         self.close()
         self._path = ref.file
         if not ref.is_safetensors:
+            self._size = os.stat(ref.file).st_size
             self._sd = load_torch_file(ref.file)
             return
         try:
@@ -394,6 +412,7 @@ class RowReader:
         n = (stop - start) * cols
         if not ref.is_safetensors:
             assert self._sd is not None
+            self._check_size(ref, self._size)
             t = self._sd[ref.name]
             return t.reshape(rows, cols)[start:stop] if t.dim() != 2 else t[start:stop]
         off = ref.offset + start * cols * itemsize(ref.dtype)
@@ -401,6 +420,7 @@ class RowReader:
         if n == 0:
             return torch.empty((stop - start, cols), dtype=ref.dtype)
         if self._mm is not None:
+            self._check_size(ref, off + nbytes)
             try:
                 t = torch.frombuffer(self._mm, dtype=ref.dtype, count=n, offset=off)
             except (ValueError, RuntimeError) as e:
@@ -415,13 +435,30 @@ class RowReader:
         self._open(ref)
         if not ref.is_safetensors:
             assert self._sd is not None
+            self._check_size(ref, self._size)
             t = self._sd[ref.name].contiguous().reshape(-1).view(torch.uint8)
             return t[start : start + nbytes]
         if self._mm is not None:
+            self._check_size(ref, ref.offset + start + nbytes)
             return torch.frombuffer(self._mm, dtype=torch.uint8, count=nbytes, offset=ref.offset + start)
         buf = (ws or self.ws).get("read", nbytes, torch.uint8)
         _pread_into(self._fd, buf, ref.offset + start, ref)
         return buf
+
+    def _check_size(self, ref: TensorRef, end: int) -> None:
+        """Touching a mapped page beyond the end of a file that shrank kills the process with
+        SIGBUS; so before handing out a mapped block, check that the file still holds it (one
+        fstat per block). A file truncated between this check and the use of the block can still
+        SIGBUS; ``--backend pread`` reads with system calls only and gives this error always."""
+        try:
+            size = os.fstat(self._fd).st_size if self._fd >= 0 else os.stat(ref.file).st_size
+        except OSError as e:
+            raise CheckpointError(f"{ref.file}: cannot read ({e.strerror or e})") from None
+        if size < end:
+            raise CheckpointError(
+                f"{ref.file}: tensor {ref.name!r} is cut short: the file shrank to {size} bytes while being read "
+                "(truncated or overwritten); restore the file and rerun the same command"
+            )
 
     def release(self, ref: TensorRef, start_byte: int, stop_byte: int) -> None:
         """Drop consumed pages of ``ref``'s byte range from this process's mapping."""

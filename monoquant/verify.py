@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, MonoquantError, VerifyError
+from .exactstats import ExactStats
 from .kernels import ErrorStats, Kernel, as_rows, get_kernel
 from .layout import find_groups, infer_scheme
 from .packing import codes_per_word
@@ -54,6 +56,8 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     stats: dict[str, ErrorStats] = field(default_factory=dict)
     below: list[str] = field(default_factory=list)
+    #: tensors whose output is broken whatever the threshold: NaN/Inf or all zeros once decoded
+    failed: dict[str, str] = field(default_factory=dict)
     min_sqnr: float | None = None
     tensors: int = 0
     quantized: int = 0
@@ -61,13 +65,14 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not self.problems and not self.below
+        return not self.problems and not self.below and not self.failed
 
     def worst(self, n: int = 10) -> list[tuple[str, ErrorStats]]:
-        return sorted(((k, v) for k, v in self.stats.items() if v.err_sq > 0), key=lambda kv: kv[1].sqnr_db)[:n]
+        """The ``n`` tensors with the lowest SQNR (exact ones left out; failed ones first)."""
+        return sorted(((k, v) for k, v in self.stats.items() if not _exact(v)), key=lambda kv: kv[1].sqnr_db)[:n]
 
     def to_json(self) -> dict[str, Any]:
-        vals = [s.sqnr_db for s in self.stats.values() if s.err_sq > 0]
+        vals = [s.sqnr_db for s in self.stats.values() if not _exact(s) and math.isfinite(s.sqnr_db)]
         return {
             "path": self.path,
             "ok": self.ok,
@@ -77,9 +82,14 @@ class VerifyReport:
             "compared": self.compared,
             "min_sqnr": self.min_sqnr,
             "below_threshold": self.below,
+            "failed": self.failed,
             "mean_sqnr_db": round(sum(vals) / len(vals), 3) if vals else None,
             "worst": [{"name": n, **s.to_dict()} for n, s in self.worst(len(self.stats))],
         }
+
+
+def _exact(st: ErrorStats) -> bool:
+    return st.exact if isinstance(st, ExactStats) else not st.err_sq > 0
 
 
 def quantized_entries(ckpt: Checkpoint, reader: RowReader) -> dict[str, QuantizedEntry]:
@@ -193,7 +203,7 @@ def _compare_quantized(
 ) -> ErrorStats:
     k: Kernel = get_kernel(e.scheme)
     rows, cols = as_rows(e.shape)
-    st = ErrorStats()
+    st = ExactStats()
     specs = {sp.suffix: sp for sp in k.out_specs(e.shape, e.parts["_scale"].dtype)}
     mult = codes_per_word(e.scheme.bits) if not e.scheme.symmetric else 1
     br = max(ws_rows // mult, 1) * mult
@@ -201,21 +211,25 @@ def _compare_quantized(
         b = min(a + br, rows)
         parts = {s: _row_slice(e.parts[s], out_reader, a, b, specs[s].row_div).clone() for s in specs if s != "_shape"}
         block_shape = (b - a, cols)
-        dq = k.dequantize(parts, block_shape, torch.float32)
-        x = in_reader.rows(src, a, b).float()
-        _accumulate(st, x, dq)
+        # decoded in the stored dtype (the scale's), as the loaders do: an fp16 weight whose
+        # code * scale overflows fp16 is inf there, and must be inf here
+        dq = k.dequantize(parts, block_shape)
+        st.add(in_reader.rows(src, a, b), dq)
     return st
 
 
-def _accumulate(st: ErrorStats, x: torch.Tensor, dq: torch.Tensor) -> None:
-    """Add one block's error (float32 per block, float64 across blocks, like the run's stats)."""
-    xf = x.reshape(-1).float()
-    err = dq.reshape(-1).float() - xf
-    st.numel += xf.numel()
-    st.sum_sq += float(torch.dot(xf, xf))
-    st.err_sq += float(torch.dot(err, err))
-    if err.numel():
-        st.max_abs_err = max(st.max_abs_err, float(err.abs_().max()))
+def _check_scales(e: QuantizedEntry, reader: RowReader, block_bytes: int) -> list[str]:
+    """Every stored scale is finite and positive (a NaN scale decodes every value to NaN)."""
+    ref = e.parts.get("_scale")
+    if ref is None or not ref.dtype.is_floating_point:
+        return []
+    rows, cols = as_rows(ref.shape)
+    br = max(block_bytes // max(cols * ref.dtype.itemsize, 1), 1)
+    bad = 0
+    for a in range(0, rows, br):
+        sc = reader.rows(ref, a, min(a + br, rows))
+        bad += int((~(torch.isfinite(sc) & (sc > 0))).sum())
+    return [f"{ref.name}: {bad} scale(s) are NaN, Inf, zero or negative"] if bad else []
 
 
 def verify(
@@ -245,6 +259,7 @@ def verify(
         entries = quantized_entries(out, oreader)
         for e in entries.values():
             report.problems.extend(_check_entry(e))
+            report.problems.extend(_check_scales(e, oreader, block_bytes))
         if root.is_dir():
             report.problems.extend(_check_config(root, entries))
         in_group = {r.name for e in entries.values() for r in e.parts.values()}
@@ -253,8 +268,9 @@ def verify(
         report.quantized = len(entries)
         if against is not None:
             _compare(report, open_checkpoint(against), entries, plain, oreader, block_bytes)
+    report.failed = {n: why for n, s in report.stats.items() if isinstance(s, ExactStats) and (why := s.failure())}
     if min_sqnr is not None:
-        report.below = [n for n, s in report.stats.items() if s.err_sq > 0 and s.sqnr_db < min_sqnr]
+        report.below = [n for n, s in report.stats.items() if not _exact(s) and not s.sqnr_db >= min_sqnr]
     return report
 
 
@@ -286,10 +302,10 @@ def _compare(
                         if not _same_bytes(ref, o, ireader, oreader, block_bytes):
                             report.problems.append(f"{ref.name}: copied tensor differs from the input")
                     else:  # a cast
-                        st = ErrorStats()
+                        st = ExactStats()
                         for a in range(0, rows, br):
                             b = min(a + br, rows)
-                            _accumulate(st, ireader.rows(ref, a, b).float(), oreader.rows(o, a, b).float())
+                            st.add(ireader.rows(ref, a, b), oreader.rows(o, a, b))
                         report.stats[ref.name] = st
                 else:
                     report.problems.append(f"{ref.name}: input tensor missing from the output")

@@ -330,6 +330,68 @@ def _bad_worker(d: Path) -> tuple[Path, Path]:
     return sharded(d), d / "out"
 
 
+def _index_entry(entry: Callable[[Path], str]) -> Build:
+    """The index names shard 2 by ``entry(d)``: a path outside the checkpoint holding a real copy."""
+
+    def build(d: Path) -> tuple[Path, Path]:
+        src = sharded(d)
+        outside = d / "secret"
+        outside.mkdir()
+        (outside / SHARD2).write_bytes((src / SHARD2).read_bytes())
+        ip = src / "model.safetensors.index.json"
+        index = json.loads(ip.read_text())
+        name = entry(d)
+        index["weight_map"] = {k: (name if v == SHARD2 else v) for k, v in index["weight_map"].items()}
+        ip.write_text(json.dumps(index))
+        return src, d / "out"
+
+    return build
+
+
+def _symlinked_subdir(d: Path) -> str:
+    (d / "in" / "sub").symlink_to(d / "secret")
+    return f"sub/{SHARD2}"
+
+
+def _side_symlink(d: Path) -> tuple[Path, Path]:
+    src = sharded(d)
+    (d / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (src / "tokenizer.json").unlink(missing_ok=True)
+    (src / "tokenizer.json").symlink_to(d / "passwd")
+    return src, d / "out"
+
+
+def _weight_symlink(d: Path) -> tuple[Path, Path]:
+    src = write_sharded(d / "in", small_sd(), shards=1, index=False)
+    (src / "model-00001-of-00001.safetensors").rename(d / "elsewhere.safetensors")
+    (src / "model-00001-of-00001.safetensors").symlink_to(d / "elsewhere.safetensors")
+    return src, d / "out"
+
+
+def _two_layouts(d: Path) -> tuple[Path, Path]:
+    src = d / "in"
+    src.mkdir(parents=True)
+    torch.save({"model.w": torch.zeros(4, 4)}, src / "pytorch_model.bin")
+    torch.save({"w": torch.zeros(4, 4)}, src / "consolidated.00.pth")
+    return src, d / "out"
+
+
+def _symlinked_state(d: Path) -> tuple[Path, Path]:
+    src = sharded(d)
+    (d / "victim").mkdir()
+    (d / "victim" / "model-00001-of-00001.safetensors").write_text("not yours")
+    (d / "out").mkdir()
+    (d / "out" / ".monoquant").symlink_to(d / "victim")
+    return src, d / "out"
+
+
+def _foreign_shard_name(d: Path) -> tuple[Path, Path]:
+    src = sharded(d)
+    (d / "out").mkdir()
+    (d / "out" / "model-00007-of-00009.safetensors").write_text("someone else's shard")
+    return src, d / "out"
+
+
 CASES = [
     Case("truncated-data", "a shard cut short inside its data", _truncated(lambda n, size: size - 1000),
          (SHARD2, "truncated")),
@@ -357,7 +419,7 @@ CASES = [
     Case("tensor-in-two-shards", "the same tensor in two shards (with index)", _dup_indexed, (T2,)),
     Case("tensor-in-two-files", "the same tensor in two shards (no index)", _dup_no_index, (T2,)),
     Case("bin-pickle-runs-code", "a .bin whose pickle would call `open()` on load", _bin_evil,
-         ("pytorch_model.bin", "io.open")),
+         ("pytorch_model.bin", "io.open", "arbitrary code")),
     Case("bin-custom-class", "a .bin holding an object of a custom class (not weights-only)", _bin_custom,
          ("pytorch_model.bin", "Custom")),
     Case("bin-legacy-format", "a .bin in the legacy (non-zip) torch format", _bin_legacy,
@@ -379,6 +441,25 @@ CASES = [
     Case("out-is-a-file", "output path is an existing regular file", _out_is_file, ("{dst}",)),
     Case("out-not-empty", "output directory holds unrelated files", _out_foreign, ("{dst}", "notes.txt")),
     Case("bad-worker", "`--worker 3/2`", _bad_worker, ("3/2",), extra=("--worker", "3/2")),
+    Case("index-entry-parent", "an index entry `../secret/model-….safetensors`",
+         _index_entry(lambda d: f"../secret/{SHARD2}"), (f"../secret/{SHARD2}", "outside")),
+    Case("index-entry-absolute", "an index entry that is an absolute path",
+         _index_entry(lambda d: str(d / "secret" / SHARD2)), ("outside",)),
+    Case("index-entry-symlinked-dir", "an index entry `sub/…` where `sub` is a symlink to another directory",
+         _index_entry(_symlinked_subdir), (f"sub/{SHARD2}", "outside")),
+    Case("side-file-symlink", "a side file (`tokenizer.json`) that is a symlink to a file outside the input",
+         _side_symlink, ("tokenizer.json", "outside")),
+    Case("weight-file-symlink", "a weight file that is a symlink to a file outside the input", _weight_symlink,
+         ("model-00001-of-00001.safetensors", "outside")),
+    Case("two-layouts", "`pytorch_model.bin` and `consolidated.00.pth` side by side", _two_layouts,
+         ("pytorch_model.bin", "consolidated.00.pth")),
+    Case("max-shard-size-1e400", "`--max-shard-size 1e400`", _bad_worker, ("1e400",),
+         extra=("--max-shard-size", "1e400")),
+    Case("max-shard-size-0", "`--max-shard-size 0`", _bad_worker, ("0", "positive"), extra=("--max-shard-size", "0")),
+    Case("state-dir-symlink", "`OUT/.monoquant` is a symlink to another directory", _symlinked_state,
+         (".monoquant", "symlink")),
+    Case("out-foreign-shard-name", "output holds a file named like a shard of another model", _foreign_shard_name,
+         ("model-00007-of-00009.safetensors",)),
 ]
 BY_ID = {c.id: c for c in CASES}
 

@@ -28,7 +28,9 @@ def test_verify_measures_the_same_error_as_the_run(job):
     assert set(r.stats) == set(report.stats)
     for name, st in r.stats.items():
         assert st.sqnr_db == pytest.approx(report.stats[name].sqnr_db, abs=0.01)
-        assert st.max_abs_err == pytest.approx(report.stats[name].max_abs_err, rel=1e-3)
+        # verify decodes in the stored dtype (bf16 here), as loaders do; the run measures the
+        # float32 decode: the two differ by bf16 rounding of the decoded values
+        assert st.max_abs_err == pytest.approx(report.stats[name].max_abs_err, rel=5e-2)
 
 
 def test_verify_threshold_is_a_ci_gate(job):

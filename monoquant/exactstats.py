@@ -1,0 +1,119 @@
+"""Exact, overflow-safe error sums for ``verify``: what a CI gate can trust.
+
+``verify`` compares every element of the decoded output with the input. Its sums must not lie:
+
+* **No overflow, no underflow.** Σx² and Σ(x̂-x)² are accumulated in float64 *scaled by the
+  largest magnitude seen so far* (the ``dnrm2`` method: keep ``scale`` and ``Σ(v/scale)²``), so
+  weights of 1e30 or 1e-30 (or float64 values near 1e300) give the right dB, never ``nan`` or
+  ``inf``.
+* **NaN/Inf in the decoded output fail.** An element that decodes to NaN or ±Inf where the
+  input is finite is counted (``nonfinite``) and the tensor's SQNR is ``-inf``; such a tensor
+  is listed as failed whatever the threshold.
+* **An all-zero decode of a non-zero tensor fails** (``zero_output``): a broken scale of 0 is not
+  "0 dB somewhere in the list" but a failure.
+
+Example:
+    >>> import torch
+    >>> st = ExactStats()
+    >>> x = torch.tensor([1e30, -2e30])
+    >>> st.add(x, x * (1 + 1e-3))
+    >>> round(st.sqnr_db, 1)
+    60.0
+    >>> st.add(torch.tensor([1.0]), torch.tensor([float("nan")]))
+    >>> st.nonfinite, st.sqnr_db, st.failure()
+    (1, -inf, '1 value(s) decode to NaN/Inf')
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .kernels import ErrorStats
+
+
+@dataclass
+class ExactStats(ErrorStats):
+    """:class:`~monoquant.kernels.ErrorStats` with scaled float64 sums and failure counts.
+
+    ``sum_sq``/``err_sq`` hold the plain float64 sums for compatibility (they may overflow to
+    ``inf`` for huge values); :attr:`sqnr_db` and :attr:`rel_err` use the scaled sums."""
+
+    x_scale: float = 0.0
+    x_ssq: float = 0.0
+    e_scale: float = 0.0
+    e_ssq: float = 0.0
+    nonfinite: int = 0
+    out_nonzero: int = 0
+
+    def add(self, x: torch.Tensor, dq: torch.Tensor) -> None:
+        """Add one block: ``x`` the input, ``dq`` the decoded output (any float dtypes)."""
+        xd = x.reshape(-1).double()
+        dd = dq.reshape(-1).double()
+        self.numel += xd.numel()
+        bad = ~torch.isfinite(dd) & torch.isfinite(xd)
+        nbad = int(bad.sum())
+        if nbad:
+            self.nonfinite += nbad
+            dd = torch.where(bad, xd, dd)  # count them, then leave them out of the sums
+        self.out_nonzero += int(torch.count_nonzero(dd))
+        err = dd - xd
+        err = torch.where(torch.isfinite(err), err, torch.zeros_like(err))
+        self.x_scale, self.x_ssq = _add_ssq(self.x_scale, self.x_ssq, xd)
+        self.e_scale, self.e_ssq = _add_ssq(self.e_scale, self.e_ssq, err)
+        self.sum_sq = self.x_scale**2 * self.x_ssq if self.x_scale < 1e154 else math.inf
+        self.err_sq = self.e_scale**2 * self.e_ssq if self.e_scale < 1e154 else math.inf
+        if err.numel():
+            self.max_abs_err = max(self.max_abs_err, float(err.abs().max()))
+
+    @property
+    def exact(self) -> bool:
+        """True when every decoded value equals the input."""
+        return self.e_ssq == 0.0 and self.nonfinite == 0
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.nonfinite:
+            return -math.inf
+        if self.e_ssq <= 0.0:
+            return math.inf
+        if self.x_ssq <= 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.x_ssq / self.e_ssq) + 20.0 * math.log10(self.x_scale / self.e_scale)
+
+    @property
+    def rel_err(self) -> float:
+        if self.nonfinite:
+            return math.inf
+        if self.x_ssq <= 0.0:
+            return 0.0 if self.e_ssq == 0.0 else math.inf
+        return 10.0 ** (-self.sqnr_db / 20.0) if self.e_ssq > 0 else 0.0
+
+    def failure(self) -> str | None:
+        """Why this tensor's output is broken whatever the threshold, or ``None``."""
+        if self.nonfinite:
+            return f"{self.nonfinite} value(s) decode to NaN/Inf"
+        if self.out_nonzero == 0 and self.x_ssq > 0:
+            return "decodes to all zeros but the input is not zero"
+        return None
+
+    def to_dict(self) -> dict[str, float | int]:
+        d = super().to_dict()
+        d["rel_err"] = self.rel_err if math.isfinite(self.rel_err) else None  # type: ignore[assignment]
+        d["nonfinite"] = self.nonfinite
+        return d
+
+
+def _add_ssq(scale: float, ssq: float, v: torch.Tensor) -> tuple[float, float]:
+    """Fold ``Σv²`` into ``scale² · ssq`` without overflow or underflow (``v`` finite, float64)."""
+    if v.numel() == 0:
+        return scale, ssq
+    m = float(v.abs().max())
+    if m == 0.0:
+        return scale, ssq
+    part = float(torch.dot(v / m, v / m))
+    if m > scale:
+        return m, ssq * (scale / m) ** 2 + part
+    return scale, ssq + part * (m / scale) ** 2
