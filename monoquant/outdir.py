@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -185,6 +184,7 @@ def output_config(plan: Plan, config: dict[str, Any] | None) -> dict[str, Any] |
 
 def finalize(out_dir: Path, plan: Plan, side_files: list[Path], src_root: Path, config: dict[str, Any] | None) -> None:
     """Copy side files, write ``config.json``, then the index (last, atomically)."""
+    from .remote import copy_file  # side files of a remote checkpoint are read by ranges too
     try:
         for p in side_files:
             rel = p.relative_to(src_root)
@@ -193,7 +193,7 @@ def finalize(out_dir: Path, plan: Plan, side_files: list[Path], src_root: Path, 
             dst = out_dir / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = dst.with_name(f".{dst.name}.tmp")
-            shutil.copyfile(p, tmp)
+            copy_file(p, tmp)
             os.replace(tmp, dst)
         cfg = output_config(plan, config)
         scratch = out_dir / STATE_DIR  # removed with the job state: no temp file outlives a kill
