@@ -138,7 +138,7 @@ def permanent_error(e: BaseException, url: str) -> CheckpointError | None:
     return None
 
 
-def with_retries(fn: Callable[[], T], url: str, *, sleep: Callable[[float], None] = time.sleep) -> T:
+def with_retries(fn: Callable[[], T], url: str, *, sleep: Callable[[float], None] | None = None) -> T:
     """Call ``fn``; retry transient failures with exponential back-off (0.5 s, 1 s, 2 s, ... up to
     8 s, ``MONOQUANT_REMOTE_RETRIES`` attempts in all); raise one :class:`CheckpointError` naming
     ``url`` on a permanent failure or when the attempts run out.
@@ -166,7 +166,7 @@ def with_retries(fn: Callable[[], T], url: str, *, sleep: Callable[[float], None
                     f"{url}: cannot read after {attempts} attempts ({_reason(e)}); check the network and the "
                     "endpoint, then rerun the same command to resume"
                 ) from None
-            sleep(delay)
+            (sleep or time.sleep)(delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
     raise AssertionError("unreachable")  # pragma: no cover
 
