@@ -179,7 +179,9 @@ def stream(src: str, dst: str, **kw: Any) -> None:
 
     SRC is a .safetensors file, a directory of shards (with or without
     model.safetensors.index.json) or PyTorch .bin/.pt zip checkpoints. Memory stays bounded
-    whatever the model size; rerun the same command after a crash to resume.
+    whatever the model size; rerun the same command after a crash to resume. SRC may be a URL
+    (s3://bucket/model/, gs://, hf://, https://; pip install 'monoquant[remote]'): safetensors
+    are read by byte ranges, nothing of the input is written to local disk (docs/remote.md).
 
     \b
     Examples:
@@ -187,6 +189,7 @@ def stream(src: str, dst: str, **kw: Any) -> None:
       monoquant stream ckpt/ out/ --int4 --group-size 64 --exclude '*layers.0.*'
       monoquant stream ckpt/ out/ --int8 --dynamic           # W8A8 for vLLM
       monoquant stream ckpt/ out/ --int4 --worker 0/4        # one of four workers
+      monoquant stream s3://bucket/model/ out/ --int8        # straight from object storage
     """
     from . import pipeline
 
@@ -270,7 +273,9 @@ def verify(out: str, against: str | None, min_sqnr: float | None, top: int, as_j
         what = f"{r.tensors} tensors ({r.quantized} quantized)"
         if against is not None:
             js = r.to_json()
-            click.echo(f"verify: {out}: {what}; {r.compared} compared with {against}; mean SQNR "
+            from .remote import scrub
+
+            click.echo(f"verify: {out}: {what}; {r.compared} compared with {scrub(against)}; mean SQNR "
                        + (f"{js['mean_sqnr_db']:.2f} dB" if js["mean_sqnr_db"] is not None else "n/a"))
             for name, st in r.worst(top):
                 mark = "  BELOW" if name in r.below else ""

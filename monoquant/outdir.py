@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -190,6 +189,7 @@ def finalize(out_dir: Path, plan: Plan, side_files: list[Path], src_root: Path, 
     scratch = out_dir / STATE_DIR  # removed with the job state: no temp file outlives a kill
     tmp: Path | None = None
     written = []
+    from .remote import copy_file  # side files of a remote checkpoint are read by ranges too
     try:
         for p in side_files:
             rel = p.relative_to(src_root)
@@ -199,7 +199,7 @@ def finalize(out_dir: Path, plan: Plan, side_files: list[Path], src_root: Path, 
             dst = out_dir / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = scratch / f".{dst.name}.{os.getpid()}.tmp"
-            shutil.copyfile(p, tmp)
+            copy_file(p, tmp)
             os.replace(tmp, dst)
             tmp = None
         cfg = output_config(plan, config)

@@ -43,6 +43,7 @@ from .outdir import check_paths, completed_fingerprint, finalize
 from .ownership import check_state_dir, finished_files, planned_files, present_files, refuse_foreign
 from .plan import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_SHARD, INDEX_NAME, Plan, PlannedOutput, PlannedTensor, ShardPlan, block_rows_for, make_plan
 from .reader import Backend, RowReader, open_checkpoint
+from .remote import is_remote, pin_inputs, refuse_remote_output
 from .rules import Rules
 from .schemes import Scheme
 from .writer import ShardWriter, shard_digest
@@ -417,9 +418,11 @@ def stream(
         overlap = spare_core()
     elif not isinstance(overlap, bool):
         raise OutputError(f"overlap={overlap!r}: use True, False or 'auto'")
-    src_p, dst_p = Path(src), Path(dst)
-    ckpt = open_checkpoint(src_p)
-    check_paths(src_p, dst_p)
+    refuse_remote_output(dst)
+    dst_p = Path(dst)
+    ckpt = open_checkpoint(src)
+    if not is_remote(src):
+        check_paths(Path(src), dst_p)
     p = _make_plan(
         ckpt, scheme, Rules.of(include, exclude), max_shard_size, clamp_fp16, target_bpw, min_sqnr, block_bytes,
         scheme_options,
@@ -446,6 +449,7 @@ def stream(
             check_writable(dst_p)
             state = JobState(dst_p, p, side)
             state.prepare(restart)
+            pin_inputs(state.dir, ckpt.files)
             mine = [s for s in p.shards if s.index % n == k]
             _check_space(dst_p, mine, state, ckpt)
             _run_shards(p, mine, state, dst_p, report, emit, jobs=jobs, backend=backend, stats_every=stats_every, overlap=overlap)

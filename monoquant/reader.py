@@ -3,7 +3,9 @@
 Inputs: a ``.safetensors`` file; a directory with ``model.safetensors.index.json`` (or any
 ``*.safetensors.index.json``); a directory of ``.safetensors`` files without an index; PyTorch
 zip checkpoints (``.bin``/``.pt``, single or sharded with ``pytorch_model.bin.index.json``),
-opened with ``torch.load(mmap=True, weights_only=True)`` — never an unsafe unpickle.
+opened with ``torch.load(mmap=True, weights_only=True)`` — never an unsafe unpickle. Any of the
+safetensors forms may also be a URL (``s3://bucket/model/``, see :mod:`monoquant.remote`): read by
+byte ranges, never copied to local disk.
 
 Safetensors headers are parsed here (the library does not expose byte ranges) and checked:
 header length, JSON, dtypes, shape × dtype = byte range, offsets inside the file and not
@@ -38,6 +40,7 @@ from .dtypes import from_st, itemsize
 from .errors import CheckpointError
 from .kernels import Workspace, as_rows
 from .weightfiles import select_weight_files
+from .remote import RangeReader, RemotePath, is_remote
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -105,7 +108,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     """Parse and check a safetensors header. Returns ``(entries, data_start)``."""
     try:
         size = path.stat().st_size
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header); re-download it")
@@ -235,7 +238,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         CheckpointError: missing path, no weights, malformed headers, index inconsistencies
             (tensor missing from its shard, in two shards, a shard absent, ...).
     """
-    root = Path(path)
+    root: Any = RemotePath.from_url(path) if is_remote(path) else Path(path)
     if not root.exists():
         raise CheckpointError(f"{root}: no such file or directory")
     if root.is_file():
@@ -266,6 +269,11 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 def _refs_of(path: Path) -> list[TensorRef]:
     if path.suffix == ".safetensors":
         return _safetensors_refs(path)
+    if is_remote(path) and path.suffix in (".bin", ".pt", ".pth"):
+        raise CheckpointError(
+            f"{path}: a torch {path.suffix} checkpoint cannot be read from object storage (torch.load needs a local "
+            "file); convert it to safetensors, or download it and point monoquant at the local copy"
+        )
     if path.suffix in (".bin", ".pt", ".pth"):
         return _torch_refs(path)
     raise CheckpointError(f"{path}: unknown weight file type (expected .safetensors, .bin or .pt)")
@@ -368,6 +376,7 @@ class RowReader:
         self._mm: mmap.mmap | None = None
         self._sd: dict[str, torch.Tensor] | None = None
         self._size = 0
+        self._remote: RangeReader | None = None
 
     def __enter__(self) -> RowReader:
         return self
@@ -377,6 +386,9 @@ class RowReader:
 
     def close(self) -> None:
         self._sd = None
+        if self._remote is not None:
+            self._remote.close()
+            self._remote = None
         if self._mm is not None:
             try:
                 self._mm.close()
@@ -393,6 +405,9 @@ class RowReader:
             return
         self.close()
         self._path = ref.file
+        if isinstance(ref.file, RemotePath):
+            self._remote = RangeReader(ref.file)
+            return
         if not ref.is_safetensors:
             self._size = os.stat(ref.file).st_size
             self._sd = load_torch_file(ref.file)
@@ -427,7 +442,7 @@ class RowReader:
                 raise CheckpointError(f"{ref.file}: tensor {ref.name!r} lies beyond the end of the file ({e})") from None
             return t.view(stop - start, cols)
         buf = (ws or self.ws).get("read", nbytes, torch.uint8)
-        _pread_into(self._fd, buf, off, ref)
+        _read_into(self, buf, off, ref)
         return buf.view(ref.dtype).view(stop - start, cols)
 
     def raw(self, ref: TensorRef, start: int, nbytes: int, ws: Workspace | None = None) -> torch.Tensor:
@@ -442,7 +457,7 @@ class RowReader:
             self._check_size(ref, ref.offset + start + nbytes)
             return torch.frombuffer(self._mm, dtype=torch.uint8, count=nbytes, offset=ref.offset + start)
         buf = (ws or self.ws).get("read", nbytes, torch.uint8)
-        _pread_into(self._fd, buf, ref.offset + start, ref)
+        _read_into(self, buf, ref.offset + start, ref)
         return buf
 
     def _check_size(self, ref: TensorRef, end: int) -> None:
@@ -472,6 +487,14 @@ class RowReader:
                 self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
             except (OSError, ValueError, AttributeError):
                 pass
+
+
+def _read_into(reader: RowReader, buf: torch.Tensor, offset: int, ref: TensorRef) -> None:
+    if reader._remote is not None:
+        if buf.numel():
+            reader._remote.read_into(memoryview((ctypes.c_char * buf.numel()).from_address(buf.data_ptr())).cast("B"), offset)
+        return
+    _pread_into(reader._fd, buf, offset, ref)
 
 
 def _pread_into(fd: int, buf: torch.Tensor, offset: int, ref: TensorRef) -> None:

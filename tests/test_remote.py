@@ -1,0 +1,386 @@
+"""Reading checkpoints straight from object storage (docs/remote.md), against a real S3 protocol
+server started here on 127.0.0.1 (moto's server mode, with signature and IAM checks on; see
+``tests/s3server.py``). No network beyond the loopback interface.
+
+* Byte identity: a sharded checkpoint with index, a single file and a directory without index,
+  read from ``s3://``, give the very bytes of the local run (every file of the output); the
+  plan, ``inspect`` and ``verify --against`` work on the URL.
+* Resume: SIGKILL at named moments and at a random one, rerun: byte-identical, finished shards
+  not read again; an object replaced between the runs is refused (``--restart`` takes the new one).
+* Permanent errors, one line and exit 1, naming the object: missing prefix, missing shard,
+  access denied by policy, unknown credentials (never printed), truncated object, object
+  replaced while being read, torch ``.bin`` (refused: no byte ranges), remote output, and the
+  missing extra. Transient errors are retried with back-off.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("s3fs", reason="the remote extra (fsspec, s3fs) is not installed")
+pytest.importorskip("moto", reason="moto[server] (test extra) is not installed")
+
+import monoquant
+from monoquant.errors import CheckpointError, OutputError
+from monoquant.plan import INDEX_NAME
+from monoquant.remote import RangeReader, RemotePath, scrub, with_retries
+from tests import cli_helpers
+from tests.cli_helpers import STATE, Zygote, assert_complete, assert_one_error_line, check_after_kill
+from tests.helpers import read_dir_bytes, tiny_llama_sd, write_sharded
+from tests.s3server import S3Server
+
+# small chunks and a short read-ahead: many range requests, chunk boundaries inside tensors
+SMALL_WINDOW = {"MONOQUANT_REMOTE_CHUNK": "65536", "MONOQUANT_REMOTE_AHEAD": "2"}
+
+
+@pytest.fixture(scope="module")
+def srv() -> Any:
+    with S3Server() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory, srv: S3Server) -> tuple[Path, str]:
+    """A sharded checkpoint with index, side files in a subdirectory too, on disk and in the bucket."""
+    root = write_sharded(tmp_path_factory.mktemp("remote") / "llama", tiny_llama_sd(layers=3), 3)
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "vocab.txt").write_text("a\nb\n")
+    return root, srv.upload_dir(root, "models/llama")
+
+
+@pytest.fixture
+def aws_env(srv: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    env = {**srv.env, **SMALL_WINDOW}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+@pytest.fixture(scope="module")
+def zyg(tmp_path_factory: pytest.TempPathFactory, srv: S3Server) -> Any:
+    """The CLI fork server, with the bucket's credentials and endpoint in its environment."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli_helpers, "ENV", {**cli_helpers.ENV, **srv.env, **SMALL_WINDOW})
+        z = Zygote(tmp_path_factory.mktemp("zyg"))
+    try:
+        yield z
+    finally:
+        z.close()
+
+
+@pytest.fixture(scope="module")
+def local_ref(tmp_path_factory: pytest.TempPathFactory, ckpt: tuple[Path, str]) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("ref") / "out"
+    monoquant.stream(ckpt[0], out, "int8", max_shard_size="600KB")
+    return read_dir_bytes(out)
+
+
+def _json_out(run: Any) -> dict[str, Any]:
+    return json.loads(run.stdout)
+
+
+# ---- byte identity --------------------------------------------------------------------------------
+def test_sharded_from_s3_matches_local_run(zyg: Zygote, tmp_path: Path, ckpt: tuple[Path, str], local_ref: dict[str, bytes]) -> None:
+    _, url = ckpt
+    r = zyg.run("stream", url + "/", tmp_path / "out", "--int8", "--max-shard-size", "600KB", "--json")
+    assert r.returncode == 0, r.stderr
+    assert len([n for n in local_ref if n.startswith("model-")]) >= 3
+    assert "tokenizer/vocab.txt" in local_ref
+    assert_complete(tmp_path / "out", local_ref, "s3 run")
+    rep = _json_out(r)
+    assert rep["complete"] and rep["shards_written"] >= 3
+
+
+@pytest.mark.parametrize("scheme", ["int4", "fp8", "fp16"])
+def test_schemes_from_s3_match_local(aws_env: dict[str, str], tmp_path: Path, ckpt: tuple[Path, str], scheme: str) -> None:
+    root, url = ckpt
+    monoquant.stream(root, tmp_path / "local", scheme)
+    rep = monoquant.stream(url, tmp_path / "remote", scheme)
+    assert rep.complete
+    assert read_dir_bytes(tmp_path / "remote") == read_dir_bytes(tmp_path / "local")
+
+
+def test_single_file_and_unindexed_dir_from_s3(aws_env: dict[str, str], srv: S3Server, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    sd = tiny_llama_sd(layers=1, hidden=128, inter=256, vocab=300, seed=3)
+    names = sorted(sd)
+    d = tmp_path / "in"
+    d.mkdir()
+    save_file({n: sd[n] for n in names[:6]}, str(d / "a.safetensors"))
+    save_file({n: sd[n] for n in names[6:]}, str(d / "b.safetensors"))
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    url = srv.upload_dir(d, "plain")
+    for src_local, src_url in ((d, url), (d / "a.safetensors", url + "/a.safetensors")):
+        tag = Path(src_local).name
+        monoquant.stream(src_local, tmp_path / f"l-{tag}", "int4", group_size=32)
+        monoquant.stream(src_url, tmp_path / f"r-{tag}", "int4", group_size=32)
+        assert read_dir_bytes(tmp_path / f"r-{tag}") == read_dir_bytes(tmp_path / f"l-{tag}"), tag
+        # the lazy iterator and the plan agree too
+        got = dict(monoquant.iter_quantized(src_url, "int8"))
+        want = dict(monoquant.iter_quantized(src_local, "int8"))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        pl, pr = monoquant.plan(src_local, "int8"), monoquant.plan(src_url, "int8")
+        assert pl.fingerprint == pr.fingerprint
+        assert pr.source == src_url and pr.totals() == pl.totals()
+
+
+def test_dry_run_inspect_verify_on_urls(zyg: Zygote, tmp_path: Path, ckpt: tuple[Path, str]) -> None:
+    root, url = ckpt
+    dry = zyg.run("stream", url, tmp_path / "out", "--int4", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    plan = _json_out(dry)
+    assert plan["source"] == url and not (tmp_path / "out").exists()
+    ins_r, ins_l = zyg.run("inspect", url, "--json"), zyg.run("inspect", root, "--json")
+    assert ins_r.returncode == 0, ins_r.stderr
+    assert _json_out(ins_r)["totals"] == _json_out(ins_l)["totals"]
+    monoquant.stream(root, tmp_path / "q", "int8")
+    v = zyg.run("verify", tmp_path / "q", "--against", url, "--min-sqnr", "20")
+    assert v.returncode == 0, v.stderr + v.stdout
+    assert f"compared with {url}" in v.stdout
+
+
+# ---- resume ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("kill", "shard"), [("mid-shard", 1), ("after-record", 0)])
+def test_kill_and_rerun_from_s3(zyg: Zygote, tmp_path: Path, ckpt: tuple[Path, str], local_ref: dict[str, bytes], kill: str, shard: int) -> None:
+    _, url = ckpt
+    out = tmp_path / "out"
+    args = ("stream", url, out, "--int8", "--max-shard-size", "600KB", "--json")
+    r = zyg.run(*args, hooks={"kill": kill, "shard": shard})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    check_after_kill(out, local_ref, kill)
+    again = zyg.run(*args)
+    assert again.returncode == 0, again.stderr
+    assert_complete(out, local_ref, f"rerun after {kill}")
+    rep = _json_out(again)
+    total = sum(len(b) for n, b in read_dir_bytes(ckpt[0]).items() if n.endswith(".safetensors"))
+    # the journaled shard is neither read nor written again
+    assert rep["shards_skipped"] >= 1 and rep["bytes_in"] < total * 0.9
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_moment_then_rerun(srv: S3Server, tmp_path: Path, ckpt: tuple[Path, str], local_ref: dict[str, bytes]) -> None:
+    """The real console script, killed while it reads from the bucket (slowed by a tiny read window)."""
+    _, url = ckpt
+    out = tmp_path / "out"
+    env = {**cli_helpers.ENV, **srv.env, "MONOQUANT_REMOTE_CHUNK": "16384", "MONOQUANT_REMOTE_AHEAD": "0"}
+    args = [*cli_helpers.cli(), "stream", url, str(out), "--int8", "--max-shard-size", "600KB", "-q"]
+    p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    while not list(out.glob("model-*.safetensors")) and p.poll() is None and time.monotonic() - t0 < 120:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    check_after_kill(out, local_ref, "random kill")
+    again = subprocess.run(args, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert_complete(out, local_ref, "rerun after a random kill")
+
+
+def test_object_replaced_between_runs_is_refused(zyg: Zygote, srv: S3Server, tmp_path: Path, ckpt: tuple[Path, str]) -> None:
+    root, _ = ckpt
+    url = srv.upload_dir(root, "models/changing")
+    out = tmp_path / "out"
+    args = ("stream", url, out, "--int8", "--max-shard-size", "600KB")
+    r = zyg.run(*args, hooks={"kill": "after-record", "shard": 0})
+    assert r.returncode == -signal.SIGKILL
+    state = json.loads((out / STATE / "inputs.json").read_text())
+    assert sorted(state) == [f"{url}/model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    # same header, other weights: the plan fingerprint alone could not tell
+    shard = root / "model-00003-of-00003.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-2:] = b"\x11\x3f"
+    srv.put("models/changing/model-00003-of-00003.safetensors", bytes(data))
+    refused = zyg.run(*args)
+    msg = assert_one_error_line(refused, f"{url}/model-00003-of-00003.safetensors", "--restart")
+    assert "changed" in msg
+    ok = zyg.run(*args, "--restart")
+    assert ok.returncode == 0, ok.stderr
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for p in root.rglob("*"):
+        if p.is_file():
+            dst = changed / p.relative_to(root)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(bytes(data) if p == shard else p.read_bytes())
+    monoquant.stream(changed, tmp_path / "ref", "int8", max_shard_size="600KB")
+    assert_complete(out, read_dir_bytes(tmp_path / "ref"), "--restart after the input changed")
+
+
+# ---- permanent errors: one line, exit 1, naming the object -------------------------------------------
+def test_missing_prefix_and_missing_shard(zyg: Zygote, srv: S3Server, tmp_path: Path, ckpt: tuple[Path, str]) -> None:
+    r = zyg.run("stream", srv.url("models/nothing-here/"), tmp_path / "o1", "--int8")
+    assert_one_error_line(r, srv.url("models/nothing-here"))
+    root, _ = ckpt
+    url = srv.upload_dir(root, "models/holey")
+    srv.client().delete_object(Bucket=srv.bucket, Key="models/holey/model-00002-of-00003.safetensors")
+    r = zyg.run("stream", url, tmp_path / "o2", "--int8")
+    assert_one_error_line(r, "model-00002-of-00003.safetensors", url)
+    assert not (tmp_path / "o2").exists()
+
+
+def test_access_denied_by_policy(zyg: Zygote, srv: S3Server, tmp_path: Path, ckpt: tuple[Path, str]) -> None:
+    """The server's IAM policy denies GetObject under denied/: listing works, reading does not."""
+    root, _ = ckpt
+    url = srv.upload_dir(root, "denied/llama")
+    r = zyg.run("stream", url, tmp_path / "out", "--int8")
+    msg = assert_one_error_line(r, url)
+    assert "access denied" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_credentials_denied_and_never_printed(srv: S3Server, tmp_path: Path, ckpt: tuple[Path, str]) -> None:
+    _, url = ckpt
+    env = {**cli_helpers.ENV, **srv.env, "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG1", "AWS_SECRET_ACCESS_KEY": "s3cr3t-must-not-leak"}
+    args = ("stream", url, str(tmp_path / "out"), "--int8")
+    p = subprocess.run([*cli_helpers.cli(), *args], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert "access denied" in assert_one_error_line(p, url)
+    assert "s3cr3t-must-not-leak" not in p.stdout + p.stderr
+    assert "AKIAWRONGWRONGWRONG1" not in p.stdout + p.stderr
+
+
+def test_tokens_in_urls_are_scrubbed(zyg: Zygote, srv: S3Server, tmp_path: Path) -> None:
+    assert scrub("https://u:pw@h.example:8443/a/b.safetensors?sig=XYZ#frag") == "https://h.example:8443/a/b.safetensors"
+    url = f"http://user:pa55word-leak@127.0.0.1:{srv.port}/{srv.bucket}/nowhere/model.safetensors?X-Amz-Signature=sig-leak"
+    r = zyg.run("stream", url, tmp_path / "out", "--int8")
+    msg = assert_one_error_line(r, f"http://127.0.0.1:{srv.port}/{srv.bucket}/nowhere/model.safetensors")
+    assert "leak" not in msg and "leak" not in r.stdout
+
+
+def test_truncated_object(zyg: Zygote, srv: S3Server, tmp_path: Path, ckpt: tuple[Path, str]) -> None:
+    root, _ = ckpt
+    url = srv.upload_dir(root, "models/cut")
+    data = (root / "model-00001-of-00003.safetensors").read_bytes()
+    srv.put("models/cut/model-00001-of-00003.safetensors", data[: len(data) - 1000])
+    r = zyg.run("stream", url, tmp_path / "out", "--int8")
+    msg = assert_one_error_line(r, f"{url}/model-00001-of-00003.safetensors")
+    assert "truncated" in msg
+
+
+def test_object_replaced_while_read(zyg: Zygote, srv: S3Server, tmp_path: Path, ckpt: tuple[Path, str]) -> None:
+    """Replaced after the first tensor was read: the next range request (If-Match) fails."""
+    root, _ = ckpt
+    url = srv.upload_dir(root, "models/moving")
+    sig, go = tmp_path / "sig", tmp_path / "go"
+    r = zyg.start("stream", url, tmp_path / "out", "--int8", "--max-shard-size", "600KB",
+                  hooks={"events": [{"kind": "tensor", "signal": str(sig), "wait": str(go)}]})
+    cli_helpers.wait_for(sig, r)
+    first = json.loads((tmp_path / "out" / STATE / "inputs.json").read_text())
+    assert first
+    data = bytearray((root / "model-00001-of-00003.safetensors").read_bytes())
+    data[-4:] = b"\0\0\0\0"
+    srv.put("models/moving/model-00001-of-00003.safetensors", bytes(data))
+    go.touch()
+    assert r.wait(120) == 1
+    msg = assert_one_error_line(r, f"{url}/model-00001-of-00003.safetensors", allow_progress=True)
+    assert "changed while it was being read" in msg
+    assert not (tmp_path / "out" / INDEX_NAME).exists()
+
+
+def test_torch_bin_remote_is_refused(zyg: Zygote, srv: S3Server, tmp_path: Path) -> None:
+    root = write_sharded(tmp_path / "bin", tiny_llama_sd(layers=1, hidden=64, inter=128, vocab=100), 2, fmt="bin")
+    url = srv.upload_dir(root, "models/bin")
+    r = zyg.run("stream", url, tmp_path / "out", "--int8")
+    msg = assert_one_error_line(r, "pytorch_model-00001-of-00002.bin", "safetensors")
+    assert url in msg
+
+
+def test_remote_output_is_refused(aws_env: dict[str, str], ckpt: tuple[Path, str], srv: S3Server) -> None:
+    with pytest.raises(OutputError, match="must be a local directory"):
+        monoquant.stream(ckpt[0], srv.url("out/"), "int8")
+
+
+def test_missing_extra_is_one_line(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['fsspec'] = None\n"
+        "from monoquant.cli import main\n"
+        "main(['stream', 's3://bucket/model/', sys.argv[1], '--int8'], prog_name='monoquant')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True,
+                       env=cli_helpers.ENV, stdin=subprocess.DEVNULL, timeout=120)
+    msg = assert_one_error_line(p, "s3://bucket/model/")
+    assert "pip install 'monoquant[remote]'" in msg
+
+
+# ---- transient errors: retried with back-off ---------------------------------------------------------
+class _FlakyFS:
+    """A real s3fs whose opened files fail their first ``n`` reads with a connection reset."""
+
+    def __init__(self, fs: Any, n: int):
+        self.fs, self.left = fs, n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fs, name)
+
+    def open(self, *a: Any, **k: Any) -> Any:
+        f = self.fs.open(*a, **k)
+        real_read, outer = f.read, self
+
+        def read(n: int = -1) -> bytes:
+            if outer.left > 0:
+                outer.left -= 1
+                raise ConnectionResetError("connection reset by peer")
+            return real_read(n)
+
+        f.read = read
+        return f
+
+
+def test_transient_errors_are_retried_with_backoff(aws_env: dict[str, str], ckpt: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    root, url = ckpt
+    rp = RemotePath.from_url(url + "/model-00001-of-00003.safetensors")
+    want = (root / "model-00001-of-00003.safetensors").read_bytes()
+    sleeps: list[float] = []
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    rd = RangeReader(RemotePath(_FlakyFS(rp.fs, 3), rp.path, rp.info()), chunk=1 << 16, ahead=0)
+    try:
+        buf = bytearray(200_000)
+        rd.read_into(memoryview(buf), 1234)
+    finally:
+        rd.close()
+    assert bytes(buf) == want[1234 : 1234 + 200_000]
+    assert sleeps == [0.5, 1.0, 2.0]  # exponential back-off on the same request
+    monkeypatch.setenv("MONOQUANT_REMOTE_RETRIES", "3")
+    rd = RangeReader(RemotePath(_FlakyFS(rp.fs, 99), rp.path, rp.info()), chunk=1 << 16, ahead=1)
+    with pytest.raises(CheckpointError, match=r"cannot read after 3 attempts \(ConnectionResetError") as ei:
+        rd.read_into(memoryview(bytearray(10)), 0)
+    rd.close()
+    assert str(ei.value).startswith(rp.url)
+
+
+def test_with_retries_gives_up_at_once_on_permanent_errors() -> None:
+    calls: list[int] = []
+
+    def missing() -> None:
+        calls.append(1)
+        raise FileNotFoundError("nope")
+
+    with pytest.raises(CheckpointError, match="s3://b/k: no such object"):
+        with_retries(missing, "s3://b/k", sleep=lambda s: None)
+    assert calls == [1]
+
+
+def test_memory_bound_of_the_read_window(aws_env: dict[str, str], ckpt: tuple[Path, str]) -> None:
+    """However far the reader goes, the window holds at most (chunks spanned + ahead) chunks."""
+    _, url = ckpt
+    rp = RemotePath.from_url(url + "/model-00001-of-00003.safetensors")
+    rd = RangeReader(rp, chunk=4096, ahead=3)
+    try:
+        held = 0
+        for off in range(0, rp.size - 10_000, 10_000):
+            rd.read_into(memoryview(bytearray(10_000)), off)
+            held = max(held, len(rd._chunks))
+        assert held <= 4 + 3
+        assert rd.requests >= rp.size // 4096 - 8  # every chunk fetched once (sequential reads)
+    finally:
+        rd.close()
+
