@@ -37,7 +37,12 @@ def allowed_roots(root: Path) -> list[Path]:
 
 
 def is_inside(path: Path, root: Path) -> bool:
-    """True when ``path`` resolves (symlinks followed) inside the checkpoint directory ``root``."""
+    """True when ``path`` resolves (symlinks followed) inside the checkpoint directory ``root``.
+    Object storage has no symlinks: a remote key is inside when it lies under the root's prefix
+    (index entries with ``..`` are refused before this, by :func:`index_entry`)."""
+    if not isinstance(path, Path):  # a RemotePath (monoquant.remote)
+        key, prefix = str(getattr(path, "path", "")), str(getattr(root, "path", ""))
+        return getattr(path, "fs", None) is getattr(root, "fs", None) and (key == prefix or key.startswith(prefix.rstrip("/") + "/"))
     real = path.resolve()
     return any(real == r or r in real.parents for r in allowed_roots(root))
 
@@ -45,8 +50,9 @@ def is_inside(path: Path, root: Path) -> bool:
 def check_inside(path: Path, root: Path, what: str) -> None:
     """Raise :class:`CheckpointError` when ``path`` resolves outside ``root``."""
     if not is_inside(path, root):
+        where = path.resolve() if isinstance(path, Path) else path
         raise CheckpointError(
-            f"{path}: {what} resolves to {path.resolve()}, outside the checkpoint {root}; monoquant reads nothing "
+            f"{path}: {what} resolves to {where}, outside the checkpoint {root}; monoquant reads nothing "
             "from outside the input directory (replace the symlink with the file itself)"
         )
 

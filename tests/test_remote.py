@@ -116,11 +116,12 @@ def test_single_file_and_unindexed_dir_from_s3(aws_env: dict[str, str], srv: S3S
     names = sorted(sd)
     d = tmp_path / "in"
     d.mkdir()
-    save_file({n: sd[n] for n in names[:6]}, str(d / "a.safetensors"))
-    save_file({n: sd[n] for n in names[6:]}, str(d / "b.safetensors"))
+    # one series of files without an index (two different names would be refused as two layouts)
+    save_file({n: sd[n] for n in names[:6]}, str(d / "a-1.safetensors"))
+    save_file({n: sd[n] for n in names[6:]}, str(d / "a-2.safetensors"))
     (d / "config.json").write_text('{"model_type": "llama"}')
     url = srv.upload_dir(d, "plain")
-    for src_local, src_url in ((d, url), (d / "a.safetensors", url + "/a.safetensors")):
+    for src_local, src_url in ((d, url), (d / "a-1.safetensors", url + "/a-1.safetensors")):
         tag = Path(src_local).name
         monoquant.stream(src_local, tmp_path / f"l-{tag}", "int4", group_size=32)
         monoquant.stream(src_url, tmp_path / f"r-{tag}", "int4", group_size=32)
