@@ -71,23 +71,34 @@ def scheme_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--scheme", "scheme", default="int8", show_default=True, metavar="NAME",
                      help="Scheme preset: int8, int4, fp8, fp16, bf16, w8a8, fp8-dynamic, int4-asym, "
-                          "int8-tensor, ... or a canonical name such as int4-g64-asym."),
+                          "int8-tensor, fp8-block, nvfp4a16, nvfp4, mxfp4a16, mxfp4, mxfp8a16, mxfp8, ... "
+                          "or a canonical name such as int4-g64-asym."),
         click.option("--int8", "scheme", flag_value="int8", help="int8 weights, per output channel (pack-quantized)."),
         click.option("--int4", "scheme", flag_value="int4", help="int4 weights, groups of 128 columns (pack-quantized)."),
         click.option("--fp8", "scheme", flag_value="fp8", help="float8_e4m3fn weights, per channel."),
         click.option("--fp16", "scheme", flag_value="fp16", help="Cast floating tensors to float16."),
         click.option("--bf16", "scheme", flag_value="bf16", help="Cast floating tensors to bfloat16."),
+        click.option("--fp8-block", "scheme", flag_value="fp8-block",
+                     help="float8_e4m3fn weights, one scale per 128x128 block; activations dynamic per group of 128."),
+        click.option("--nvfp4", "scheme", flag_value="nvfp4a16",
+                     help="NVFP4: e2m1 weights, fp8 scales per 16, a global scale (NVFP4A16; --dynamic: W4A4)."),
+        click.option("--mxfp4", "scheme", flag_value="mxfp4a16",
+                     help="MXFP4: e2m1 weights, power-of-two scales per 32 (MXFP4A16; --dynamic: W4A4)."),
+        click.option("--mxfp8", "scheme", flag_value="mxfp8a16",
+                     help="MXFP8: float8_e4m3fn weights, power-of-two scales per 32 (MXFP8A16; --dynamic: W8A8)."),
         click.option("--group-size", type=click.IntRange(min=2), default=None, metavar="N",
                      help="One scale per group of N input columns (int8/int4)."),
         click.option("--per-tensor", is_flag=True, help="One scale per tensor."),
         click.option("--per-channel", is_flag=True, help="One scale per output channel (row)."),
         click.option("--asymmetric", is_flag=True, help="Integer codes with a zero point (int4/int8 groups or channels)."),
         click.option("--dynamic", is_flag=True,
-                     help="Declare activations dynamic: W8A8 (int-quantized) with --int8, FP8-dynamic with --fp8."),
+                     help="Declare activations dynamic: W8A8 (int-quantized) with --int8, FP8-dynamic with --fp8, "
+                          "W4A4 with --nvfp4/--mxfp4, W8A8 with --mxfp8."),
         click.option("--act-strategy", type=click.Choice(["token", "tensor"]), default=None,
                      help="Granularity of dynamic activations (default: token)."),
         click.option("--optimize", is_flag=True,
-                     help="Search error-minimising scales per group/channel instead of plain absmax (int schemes)."),
+                     help="Search error-minimising scales per group/channel instead of plain absmax "
+                          "(int8, int4, nvfp4, mxfp4)."),
         click.option("--include", multiple=True, metavar="GLOB",
                      help="Also quantize tensors matching GLOB that the default rules skip (repeatable)."),
         click.option("--exclude", multiple=True, metavar="GLOB",
@@ -117,7 +128,8 @@ def _scheme_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
 @scheme_options
 @click.option("--target-bpw", type=float, default=None, metavar="BITS",
               help="Mixed precision: per tensor choose int4 g32/g64/g128, int8 or the original dtype to fit BITS "
-                   "bits per weight with the least estimated error.")
+                   "bits per weight with the least estimated error (with --nvfp4/--mxfp4/--mxfp8/--fp8-block: "
+                   "among mxfp4, nvfp4, mxfp8, fp8-block and the original dtype).")
 @click.option("--min-sqnr", type=float, default=None, metavar="DB",
               help="Mixed precision: per tensor the smallest storage whose estimated SQNR reaches DB.")
 @click.option("--max-shard-size", default="5GB", show_default=True, metavar="SIZE",

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from .errors import TensorValueError
-from .kernels import ErrorStats, Fp16OverflowError, NonFiniteError, get_kernel
-from .layout import find_groups, infer_scheme
+from .kernels import ErrorStats, Fp16OverflowError, NonFiniteError, absmax, get_kernel
+from .formats import output_name, shared_scale_groups
+from .layout import dense_shape, find_groups, infer_scheme
 from .rules import Decision, Rules, decide
 from .schemes import Scheme, get_scheme
 
@@ -92,6 +93,7 @@ def quantize(
     rules = Rules.of(include, exclude)
     out = QuantizedStateDict()
     out.decisions, out.schemes, out.stats = {}, {}, {}
+    shared = _shared_amax(sd, sch, rules)
     for name, t in sd.items():
         d = decide(name, t.dtype, tuple(t.shape), sch, rules)
         out.decisions[name] = d
@@ -100,17 +102,33 @@ def quantize(
             continue
         st = ErrorStats() if stats else None
         try:
-            parts = get_kernel(sch).quantize_tensor(t, stats=st, clamp_fp16=clamp_fp16)
+            extra = {"amax": shared[name]} if name in shared else {}
+            parts = get_kernel(sch).quantize_tensor(t, stats=st, clamp_fp16=clamp_fp16, **extra)
         except NonFiniteError:
             raise nonfinite_error(name, int((~torch.isfinite(t)).sum())) from None
         except Fp16OverflowError as e:
             raise fp16_overflow_error(name, str(e)) from None
         for suffix, v in parts.items():
-            out[name + suffix] = v
+            out[output_name(name, suffix)] = v
         if d.action == "quantize":
             out.schemes[name] = sch
         if st is not None:
             out.stats[name] = st
+    return out
+
+
+def _shared_amax(sd: Mapping[str, torch.Tensor], sch: Scheme, rules: Rules) -> dict[str, float]:
+    """Tensor name -> absmax over the tensors sharing its global scale (NVFP4's fused layers,
+    see :func:`monoquant.formats.shared_scale_groups`), as the streaming plan groups them."""
+    if sch.kind != "nvfp4":
+        return {}
+    names = [n for n, t in sd.items() if decide(n, t.dtype, tuple(t.shape), sch, rules).action == "quantize"]
+    out: dict[str, float] = {}
+    for name, members in shared_scale_groups(names).items():
+        try:
+            out[name] = max(absmax(sd[m].detach().cpu().reshape(-1, 1)) for m in members)
+        except NonFiniteError:
+            pass  # reported by the member's own quantization
     return out
 
 
@@ -140,7 +158,7 @@ def dequantize(qsd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
         if "_shape" in parts:
             shape = tuple(int(v) for v in parts["_shape"].tolist())
         else:
-            shape = tuple(parts[""].shape)
+            shape = dense_shape(parts)
         out[base] = get_kernel(scheme).dequantize(parts, shape, dtype)
     for name, t in qsd.items():
         if name not in used:

@@ -25,7 +25,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ..schemes import Scheme
@@ -111,3 +112,64 @@ def shared_scale_groups(names: Iterable[str]) -> dict[str, tuple[str, ...]]:
                     out[n] = members
                 break
     return out
+
+
+def shared_scales(decided: list[tuple[Any, Any, Any]]) -> tuple[list[tuple[Any, Any, Any]], dict[str, tuple[Any, ...]]]:
+    """For the plan: ``(ref, decision, specs)`` rows -> the same rows, with the reason of each
+    NVFP4 tensor that shares its global scale saying so, and ``{name: (refs sharing it)}``.
+
+    Tensors are grouped only with tensors of the same scheme (what the engine fuses holds one
+    scheme). The plan (``--dry-run``) shows the groups in each tensor's reason.
+    """
+    by_scheme: dict[str, list[str]] = {}
+    refs = {}
+    for ref, d, _specs in decided:
+        if d.action == "quantize" and d.scheme is not None and d.scheme.kind == "nvfp4":
+            by_scheme.setdefault(d.scheme.name, []).append(ref.name)
+            refs[ref.name] = ref
+    groups: dict[str, tuple[str, ...]] = {}
+    for names in by_scheme.values():
+        groups.update(shared_scale_groups(names))
+    if not groups:
+        return decided, {}
+    out = []
+    for ref, d, specs in decided:
+        members = groups.get(ref.name)
+        if members:
+            others = ", ".join(m[: -len(".weight")].rpartition(".")[2] for m in members if m != ref.name)
+            d = dataclasses.replace(d, reason=f"{d.reason}; global scale shared with {others} (fused in the engine)")
+        out.append((ref, d, specs))
+    return out, {n: tuple(refs[m] for m in ms) for n, ms in groups.items()}
+
+
+def infer_format(parts: Mapping[str, Any]) -> Scheme | None:
+    """The scheme of one stored group (tensors keyed by suffix) when it is one of the formats
+    here, from dtypes and shapes alone; ``None`` otherwise (the classic schemes).
+
+    NVFP4 is told by its ``_global_scale`` (W4A4 by ``.input_global_scale``), MXFP4 by uint8
+    codes without it, MXFP8 by a uint8 scale beside float8 codes, FP8 block by a scale grid of
+    ``[ceil(rows/128), ceil(cols/128)]`` that is not one per row. MXFP4/MXFP8 are returned as
+    their weight-only presets (the activations do not change the stored weights).
+    """
+    import torch
+
+    from ..schemes import FORMAT_PRESETS
+
+    scale = parts.get("_scale")
+    if scale is None:
+        return None
+    if "_packed" in parts and parts["_packed"].dtype == torch.uint8:
+        if "_global_scale" in parts:
+            return FORMAT_PRESETS["nvfp4" if ".input_global_scale" in parts else "nvfp4a16"]
+        return FORMAT_PRESETS["mxfp4a16"]
+    q = parts.get("")
+    if q is None or q.dtype != torch.float8_e4m3fn:
+        return None
+    if scale.dtype == torch.uint8:
+        return FORMAT_PRESETS["mxfp8a16"]
+    rows = int(q.shape[0]) if q.dim() else 1
+    cols = q.numel() // max(rows, 1)
+    grid = (-(-rows // 128), -(-cols // 128))
+    if scale.dim() == 2 and tuple(scale.shape) == grid and not (scale.shape[0] == rows and scale.shape[1] == 1):
+        return FORMAT_PRESETS["fp8-block"]
+    return None
