@@ -59,8 +59,7 @@ def registered() -> dict[str, str]:
 
 
 def _load_units() -> None:
-    if not _REGISTRY:
-        from . import fp8_block, mxfp, nvfp4  # noqa: F401  (registration on import)
+    from . import fp8_block, mxfp, nvfp4  # noqa: F401  (registration on import; cached after the first)
 
 
 def output_name(name: str, suffix: str) -> str:
