@@ -118,8 +118,10 @@ def shared_scales(decided: list[tuple[Any, Any, Any]]) -> tuple[list[tuple[Any, 
     NVFP4 tensor that shares its global scale saying so, and ``{name: (refs sharing it)}``.
 
     Tensors are grouped only with tensors of the same scheme (what the engine fuses holds one
-    scheme). The plan (``--dry-run``) shows the groups in each tensor's reason.
+    scheme). The plan (``--dry-run``) shows the groups in each tensor's reason. The reason of an
+    FP8-block tensor whose input width is not a multiple of 128 says what that means for loaders.
     """
+    decided = [_block_width_note(row) for row in decided]
     by_scheme: dict[str, list[str]] = {}
     refs = {}
     for ref, d, _specs in decided:
@@ -139,6 +141,20 @@ def shared_scales(decided: list[tuple[Any, Any, Any]]) -> tuple[list[tuple[Any, 
             d = dataclasses.replace(d, reason=f"{d.reason}; global scale shared with {others} (fused in the engine)")
         out.append((ref, d, specs))
     return out, {n: tuple(refs[m] for m in ms) for n, ms in groups.items()}
+
+
+def _block_width_note(row: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
+    ref, d, specs = row
+    if d.action != "quantize" or d.scheme is None or d.scheme.strategy != "block" or len(ref.shape) < 2:
+        return row
+    cols = 1
+    for s in ref.shape[1:]:
+        cols *= int(s)
+    if cols % 128 == 0:
+        return row
+    note = (f"; {cols} input columns: partial last 128-block (compressed-tensors' activation groups of 128 "
+            "need a multiple of 128 to run compressed: load with dequantize=True)")
+    return ref, dataclasses.replace(d, reason=d.reason + note), specs
 
 
 def infer_format(parts: Mapping[str, Any]) -> Scheme | None:
