@@ -177,6 +177,25 @@ def test_compressed_tensors_quantize_path_gives_our_bytes(name, dtype):
         assert raw_bytes(theirs[key]) == raw_bytes(t), key
 
 
+def test_e2m1_table_lookup_equals_compressed_tensors_rounding():
+    """The bit-keyed lookup (the fast path) against CT's cast_to_fp4 + packer sign rule on every
+    threshold, both signs, zeros, subnormals, values beyond ±6 and 4 M random magnitudes."""
+    from compressed_tensors.quantization.utils.fp4_utils import cast_to_fp4
+
+    from monoquant.formats.common import E2M1_VALUES, encode_e2m1, encode_e2m1_reference
+
+    t = torch.tensor([0.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, 1e30, 1e-40])
+    edges = torch.cat([t, torch.nextafter(t, torch.full_like(t, math.inf)), torch.nextafter(t, torch.zeros_like(t))])
+    z = torch.randn(1 << 22, generator=torch.Generator().manual_seed(5))
+    z = z * torch.exp2(torch.randint(-140, 8, z.shape, generator=torch.Generator().manual_seed(6)).float())
+    y = torch.cat([edges, -edges, z])
+    codes = encode_e2m1(y)
+    assert torch.equal(codes, encode_e2m1_reference(y))
+    ct_vals = cast_to_fp4(y.clamp(-6, 6).clone())
+    assert torch.equal(E2M1_VALUES[codes.long()], ct_vals)
+    assert torch.equal(codes >= 8, torch.signbit(ct_vals))  # CT's packer: the sign bit of the rounded value
+
+
 def test_mx_exponent_rounding_matches_compressed_tensors_on_edges():
     from compressed_tensors.quantization.utils.mxfp_utils import generate_mx_scales
 

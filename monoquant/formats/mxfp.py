@@ -26,8 +26,8 @@ from ..errors import SchemeError
 from ..kernels import ErrorStats, OutSpec, Workspace, as_rows
 from . import register
 from .common import (
-    E2M1_VALUES, FP4_MAX, FP8_MAX, FormatKernel, accumulate, check_finite_block, decode_e2m1, encode_e2m1,
-    group_sq_err, pack_nibbles, sampled,
+    E2M1_VALUES, FP4_MAX, FP8_MAX, FormatKernel, accumulate, check_finite_block, decode_e2m1,
+    e2m1_keys, encode_e2m1, group_absmax, group_sq_err, pack_keys, sampled, value_of_keys,
 )
 
 GROUP = 32
@@ -114,24 +114,30 @@ class MXKernel(FormatKernel):
         xf = ws.get("xf", r * c, torch.float32).view(r, c)
         xf.copy_(x)
         v = xf.view(r, groups, GROUP)
-        amax = torch.maximum(v.amax(dim=-1), v.amin(dim=-1).neg_())
+        y = ws.get("tmp", r * c, torch.float32).view(r, groups, GROUP)
+        amax = group_absmax(torch.abs(v, out=y))
         check_finite_block(amax)
         e = mx_exponents(amax, self.scheme.bits)
-        y = ws.get("tmp", r * c, torch.float32).view(r, groups, GROUP)
         if self.scheme.optimize:
             e = self._search(v, e, y)
         sf = mx_scales(e)
         torch.div(v, sf.unsqueeze(-1), out=y)
+        k = 1 if self.scheme.optimize else max(int(stats_rows), 1)
+        if self.scheme.bits == 4:  # the codes saturate at ±6 (the clamp)
+            keys = e2m1_keys(y.view(r, c), ws.get("keys", r * c, torch.int32).view(r, c), ws.get("sticky", r * c, torch.int32).view(r, c))
+            if stats is not None:
+                ks = sampled(keys, k)
+                dq = value_of_keys(ks).view(ks.shape[0], groups, GROUP) * sampled(sf, k).unsqueeze(-1)
+                accumulate(stats, sampled(xf, k), dq)
+            return {"_packed": pack_keys(keys), "_scale": e}
         y.clamp_(-qmax, qmax)
-        codes = self._codes(y.view(r, c))
+        q8 = ws.get("q", r * c, torch.float8_e4m3fn).view(r, c)
+        q8.copy_(y.view(r, c))
         if stats is not None:
-            k = 1 if self.scheme.optimize else max(int(stats_rows), 1)
-            cs = sampled(codes, k)
-            dq = self._values(cs).view(cs.shape[0], groups, GROUP) * sampled(sf, k).unsqueeze(-1)
+            qs = sampled(q8, k)
+            dq = qs.float().view(qs.shape[0], groups, GROUP) * sampled(sf, k).unsqueeze(-1)
             accumulate(stats, sampled(xf, k), dq)
-        if self.scheme.bits == 4:
-            return {"_packed": pack_nibbles(codes), "_scale": e}
-        return {"": codes, "_scale": e}
+        return {"": q8, "_scale": e}
 
     def _search(self, v: torch.Tensor, e: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per group, the exponent among ``e``, ``e - 1``, ``e + 1`` with the least squared error

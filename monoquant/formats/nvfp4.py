@@ -35,8 +35,8 @@ from ..errors import SchemeError
 from ..kernels import ErrorStats, OutSpec, Workspace, as_rows
 from . import register
 from .common import (
-    E2M1_VALUES, FP4_MAX, FP8_MAX, FormatKernel, accumulate, check_finite_block, decode_e2m1, encode_e2m1,
-    group_sq_err, pack_nibbles, sampled,
+    E2M1_VALUES, FP4_MAX, FP8_MAX, FormatKernel, accumulate, check_finite_block, decode_e2m1,
+    e2m1_keys, encode_e2m1, group_absmax, group_sq_err, pack_keys, sampled, value_of_keys,
 )
 
 GROUP = 16
@@ -126,23 +126,22 @@ class NVFP4Kernel(FormatKernel):
         xf = ws.get("xf", r * c, torch.float32).view(r, c)
         xf.copy_(x)
         v = xf.view(r, groups, GROUP)
-        amax = torch.maximum(v.amax(dim=-1), v.amin(dim=-1).neg_())
+        y = ws.get("tmp", r * c, torch.float32).view(r, groups, GROUP)
+        amax = group_absmax(torch.abs(v, out=y))
         check_finite_block(amax)
         g = tensor_scale.float()
         s8 = group_scales(amax, g)
         eff = s8.float() / g
-        y = ws.get("tmp", r * c, torch.float32).view(r, groups, GROUP)
         if self.scheme.optimize:
             s8, eff = self._search(v, amax, g, s8, eff, y)
-        torch.div(v, eff.unsqueeze(-1), out=y)
-        y.clamp_(-FP4_MAX, FP4_MAX)
-        codes = encode_e2m1(y.view(r, c))
+        torch.div(v, eff.unsqueeze(-1), out=y)  # the codes saturate at ±6 (the clamp)
+        keys = e2m1_keys(y.view(r, c), ws.get("keys", r * c, torch.int32).view(r, c), ws.get("sticky", r * c, torch.int32).view(r, c))
         if stats is not None:
             k = 1 if self.scheme.optimize else max(int(stats_rows), 1)
-            cs = sampled(codes, k)
-            dq = E2M1_VALUES[cs.long()].view(cs.shape[0], groups, GROUP) * sampled(eff, k).unsqueeze(-1)
+            ks = sampled(keys, k)
+            dq = value_of_keys(ks).view(ks.shape[0], groups, GROUP) * sampled(eff, k).unsqueeze(-1)
             accumulate(stats, sampled(xf, k), dq)
-        return {"_packed": pack_nibbles(codes), "_scale": s8}
+        return {"_packed": pack_keys(keys), "_scale": s8}
 
     def _search(
         self, v: torch.Tensor, amax: torch.Tensor, g: torch.Tensor, s8: torch.Tensor, eff: torch.Tensor, y: torch.Tensor
