@@ -89,23 +89,34 @@ def scheme_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--scheme", "scheme", default=None, metavar="NAME",
                      help="Scheme preset: int8, int4, fp8, fp16, bf16, w8a8, fp8-dynamic, int4-asym, "
-                          "int8-tensor, ... or a canonical name such as int4-g64-asym.  [default: int8]"),
+                          "int8-tensor, fp8-block, nvfp4a16, nvfp4, mxfp4a16, mxfp4, mxfp8a16, mxfp8, ... "
+                          "or a canonical name such as int4-g64-asym.  [default: int8]"),
         click.option("--int8", "scheme_int8", is_flag=True, help="int8 weights, per output channel (pack-quantized)."),
         click.option("--int4", "scheme_int4", is_flag=True, help="int4 weights, groups of 128 columns (pack-quantized)."),
         click.option("--fp8", "scheme_fp8", is_flag=True, help="float8_e4m3fn weights, per channel."),
         click.option("--fp16", "scheme_fp16", is_flag=True, help="Cast floating tensors to float16."),
         click.option("--bf16", "scheme_bf16", is_flag=True, help="Cast floating tensors to bfloat16."),
+        click.option("--fp8-block", "scheme_fp8_block", is_flag=True,
+                     help="float8_e4m3fn weights, one scale per 128x128 block; activations dynamic per group of 128."),
+        click.option("--nvfp4", "scheme_nvfp4", is_flag=True,
+                     help="NVFP4: e2m1 weights, fp8 scales per 16, a global scale (NVFP4A16; --dynamic: W4A4)."),
+        click.option("--mxfp4", "scheme_mxfp4", is_flag=True,
+                     help="MXFP4: e2m1 weights, power-of-two scales per 32 (MXFP4A16; --dynamic: W4A4)."),
+        click.option("--mxfp8", "scheme_mxfp8", is_flag=True,
+                     help="MXFP8: float8_e4m3fn weights, power-of-two scales per 32 (MXFP8A16; --dynamic: W8A8)."),
         click.option("--group-size", type=click.IntRange(min=2), default=None, metavar="N",
                      help="One scale per group of N input columns (int8/int4)."),
         click.option("--per-tensor", is_flag=True, help="One scale per tensor."),
         click.option("--per-channel", is_flag=True, help="One scale per output channel (row)."),
         click.option("--asymmetric", is_flag=True, help="Integer codes with a zero point (int4/int8 groups or channels)."),
         click.option("--dynamic", is_flag=True,
-                     help="Declare activations dynamic: W8A8 (int-quantized) with --int8, FP8-dynamic with --fp8."),
+                     help="Declare activations dynamic: W8A8 (int-quantized) with --int8, FP8-dynamic with --fp8, "
+                          "W4A4 with --nvfp4/--mxfp4, W8A8 with --mxfp8."),
         click.option("--act-strategy", type=click.Choice(["token", "tensor"]), default=None,
                      help="Granularity of dynamic activations (default: token)."),
         click.option("--optimize", is_flag=True,
-                     help="Search error-minimising scales per group/channel instead of plain absmax (int schemes)."),
+                     help="Search error-minimising scales per group/channel instead of plain absmax "
+                          "(int8, int4, nvfp4, mxfp4)."),
         click.option("--include", multiple=True, metavar="GLOB",
                      help="Also quantize tensors matching GLOB that the default rules skip (repeatable)."),
         click.option("--exclude", multiple=True, metavar="GLOB",
@@ -117,12 +128,16 @@ def scheme_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-SCHEME_FLAGS = ("int8", "int4", "fp8", "fp16", "bf16")
+#: scheme flag -> the preset it selects
+SCHEME_FLAGS = {
+    "int8": "int8", "int4": "int4", "fp8": "fp8", "fp16": "fp16", "bf16": "bf16",
+    "fp8-block": "fp8-block", "nvfp4": "nvfp4a16", "mxfp4": "mxfp4a16", "mxfp8": "mxfp8a16",
+}
 
 
 def _pop_scheme(kw: dict[str, Any]) -> str:
     """The one scheme asked for; two scheme flags (``--int8 --int4``) are a usage error."""
-    given = [f"--{f}" for f in SCHEME_FLAGS if kw.pop(f"scheme_{f}")]
+    given = [f"--{f}" for f in SCHEME_FLAGS if kw.pop("scheme_" + f.replace("-", "_"))]
     named = kw.pop("scheme")
     if named is not None:
         given.insert(0, f"--scheme {named}")
@@ -130,7 +145,7 @@ def _pop_scheme(kw: dict[str, Any]) -> str:
         raise click.UsageError(f"{' and '.join(given)} conflict: give one scheme")
     if not given:
         return "int8"
-    return named if named is not None else given[0][2:]
+    return named if named is not None else SCHEME_FLAGS[given[0][2:]]
 
 
 def _scheme_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +166,8 @@ def _scheme_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
 @scheme_options
 @click.option("--target-bpw", type=float, default=None, metavar="BITS",
               help="Mixed precision: per tensor choose int4 g32/g64/g128, int8 or the original dtype to fit BITS "
-                   "bits per weight with the least estimated error.")
+                   "bits per weight with the least estimated error (with --nvfp4/--mxfp4/--mxfp8/--fp8-block: "
+                   "among mxfp4, nvfp4, mxfp8, fp8-block and the original dtype).")
 @click.option("--min-sqnr", type=float, default=None, metavar="DB",
               help="Mixed precision: per tensor the smallest storage whose estimated SQNR reaches DB.")
 @click.option("--max-shard-size", default="5GB", show_default=True, metavar="SIZE",

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from .errors import TensorValueError
-from .kernels import DecodeOverflowError, ErrorStats, Fp16OverflowError, NonFiniteError, get_kernel
-from .layout import find_groups, infer_scheme
+from .formats import output_name, shared_scale_groups
+from .kernels import DecodeOverflowError, ErrorStats, Fp16OverflowError, NonFiniteError, absmax, get_kernel
+from .layout import dense_shape, find_groups, infer_scheme
 from .rules import Decision, Rules, decide
 from .schemes import Scheme, get_scheme
 
@@ -103,6 +104,8 @@ def quantize(
         raise TensorValueError(f"quantize() takes an nn.Module or a mapping of names to tensors, not a {type(sd).__name__}")
     for name, t in sd.items():
         _check_entry(name, t)
+    shared = _shared_amax(sd, sch, rules)
+    for name, t in sd.items():
         d = decide(name, t.dtype, tuple(t.shape), sch, rules)
         out.decisions[name] = d
         if d.action == "copy":
@@ -110,7 +113,8 @@ def quantize(
             continue
         st = ErrorStats() if stats else None
         try:
-            parts = get_kernel(sch).quantize_tensor(t, stats=st, clamp_fp16=clamp_fp16)
+            extra = {"amax": shared[name]} if name in shared else {}
+            parts = get_kernel(sch).quantize_tensor(t, stats=st, clamp_fp16=clamp_fp16, **extra)
         except NonFiniteError:
             raise nonfinite_error(name, int((~torch.isfinite(t)).sum())) from None
         except Fp16OverflowError as e:
@@ -118,7 +122,7 @@ def quantize(
         except DecodeOverflowError as e:
             raise decode_overflow_error(name, str(e)) from None
         for suffix, v in parts.items():
-            out[name + suffix] = v
+            out[output_name(name, suffix)] = v
         if d.action == "quantize":
             out.schemes[name] = sch
         if st is not None:
@@ -136,6 +140,21 @@ def _check_entry(name: object, t: object) -> None:
         raise TensorValueError(f"tensor {name!r} is {t.layout} (sparse); convert it with .to_dense() first")
     if t.is_meta:
         raise TensorValueError(f"tensor {name!r} is on the meta device (no data); load the real weights first")
+
+
+def _shared_amax(sd: Mapping[str, torch.Tensor], sch: Scheme, rules: Rules) -> dict[str, float]:
+    """Tensor name -> absmax over the tensors sharing its global scale (NVFP4's fused layers,
+    see :func:`monoquant.formats.shared_scale_groups`), as the streaming plan groups them."""
+    if sch.kind != "nvfp4":
+        return {}
+    names = [n for n, t in sd.items() if decide(n, t.dtype, tuple(t.shape), sch, rules).action == "quantize"]
+    out: dict[str, float] = {}
+    for name, members in shared_scale_groups(names).items():
+        try:
+            out[name] = max(absmax(sd[m].detach().cpu().reshape(-1, 1)) for m in members)
+        except NonFiniteError:
+            pass  # reported by the member's own quantization
+    return out
 
 
 def dequantize(qsd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -164,7 +183,7 @@ def dequantize(qsd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
         if "_shape" in parts:
             shape = tuple(int(v) for v in parts["_shape"].tolist())
         else:
-            shape = tuple(parts[""].shape)
+            shape = dense_shape(parts)
         out[base] = get_kernel(scheme).dequantize(parts, shape, dtype)
     for name, t in qsd.items():
         if name not in used:

@@ -616,5 +616,7 @@ def get_kernel(scheme: Scheme) -> Kernel:
     """The kernel of ``scheme`` (kernels are stateless; one instance per scheme is cached)."""
     k = _KERNELS.get(scheme)
     if k is None:
-        k = _KERNELS[scheme] = Kernel(scheme)
+        from .formats import kernel_for  # registered format units (FP8 block, NVFP4, MX)
+
+        k = _KERNELS[scheme] = kernel_for(scheme) or Kernel(scheme)
     return k

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .errors import MonoquantError
+from .formats import infer_format, output_name
 from .packing import packed_cols
 from .schemes import Scheme
 
@@ -56,6 +58,12 @@ def find_groups(names: Iterable[str]) -> dict[str, Group]:
         if base + "_packed" in present and base + "_shape" in present:
             found = {s: base + s for s in SUFFIXES if base + s in present}
             groups[base] = Group(base, found)
+        elif base + "_packed" in present:  # nvfp4 / mxfp4 (monoquant.formats): no weight_shape
+            found = {s: base + s for s in (*SUFFIXES, "_global_scale") if base + s in present}
+            sibling = output_name(base, ".input_global_scale")
+            if sibling in present:
+                found[".input_global_scale"] = sibling
+            groups[base] = Group(base, found)
         elif base in present:
             groups[base] = Group(base, {"": base, "_scale": n})
     return groups
@@ -69,6 +77,9 @@ def infer_scheme(parts: Mapping[str, torch.Tensor], original_shape: tuple[int, .
     """
     from .kernels import as_rows
 
+    fmt = infer_format(parts)
+    if fmt is not None:
+        return fmt
     scale = parts["_scale"]
     if "_packed" in parts:
         shape = tuple(int(v) for v in parts["_shape"].tolist())
@@ -92,6 +103,15 @@ def infer_scheme(parts: Mapping[str, torch.Tensor], original_shape: tuple[int, .
     if q.dtype == torch.float8_e4m3fn:
         return Scheme(kind="float", bits=8, strategy=strategy, dtype=torch.float8_e4m3fn)
     raise MonoquantError(f"cannot tell the scheme of a {q.dtype} tensor with a scale")
+
+
+def dense_shape(parts: Mapping[str, Any]) -> tuple[int, ...]:
+    """The dense shape of a group whose parts carry no ``weight_shape`` (anything with ``.shape``):
+    the codes' shape, or for packed e2m1 codes (nvfp4/mxfp4) ``[rows, 2 * bytes]``."""
+    if "" in parts:
+        return tuple(parts[""].shape)
+    rows, nbytes = parts["_packed"].shape
+    return (int(rows), 2 * int(nbytes))
 
 
 def _strategy(scale: torch.Tensor, rows: int, cols: int) -> tuple[str, int | None]:

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from .errors import CheckpointError
 from .kernels import get_kernel
-from .layout import Group, find_groups, infer_scheme
+from .layout import Group, dense_shape, find_groups, infer_scheme
 from .schemes import Scheme
 
 
@@ -97,7 +97,7 @@ class OutputReader:
             return self.raw(name)
         parts = {s: self.raw(n) for s, n in g.names.items()}
         scheme = self.scheme_of(name, parts)
-        shape = tuple(int(v) for v in parts["_shape"].tolist()) if "_shape" in parts else tuple(parts[""].shape)
+        shape = tuple(int(v) for v in parts["_shape"].tolist()) if "_shape" in parts else dense_shape(parts)
         return get_kernel(scheme).dequantize(parts, shape, dtype)
 
 

@@ -83,7 +83,7 @@ from .kernels import Workspace, absmax, as_rows, get_kernel
 from .optimize import group_sums
 from .reader import Backend, Checkpoint, RowReader, TensorRef
 from .rules import Decision, Rules, decide
-from .schemes import Scheme, get_scheme
+from .schemes import MICROSCALE_KINDS, Scheme, get_scheme
 
 #: Elements read per tensor to estimate its errors (whole rows; at least one row).
 SAMPLE_ELEMENTS = 1 << 20
@@ -148,11 +148,27 @@ def candidate_schemes(base: Scheme) -> list[Scheme]:
         >>> [s.name for s in candidate_schemes(get_scheme("int4", asymmetric=True))]
         ['int4-g32-asym', 'int4-g64-asym', 'int4-g128-asym', 'int8-asym']
     """
+    if base.kind in MICROSCALE_KINDS or base.strategy == "block":
+        return format_candidates(base)
     asym = not base.symmetric
     opt = base.optimize
     out = [get_scheme("int4", group_size=g, asymmetric=asym, optimize=opt) for g in (32, 64, 128)]
     out.append(get_scheme("int8", per_channel=True, asymmetric=asym, optimize=opt))
     return out
+
+
+def format_candidates(base: Scheme) -> list[Scheme]:
+    """The candidates when the base is one of the formats of :mod:`monoquant.formats`: mxfp4,
+    nvfp4, mxfp8 (W4A4/W8A8 when the base declares dynamic activations; ``--optimize`` for the
+    4-bit ones) and fp8-block.
+
+    Example:
+        >>> [s.name for s in candidate_schemes(get_scheme("nvfp4a16"))]
+        ['mxfp4a16', 'nvfp4a16', 'mxfp8a16', 'fp8-block']
+    """
+    dyn, opt = base.dynamic, base.optimize
+    out = [get_scheme(n, dynamic=dyn, optimize=opt) for n in ("mxfp4a16", "nvfp4a16")]
+    return [*out, get_scheme("mxfp8a16", dynamic=dyn), get_scheme("fp8-block")]
 
 
 def sample_ranges(
@@ -220,7 +236,7 @@ def estimate_nsr(
         for x in blocks:
             parts = k.quantize_block(x, tensor_scale=tscale, ws=ws)
             if tscale is not None:
-                parts = {**parts, "_scale": tscale}
+                parts = {**parts, **k.constants(tuple(x.shape), tscale)}
             dq = k.dequantize(parts, tuple(x.shape), torch.float64)
             noise += _exact_sum((dq - x.double()).pow_(2))
         out.append(noise / signal if signal > 0 else 0.0)

@@ -185,9 +185,10 @@ def process_tensor(
         tscale = None
         if kernel.needs_absmax:
             amax = 0.0
-            for a in range(0, rows, br):
-                b = min(a + br, rows)
-                amax = max(amax, absmax(reader.rows(ref, a, b)))
+            for src in pt.shared or (ref,):  # NVFP4: the fused layer's tensors share the global scale
+                n = as_rows(src.shape)[0]
+                for a in range(0, n, br):
+                    amax = max(amax, absmax(reader.rows(src, a, min(a + br, n))))
             tscale = kernel.tensor_scale(amax, ref.dtype)
         outs = {o.spec.suffix: o for o in pt.outputs}
         for a in range(0, rows, br):

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from .dtypes import dtype_name, itemsize, to_st
-from .errors import CheckpointError, OptionError
+from .errors import CheckpointError, OptionError, OutputError
+from .formats import output_name, shared_scales
 from .kernels import OutSpec, as_rows, get_kernel
 from .reader import Checkpoint, TensorRef
 from .rules import Decision, Rules, decide
@@ -59,6 +60,9 @@ class PlannedTensor:
     decision: Decision
     outputs: tuple[PlannedOutput, ...]
     shard: int
+    #: tensors whose absmax sets this tensor's per-tensor scale too (NVFP4's fused layers; itself
+    #: included; empty when only its own), see :func:`monoquant.formats.shared_scales`
+    shared: tuple[TensorRef, ...] = ()
 
     @property
     def out_bytes(self) -> int:
@@ -273,6 +277,7 @@ def make_plan(
         else:
             specs = get_kernel(d.scheme).out_specs(ref.shape, ref.dtype)  # type: ignore[arg-type]
         decided.append((ref, d, specs))
+    decided, shared = shared_scales(decided)
     _check_name_collisions(decided)
 
     # shard assignment: greedy in input order
@@ -296,7 +301,7 @@ def make_plan(
         for ti in members:
             ref, _d, specs = decided[ti]
             for sp in specs:
-                entries.append((-_alignment(sp.dtype), order, ti, ref.name + sp.suffix, sp))
+                entries.append((-_alignment(sp.dtype), order, ti, output_name(ref.name, sp.suffix), sp))
                 order += 1
         entries.sort(key=lambda e: (e[0], e[1]))
         offset = 0
@@ -311,7 +316,7 @@ def make_plan(
         for ti in members:
             ref, d, specs = decided[ti]
             by_suffix = {o.spec.suffix: o for o in outs[ti]}
-            tensors[ti] = PlannedTensor(ref, d, tuple(by_suffix[s.suffix] for s in specs), si)
+            tensors[ti] = PlannedTensor(ref, d, tuple(by_suffix[s.suffix] for s in specs), si, shared.get(ref.name, ()))
         shards.append(ShardPlan(si, filename, tuple(members), header, offset))
 
     final = tuple(t for t in tensors if t is not None)
@@ -334,7 +339,7 @@ def _check_name_collisions(decided: list[tuple[TensorRef, Decision, tuple[OutSpe
     seen: dict[str, str] = {}
     for ref, _d, specs in decided:
         for sp in specs:
-            name = ref.name + sp.suffix
+            name = output_name(ref.name, sp.suffix)
             if name in seen:
                 raise CheckpointError(
                     f"output name {name!r} would come from both {seen[name]!r} and {ref.name!r}; "

@@ -26,8 +26,12 @@ import torch
 from .dtypes import NAME_TO_TORCH, dtype_name
 from .errors import SchemeError
 
-Kind = Literal["int", "float", "cast"]
-Strategy = Literal["tensor", "channel", "group"]
+Kind = Literal["int", "float", "cast", "nvfp4", "mxfp4", "mxfp8"]
+Strategy = Literal["tensor", "channel", "group", "block", "tensor_group"]
+
+#: Kinds implemented by the registered format units of :mod:`monoquant.formats` (microscaling
+#: floats: fixed group size, scale encoding and packing, see docs/format.md).
+MICROSCALE_KINDS = ("nvfp4", "mxfp4", "mxfp8")
 
 #: Version of the numerics and on-disk layout. It enters every plan fingerprint: bump it when
 #: the bytes monoquant writes for the same input and options change.
@@ -59,7 +63,7 @@ class Scheme:
     group_size: int | None = None
     symmetric: bool = True
     dynamic: bool = False
-    act_strategy: Literal["token", "tensor"] | None = None
+    act_strategy: Literal["token", "tensor", "group", "tensor_group"] | None = None
     dtype: torch.dtype | None = None
     optimize: bool = False
 
@@ -72,6 +76,10 @@ class Scheme:
         """Canonical label, e.g. ``int8``, ``int4-g128``, ``int8-tensor-dynamic``, ``fp16``."""
         if self.kind == "cast":
             return "fp16" if self.dtype == torch.float16 else "bf16"
+        if self.kind in MICROSCALE_KINDS:  # CT preset names: nvfp4a16 / nvfp4 (W4A4), ...
+            return self.kind + ("" if self.dynamic else "a16") + ("-opt" if self.optimize else "")
+        if self.strategy == "block":
+            return "fp8-block"
         base = "fp8" if self.kind == "float" else f"int{self.bits}"
         if self.strategy == "group":
             gran = f"-g{self.group_size}"
@@ -95,6 +103,10 @@ class Scheme:
         """The compressed-tensors format this scheme is written in (``None`` for casts)."""
         if self.kind == "cast":
             return None
+        if self.kind in ("nvfp4", "mxfp4"):
+            return f"{self.kind}-pack-quantized"
+        if self.kind == "mxfp8":
+            return "mxfp8-quantized"
         if self.kind == "float":
             return "float-quantized" if self.dynamic else "naive-quantized"
         return "int-quantized" if self.dynamic else "pack-quantized"
@@ -124,6 +136,16 @@ class Scheme:
             notes.append("per-tensor pack-quantized: vLLM's WNA16 kernels take channel or group scales only")
         if self.dynamic and self.act_strategy == "tensor":
             notes.append("dynamic per-tensor activations: vLLM implements dynamic activations per token")
+        if self.kind == "nvfp4" and self.dynamic:
+            notes.append(
+                "nvfp4 W4A4 without calibration: input_global_scale is written as 1.0 (activation block "
+                "scales held directly in fp8, |x| up to 2688); calibrate for the best activation accuracy"
+            )
+        if self.strategy == "block":
+            notes.append(
+                "fp8-block: vLLM needs the output size of each fused partition (q/k/v, gate/up) to be a "
+                "multiple of 128 (and the input size for row-parallel layers)"
+            )
         return notes
 
     def bits_per_weight(self, shape: tuple[int, ...], scale_bytes: int = 2) -> float:
@@ -155,6 +177,8 @@ class Scheme:
 
     def ct_weights_args(self) -> dict[str, Any]:
         """The ``weights`` block of a compressed-tensors config group."""
+        if self.kind in MICROSCALE_KINDS or self.strategy == "block":
+            return _ct_microscale_args(self, activations=False)
         return {
             "num_bits": self.bits,
             "type": "float" if self.kind == "float" else "int",
@@ -172,6 +196,8 @@ class Scheme:
         """The ``input_activations`` block (only for dynamic schemes)."""
         if not self.dynamic:
             return None
+        if self.kind in MICROSCALE_KINDS or self.strategy == "block":
+            return _ct_microscale_args(self, activations=True)
         return {
             "num_bits": 8,
             "type": "float" if self.kind == "float" else "int",
@@ -186,13 +212,40 @@ class Scheme:
         }
 
 
+def _ct_microscale_args(s: Scheme, activations: bool) -> dict[str, Any]:
+    """Weights or input-activation args of the FP8-block, NVFP4 and MX schemes, as the
+    compressed-tensors presets ``FP8_BLOCK``, ``NVFP4A16``/``NVFP4``, ``MXFP4A16``/``MXFP4``,
+    ``MXFP8A16``/``MXFP8`` serialize them."""
+    d: dict[str, Any] = {
+        "num_bits": s.bits, "type": "float", "symmetric": True, "group_size": s.group_size,
+        "strategy": s.strategy, "block_structure": None, "dynamic": False, "actorder": None,
+        "observer": "minmax", "observer_kwargs": {},
+    }
+    if s.kind == "nvfp4":
+        d["scale_dtype"] = "torch.float8_e4m3fn"
+    elif s.kind in MICROSCALE_KINDS:
+        d["scale_dtype"] = "torch.uint8"
+    if s.strategy == "block":
+        d.update(group_size=None, block_structure=[128, 128])
+    if activations:
+        d.update(observer=None, dynamic=True, block_structure=None)
+        if s.strategy == "block":  # FP8_BLOCK: fp8 activations per token-group of 128
+            d.update(num_bits=8, group_size=128, strategy="group")
+        elif s.kind == "nvfp4":  # local (group) scales dynamic, global scale static
+            d.update(dynamic="local", observer="static_minmax")
+    return d
+
+
 def _scale_dtype(nbytes: int) -> torch.dtype:
     return {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}[nbytes]
 
 
 def _validate(s: Scheme) -> None:
-    if s.kind not in ("int", "float", "cast"):
-        raise SchemeError(f"scheme kind must be int, float or cast, not {s.kind!r}")
+    if s.kind not in ("int", "float", "cast", *MICROSCALE_KINDS):
+        raise SchemeError(f"scheme kind must be int, float, cast, nvfp4, mxfp4 or mxfp8, not {s.kind!r}")
+    if s.kind in MICROSCALE_KINDS or s.strategy == "block":
+        _validate_microscale(s)
+        return
     if s.kind == "cast":
         if s.dtype not in (torch.float16, torch.bfloat16):
             raise SchemeError("a cast scheme needs dtype float16 or bfloat16")
@@ -235,6 +288,45 @@ def _validate(s: Scheme) -> None:
         raise SchemeError("--optimize applies to integer schemes (int8, int4)")
 
 
+#: The fixed layout of each microscaling kind: (bits, strategy, group size, element dtype).
+_MICRO = {
+    "nvfp4": (4, "tensor_group", 16, None),
+    "mxfp4": (4, "group", 32, None),
+    "mxfp8": (8, "group", 32, torch.float8_e4m3fn),
+}
+
+
+def _validate_microscale(s: Scheme) -> None:
+    if s.strategy == "block":
+        if s.kind != "float" or s.bits != 8 or s.dtype != torch.float8_e4m3fn or s.group_size is not None:
+            raise SchemeError("the block strategy is fp8-block (float8_e4m3fn, 128x128 blocks)")
+        if not s.dynamic or s.act_strategy != "group":
+            raise SchemeError("fp8-block declares dynamic activations per token-group of 128")
+        if not s.symmetric or s.optimize:
+            raise SchemeError("fp8-block takes no --asymmetric or --optimize")
+        return
+    bits, strategy, group, dtype = _MICRO[s.kind]
+    if (s.bits, s.strategy, s.group_size, s.dtype) != (bits, strategy, group, dtype) or not s.symmetric:
+        raise SchemeError(
+            f"{s.kind} has a fixed layout (groups of {group}, symmetric): --group-size, --per-tensor, "
+            "--per-channel and --asymmetric do not apply"
+        )
+    want = strategy if s.kind != "nvfp4" else "tensor_group"
+    if s.dynamic and s.act_strategy != want:
+        raise SchemeError(f"{s.kind} activations are declared per group ({want}); drop --act-strategy")
+    if not s.dynamic and s.act_strategy is not None:
+        raise SchemeError("--act-strategy needs --dynamic")
+    if s.optimize and s.kind == "mxfp8":
+        raise SchemeError("--optimize applies to int8, int4, nvfp4 and mxfp4")
+
+
+def _micro(kind: str, dynamic: bool = False) -> Scheme:
+    bits, strategy, group, dtype = _MICRO[kind]
+    act = ("tensor_group" if kind == "nvfp4" else "group") if dynamic else None
+    return Scheme(kind=kind, bits=bits, strategy=strategy, group_size=group, dtype=dtype,  # type: ignore[arg-type]
+                  dynamic=dynamic, act_strategy=act)  # type: ignore[arg-type]
+
+
 def _int(bits: int, strategy: Strategy, group: int | None = None, **kw: Any) -> Scheme:
     return Scheme(kind="int", bits=bits, strategy=strategy, group_size=group, **kw)
 
@@ -260,6 +352,19 @@ PRESETS: dict[str, Scheme] = {
     "fp8-dynamic": _fp8("channel", dynamic=True, act_strategy="token"),
     "fp16": Scheme(kind="cast", bits=16, dtype=torch.float16),
     "bf16": Scheme(kind="cast", bits=16, dtype=torch.bfloat16),
+}
+
+#: The formats the largest models ship in (compressed-tensors presets FP8_BLOCK, NVFP4A16,
+#: NVFP4, MXFP4A16, MXFP4, MXFP8A16, MXFP8), implemented by :mod:`monoquant.formats`. Kept apart
+#: from :data:`PRESETS` so that code and tests iterating the classic presets are unchanged.
+FORMAT_PRESETS: dict[str, Scheme] = {
+    "fp8-block": _fp8("block", dynamic=True, act_strategy="group"),
+    "nvfp4a16": _micro("nvfp4"),
+    "nvfp4": _micro("nvfp4", dynamic=True),
+    "mxfp4a16": _micro("mxfp4"),
+    "mxfp4": _micro("mxfp4", dynamic=True),
+    "mxfp8a16": _micro("mxfp8"),
+    "mxfp8": _micro("mxfp8", dynamic=True),
 }
 
 
@@ -298,14 +403,16 @@ def get_scheme(
         base = scheme
     else:
         key = str(scheme).lower().replace("_", "-")
-        found = PRESETS.get(key) or _parse_name(key)
+        found = PRESETS.get(key) or FORMAT_PRESETS.get(key) or _parse_name(key)
         if found is None:
-            known = ", ".join(PRESETS)
+            known = ", ".join([*PRESETS, *FORMAT_PRESETS])
             raise SchemeError(
                 f"unknown scheme {scheme!r}; known schemes: {known} "
                 "(plus canonical names such as int4-g64-asym or int8-tensor-dynamic)"
             )
         base = found
+    if base.kind in MICROSCALE_KINDS or base.strategy == "block":
+        return _micro_options(base, group_size, per_tensor, per_channel, asymmetric, dynamic, act_strategy, optimize)
     given = sum(bool(x) for x in (group_size is not None, per_tensor, per_channel))
     if given > 1:
         raise SchemeError("choose one of --group-size, --per-tensor and --per-channel")
@@ -330,10 +437,28 @@ def get_scheme(
     return dataclasses.replace(base, **changes) if changes else base
 
 
+def _micro_options(
+    base: Scheme, group_size: int | None, per_tensor: bool, per_channel: bool, asymmetric: bool, dynamic: bool,
+    act_strategy: str | None, optimize: bool,
+) -> Scheme:
+    """Options on an FP8-block/NVFP4/MX scheme: only ``dynamic`` (W4A4/W8A8) and ``optimize``."""
+    if group_size is not None or per_tensor or per_channel or asymmetric or act_strategy is not None:
+        raise SchemeError(
+            f"{base.name} has a fixed layout: --group-size, --per-tensor, --per-channel, --asymmetric and "
+            "--act-strategy do not apply (use --dynamic for the W4A4/W8A8 variant)"
+        )
+    changes: dict[str, Any] = {}
+    if dynamic and not base.dynamic:
+        changes.update(dynamic=True, act_strategy="tensor_group" if base.kind == "nvfp4" else "group")
+    if optimize:
+        changes["optimize"] = True
+    return dataclasses.replace(base, **changes) if changes else base
+
+
 def _parse_name(key: str) -> Scheme | None:
     """Parse a canonical name (``int4-g64-asym``, ``int8-tensor-dynamic``, ``fp8-opt`` ...)."""
     head, *mods = key.split("-")
-    base = PRESETS.get(head)
+    base = PRESETS.get(head) or FORMAT_PRESETS.get(head)
     if base is None or not mods:
         return None
     opts: dict[str, Any] = {}

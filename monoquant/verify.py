@@ -29,8 +29,7 @@ import torch
 from .errors import CheckpointError, MonoquantError, VerifyError
 from .exactstats import ExactStats
 from .kernels import ErrorStats, Kernel, as_rows, get_kernel
-from .layout import find_groups, infer_scheme
-from .packing import codes_per_word
+from .layout import dense_shape, find_groups, infer_scheme
 from .plan import INDEX_NAME, module_of
 from .reader import Checkpoint, RowReader, TensorRef, open_checkpoint
 from .schemes import Scheme
@@ -108,7 +107,7 @@ def quantized_entries(ckpt: Checkpoint, reader: RowReader) -> dict[str, Quantize
             shape_t = reader.rows(parts["_shape"], 0, 1).reshape(-1)
             shape = tuple(int(v) for v in shape_t.tolist())
         else:
-            shape = parts[""].shape
+            shape = dense_shape(parts)
         scheme = known.get(base)
         if scheme is None:
             scheme = infer_scheme(_meta_parts(parts, shape), shape)
@@ -205,7 +204,7 @@ def _compare_quantized(
     rows, cols = as_rows(e.shape)
     st = ExactStats()
     specs = {sp.suffix: sp for sp in k.out_specs(e.shape, e.parts["_scale"].dtype)}
-    mult = codes_per_word(e.scheme.bits) if not e.scheme.symmetric else 1
+    mult = k.block_rows_multiple
     br = max(ws_rows // mult, 1) * mult
     for a in range(0, rows, br):
         b = min(a + br, rows)

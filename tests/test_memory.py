@@ -44,7 +44,7 @@ def evict(root):
             os.close(fd)
 
 
-@pytest.mark.parametrize("scheme", ["--int8", "--int4"])
+@pytest.mark.parametrize("scheme", ["--int8", "--int4", "--nvfp4"])
 def test_quantizes_under_a_cap_smaller_than_the_largest_tensor(big, tmp_path, scheme):
     out = tmp_path / "out"
     evict(big)
@@ -59,7 +59,7 @@ def test_quantizes_under_a_cap_smaller_than_the_largest_tensor(big, tmp_path, sc
     assert report["memory"]["cgroup_peak"] is not None and report["memory"]["cgroup_peak"] <= CAP
     # the result is right: every tensor present and the big one quantized with the expected error
     stats = report["tensors"]["model.layers.0.mlp.up_proj.weight"]
-    assert stats["sqnr_db"] > (38 if scheme == "--int8" else 17)
+    assert stats["sqnr_db"] > (38 if scheme == "--int8" else 17)  # nvfp4 on normal weights: ~20 dB
     verify = run_capped([sys.executable, "-m", "monoquant", "verify", str(out), "--against", str(big), "--json"], CAP)
     assert verify.returncode == 0, verify.stderr[-2000:]
     v = json.loads(verify.stdout)
