@@ -45,6 +45,7 @@ from .plan import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_SHARD, INDEX_NAME, Plan, Plan
 from .reader import Backend, RowReader, open_checkpoint
 from .rules import Rules
 from .schemes import Scheme
+from .widerows import chunkable, process_wide_rows
 from .writer import ShardWriter, shard_digest
 
 
@@ -181,6 +182,12 @@ def process_tensor(
     row_bytes = ref.nbytes // max(rows, 1)
     where = f"{ref.file.name}: "
     try:
+        if row_bytes > 2 * block_bytes and chunkable(d.scheme):  # type: ignore[arg-type]
+            process_wide_rows(
+                pt, reader, pool, sink, block_bytes=block_bytes, clamp_fp16=clamp_fp16, stats=stats,
+                stats_every=stats_every, done=done,
+            )
+            return
         tscale = None
         if kernel.needs_absmax:
             amax = 0.0
