@@ -610,6 +610,7 @@ def _run_shards(
                         failure.append(e)
                         return
 
+    jobs = min(jobs, max(len(mine), 1))  # more threads than shards would only idle
     if jobs <= 1:
         work()
     else:

@@ -180,3 +180,15 @@ def test_rejected_pickle_message_is_complete(tmp_path: Path) -> None:
         open_checkpoint(src)
     msg = str(e.value)
     assert "\n" not in msg and "Custom" in msg and "arbitrary code" in msg and msg.endswith("environment")
+
+
+@pytest.mark.parametrize("args", [["verify", "OUT", "--against", "IN", "--min-sqnr", "nan"],
+                                  ["stream", "IN", "OUT", "--int4", "--min-sqnr", "nan"],
+                                  ["stream", "IN", "OUT", "--int4", "--target-bpw", "inf"]])
+def test_non_finite_thresholds_are_usage_errors(tmp_path: Path, args: list[str]) -> None:
+    src = write_sharded(tmp_path / "in", small(), shards=1)
+    argv = [str(src) if a == "IN" else str(tmp_path / "out") if a == "OUT" else a for a in args]
+    r = CliRunner().invoke(main, argv)
+    assert r.exit_code == 2 and "not a finite number" in r.output, r.output
+    with pytest.raises(MonoquantError, match="finite"):
+        monoquant.plan(src, "int4", min_sqnr=float("nan"))

@@ -227,3 +227,21 @@ def test_zero_state_tensor_unaffected(tmp_path: Path) -> None:
     assert meta["files"] == ["config.json", "tokenizer.json"]
     assert not (out / ".monoquant").exists()
     assert torch.is_tensor(monoquant.load(out)["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("planted", ["locks", "journal.jsonl"])
+def test_links_planted_inside_the_state_dir_are_refused(tmp_path: Path, planted: str) -> None:
+    """A real .monoquant holding a symlink (locks/ or the journal) pointing elsewhere: refused,
+    nothing written through it."""
+    src = _ckpt(tmp_path / "in")
+    out = tmp_path / "out"
+    (out / ".monoquant").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    if planted == "locks":
+        elsewhere.mkdir()
+    else:
+        elsewhere.write_text("")
+    (out / ".monoquant" / planted).symlink_to(elsewhere)
+    with pytest.raises(OutputError, match="symlink"):
+        monoquant.stream(src, out, "int8")
+    assert (elsewhere.is_dir() and not list(elsewhere.iterdir())) or (elsewhere.is_file() and elsewhere.read_text() == "")
