@@ -192,3 +192,18 @@ def test_non_finite_thresholds_are_usage_errors(tmp_path: Path, args: list[str])
     assert r.exit_code == 2 and "not a finite number" in r.output, r.output
     with pytest.raises(MonoquantError, match="finite"):
         monoquant.plan(src, "int4", min_sqnr=float("nan"))
+
+
+def test_inspect_refuses_an_index_entry_outside(tmp_path: Path) -> None:
+    """``inspect`` used to read the outside header and die with KeyError; now one line."""
+    from tests.cli_helpers import assert_one_error_line, run_cli
+
+    src = write_sharded(tmp_path / "in", small(), shards=2)
+    ip = src / "model.safetensors.index.json"
+    index = json.loads(ip.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    (tmp_path / "secret").mkdir()
+    (src / first).rename(tmp_path / "secret" / first)
+    index["weight_map"] = {k: (f"../secret/{v}" if v == first else v) for k, v in index["weight_map"].items()}
+    ip.write_text(json.dumps(index))
+    assert_one_error_line(run_cli("inspect", src), f"../secret/{first}", "outside")
