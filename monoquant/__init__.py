@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError as CheckpointError
 from .errors import MonoquantError as MonoquantError
+from .errors import OptionError as OptionError
 from .errors import OutputError as OutputError
 from .errors import PlanMismatchError as PlanMismatchError
 from .errors import SchemeError as SchemeError

@@ -148,6 +148,13 @@ def _pop_scheme(kw: dict[str, Any]) -> str:
     return named if named is not None else SCHEME_FLAGS[given[0][2:]]
 
 
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Reject ``nan``/``inf`` thresholds (a NaN floor would fail or pass every tensor silently)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 def _scheme_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     return {
         "group_size": kw.pop("group_size"),
@@ -164,11 +171,11 @@ def _scheme_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("dst", type=click.Path(path_type=str))
 @scheme_options
-@click.option("--target-bpw", type=float, default=None, metavar="BITS",
+@click.option("--target-bpw", type=float, default=None, metavar="BITS", callback=_finite,
               help="Mixed precision: per tensor choose int4 g32/g64/g128, int8 or the original dtype to fit BITS "
                    "bits per weight with the least estimated error (with --nvfp4/--mxfp4/--mxfp8/--fp8-block: "
                    "among mxfp4, nvfp4, mxfp8, fp8-block and the original dtype).")
-@click.option("--min-sqnr", type=float, default=None, metavar="DB",
+@click.option("--min-sqnr", type=float, default=None, metavar="DB", callback=_finite,
               help="Mixed precision: per tensor the smallest storage whose estimated SQNR reaches DB.")
 @click.option("--max-shard-size", default="5GB", show_default=True, metavar="SIZE",
               help="Output shard size cap (e.g. 5GB, 500MB, 2GiB).")
@@ -256,7 +263,7 @@ def stream(src: str, dst: str, **kw: Any) -> None:
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--against", type=click.Path(path_type=str), default=None, metavar="IN",
               help="The input checkpoint: dequantize every tensor and report its error.")
-@click.option("--min-sqnr", type=float, default=None, metavar="DB",
+@click.option("--min-sqnr", type=float, default=None, metavar="DB", callback=_finite,
               help="Exit with code 3 when any tensor's SQNR is below DB (a CI gate; needs --against).")
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="Worst tensors to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON report on stdout.")

@@ -183,7 +183,7 @@ class JobState:
     def record(self, shard: str, nbytes: int, digest: str) -> None:
         """Append one finished shard to the journal, durably."""
         line = json.dumps({"shard": shard, "bytes": nbytes, "sha256": digest}) + "\n"
-        fd = os.open(self.journal, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(self.journal, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
         try:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
@@ -197,7 +197,7 @@ class JobState:
     def lock(self, name: str) -> Iterator[bool]:
         """Try to take the lock ``name`` without waiting; yields whether it was taken."""
         try:
-            fd = os.open(self.locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.locks / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except FileNotFoundError:  # the job was finished and its state removed meanwhile
             yield False
             return

@@ -304,6 +304,8 @@ def budget_chooser(
     """
     if (target_bpw is None) == (min_sqnr is None):
         raise SchemeError("mixed precision needs exactly one of --target-bpw and --min-sqnr")
+    if min_sqnr is not None and not math.isfinite(min_sqnr):
+        raise SchemeError(f"--min-sqnr must be a finite number of dB, not {min_sqnr}")
     if target_bpw is not None and not (0 < target_bpw < 64):
         raise SchemeError(f"--target-bpw must be a number of bits per weight, not {target_bpw}")
     base_s = get_scheme(base)

@@ -43,6 +43,13 @@ def check_state_dir(out_dir: Path) -> None:
         )
     if p.exists() and not p.is_dir():
         raise OutputError(f"{p}: exists and is not a directory; remove it or choose another output directory")
+    if p.is_dir():  # nothing in it may lead outside either (a planted locks/ or journal link)
+        for q in [*p.iterdir(), *((p / "locks").iterdir() if (p / "locks").is_dir() else [])]:
+            if q.is_symlink():
+                raise OutputError(
+                    f"{q}: is a symlink; monoquant's job state holds only its own files: remove the link (not its "
+                    "target) or choose another output directory"
+                )
 
 
 def safe_relpath(rel: str) -> bool:

@@ -46,6 +46,7 @@ from .reader import Backend, RowReader, open_checkpoint
 from .remote import is_remote, pin_inputs, refuse_remote_output
 from .rules import Rules
 from .schemes import Scheme
+from .widerows import chunkable, process_wide_rows
 from .writer import ShardWriter, shard_digest
 
 
@@ -182,6 +183,12 @@ def process_tensor(
     row_bytes = ref.nbytes // max(rows, 1)
     where = f"{ref.file.name}: "
     try:
+        if row_bytes > 2 * block_bytes and chunkable(d.scheme):  # type: ignore[arg-type]
+            process_wide_rows(
+                pt, reader, pool, sink, block_bytes=block_bytes, clamp_fp16=clamp_fp16, stats=stats,
+                stats_every=stats_every, done=done,
+            )
+            return
         tscale = None
         if kernel.needs_absmax:
             amax = 0.0
@@ -608,6 +615,7 @@ def _run_shards(
                         failure.append(e)
                         return
 
+    jobs = min(jobs, max(len(mine), 1))  # more threads than shards would only idle
     if jobs <= 1:
         work()
     else:

@@ -248,6 +248,10 @@ def verify(
     Raises:
         VerifyError: the output cannot be opened at all (no index, corrupt headers).
     """
+    if min_sqnr is not None and not math.isfinite(min_sqnr):
+        from .errors import OptionError
+
+        raise OptionError(f"min_sqnr={min_sqnr}: must be a finite number of dB")
     root = Path(path)
     report = VerifyReport(str(root), min_sqnr=min_sqnr)
     if root.is_dir() and not (root / INDEX_NAME).exists():

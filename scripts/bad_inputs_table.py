@@ -83,9 +83,10 @@ def main() -> int:
                     note = f" (after {len(err) - 1} progress lines)"
                 rows.append(f"| {i} | {case.what} | {o.plain.returncode} | `{shorten(msg, root)}`{note} | {st} |")
             rows.extend(mount_rows(z, tmp, len(rows)))
+            other = other_rows(z, tmp / "other")
         finally:
             z.close()
-    text = HEAD + "\n".join(rows) + "\n"
+    text = HEAD + "\n".join(rows) + "\n" + OTHER_HEAD + "\n".join(other) + "\n"
     if args.check:
         same = args.out.exists() and args.out.read_text() == text
         print("up to date" if same else f"{args.out} is out of date")
@@ -126,6 +127,109 @@ def mount_rows(z: Zygote, tmp: Path, n0: int) -> list[str]:
             row("not enough free space for the output (checked before writing)", run, [str(mnt / "out")], mnt)
     except pytest.skip.Exception as e:
         rows.append(f"| {n0 + len(rows) + 1} | read-only output, disk full, too little space | | not run here: {e} | |")
+    return rows
+
+
+OTHER_HEAD = """
+## Other cases: usage errors, the verify gate, inputs that are accepted
+
+Also from real runs (`scripts/bad_inputs_table.py`, `other_rows`): the command, its exit code and
+the line that matters. Usage errors exit 2 before anything is read; `verify` exits 3 when a tensor
+decodes to NaN/Inf or to all zeros, whatever `--min-sqnr`; the accepted inputs exit 0.
+
+| # | Case | Command | Exit | Line | Status |
+|---|---|---|---|---|---|
+"""
+
+
+def other_rows(z: Zygote, tmp: Path) -> list[str]:
+    """Cases whose expected outcome is not "exit 1, one error line" (see OTHER_HEAD)."""
+    import json as _json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import monoquant
+
+    tmp.mkdir(parents=True)
+    rows: list[str] = []
+    src = write_sharded(tmp / "in", tiny_llama_sd(layers=1, hidden=128, inter=256, vocab=300), shards=1)
+
+    def add(what: str, args: list[object], want: int, pick: str, cwd_root: Path = tmp) -> None:
+        run = z.run(*args)
+        lines = (run.stderr + run.stdout).strip().splitlines()
+        line = next((ln for ln in lines if pick in ln), lines[-1] if lines else "(nothing)")
+        cmd = " ".join(shorten(str(a), cwd_root) for a in args)
+        st = "ok" if run.returncode == want and pick in line else f"open: exit {run.returncode}, expected {want}"
+        rows.append(f"| {len(rows) + 1} | {what} | `monoquant {cmd}` | {run.returncode} | `{shorten(line, cwd_root)}` | {st} |")
+
+    add("two scheme flags", ["stream", src, tmp / "o1", "--int8", "--int4"], 2, "Error:")
+    add("a cast with mixed precision", ["stream", src, tmp / "o2", "--fp16", "--target-bpw", "5"], 2, "Error:")
+    add("`--int4 --min-sqnr 30` (everything becomes int8)", ["stream", src, tmp / "o3", "--int4", "--min-sqnr", "30"],
+        0, "monoquant: complete")
+
+    def fp8_out(name: str, edit) -> Path:
+        d = tmp / name
+        out = d / "out"
+        (d / "in").mkdir(parents=True)
+        save_file({"l.weight": torch.randn(64, 256).to(torch.bfloat16)}, str(d / "in" / "model.safetensors"))
+        monoquant.stream(d / "in", out, "fp8")
+        shard = out / "model-00001-of-00001.safetensors"
+        t = load_file(str(shard))
+        edit(t)
+        save_file(t, str(shard), metadata={"format": "pt"})
+        return d
+
+    def nan_code(t):
+        t["l.weight"].view(torch.uint8)[3, 7] = 0x7F
+
+    def zeros(t):
+        t["l.weight"] = torch.zeros_like(t["l.weight"])
+
+    def nan_scale(t):
+        t["l.weight_scale"] = torch.full_like(t["l.weight_scale"], float("nan"))
+
+    for what, name, edit, want, pick in [
+        ("one fp8 code set to NaN in the output", "nan-code", nan_code, 3, "FAILED"),
+        ("the output's weight set to all zeros", "zeros", zeros, 3, "FAILED"),
+        ("the output's scales set to NaN", "nan-scale", nan_scale, 1, "problem:"),
+    ]:
+        d = fp8_out(name, edit)
+        add(what, ["verify", d / "out", "--against", d / "in", "--min-sqnr", "30"], want, pick, d)
+
+    d = tmp / "fp16max" / "in"
+    d.mkdir(parents=True)
+    w = torch.randn(64, 256).half()
+    w[0, 0], w[1, 1] = 65504, -65504
+    save_file({"l.weight": w}, str(d / "model.safetensors"))
+    add("fp16 weights at ±65504 with `--fp8` (scale capped: decodes finite)", ["stream", d, d.parent / "out", "--fp8", "-q"],
+        0, "", d.parent)
+    add("... and its gate (decoded in fp16, as the loaders do)", ["verify", d.parent / "out", "--against", d, "--min-sqnr", "20"],
+        0, "verify:", d.parent)
+    d = tmp / "asym" / "in"
+    d.mkdir(parents=True)
+    w = torch.zeros(4, 128).half()
+    w[0, 0], w[0, 1] = 65504, -65393
+    save_file({"l.weight": w}, str(d / "model.safetensors"))
+    add("fp16 weights whose asymmetric int8 decode overflows", ["stream", d, d.parent / "out", "--int8", "--asymmetric",
+        "--group-size", "128"], 1, "monoquant: error:", d.parent)
+    d = tmp / "checkpoint-500"
+    d.mkdir()
+    torch.save({"l.weight": torch.randn(64, 256)}, d / "pytorch_model.bin")
+    torch.save({"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}, d / "optimizer.pt")
+    torch.save({"last_epoch": 3}, d / "scheduler.pt")
+    torch.save({"cpu": torch.get_rng_state()}, d / "rng_state.pth")
+    (d / "training_args.bin").write_bytes(b"not a zip")
+    add("an HF Trainer checkpoint folder", ["stream", d, tmp / "o4", "--int8"], 0, "note: ignored optimizer.pt")
+    d = tmp / "models--org--m"
+    (d / "blobs").mkdir(parents=True)
+    (d / "snapshots" / "rev").mkdir(parents=True)
+    for f in src.iterdir():
+        (d / "blobs" / f.name).write_bytes(f.read_bytes())
+        (d / "snapshots" / "rev" / f.name).symlink_to(Path("../../blobs") / f.name)
+    add("an HF hub cache snapshot (symlinks into `blobs/`)", ["stream", d / "snapshots" / "rev", tmp / "o5", "--int8",
+        "-q"], 0, "", tmp)
+    _ = _json
     return rows
 
 
