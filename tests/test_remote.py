@@ -384,3 +384,28 @@ def test_memory_bound_of_the_read_window(aws_env: dict[str, str], ckpt: tuple[Pa
     finally:
         rd.close()
 
+
+
+def test_fleet_without_shared_volume(aws_env: dict[str, str], tmp_path: Path, ckpt: tuple[Path, str], local_ref: dict[str, bytes]) -> None:
+    """docs/remote.md's fleet recipe: each worker reads the bucket and writes its own local directory;
+    a finishing step gathers the parts (shards + journals) and only writes the index."""
+    import shutil
+
+    _, url = ckpt
+    for k in range(2):
+        rep = monoquant.stream(url, tmp_path / f"part{k}", "int8", max_shard_size="600KB", worker=(k, 2))
+        assert not rep.complete and rep.shards_written >= 1
+    out = tmp_path / "out"
+    (out / STATE).mkdir(parents=True)
+    journal = b""
+    for k in range(2):
+        part = tmp_path / f"part{k}"
+        for p in part.glob("model-*.safetensors"):
+            shutil.copy(p, out / p.name)
+        for name in ("plan.json", "inputs.json"):
+            shutil.copy(part / STATE / name, out / STATE / name)
+        journal += (part / STATE / "journal.jsonl").read_bytes()
+    (out / STATE / "journal.jsonl").write_bytes(journal)
+    fin = monoquant.stream(url, out, "int8", max_shard_size="600KB")
+    assert fin.complete and fin.shards_written == 0 and fin.shards_skipped >= 3
+    assert_complete(out, local_ref, "gathered fleet output")
