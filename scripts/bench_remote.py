@@ -13,7 +13,9 @@ synthetic checkpoint made by ``scripts/make_checkpoint.py``, then runs, each as 
 Prints one JSON line per run: case, scheme, window, wall seconds (fork to ``wait4``), input GB/s,
 peak RSS (``wait4`` rusage), what ``monoquant --json`` reports about itself (peak RSS / RssAnon),
 and whether the output is byte-identical to the local run. The server runs on the same machine
-and competes for its cores: the figures are a lower bound for a real bucket.
+and competes for its cores; and moto reads a whole object for every range request it answers, so
+its cost per request grows with the object size (hence the small default shards, 64 MB). The
+figures are a floor for a real bucket, and ``read-only`` shows how much of them is the server.
 
 Examples:
 
@@ -28,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -103,6 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=1.0, help="checkpoint size (made by make_checkpoint.py)")
     ap.add_argument("--ckpt", type=Path, default=None, help="use this checkpoint directory instead of making one")
+    ap.add_argument("--shard-size-gb", type=float, default=0.064, help="input shard (object) size")
     ap.add_argument("--schemes", default="int8")
     ap.add_argument("--windows", default="8M:4,2M:4,8M:0,32M:4", help="CHUNK:AHEAD read windows to try")
     ap.add_argument("--repeats", type=int, default=1)
@@ -114,10 +118,10 @@ def main() -> None:
     a.workdir.mkdir(parents=True, exist_ok=True)
     ckpt = a.ckpt
     if ckpt is None:
-        ckpt = a.workdir / f"ckpt-{a.size_gb:g}"
+        ckpt = a.workdir / f"ckpt-{a.size_gb:g}-{a.shard_size_gb:g}"
         if not (ckpt / "model.safetensors.index.json").exists():
             subprocess.run([sys.executable, str(ROOT / "scripts" / "make_checkpoint.py"), str(ckpt), "--size-gb",
-                            str(a.size_gb), "--vocab", "32000", "--shard-size-gb", "0.5"], check=True,
+                            str(a.size_gb), "--vocab", "32000", "--shard-size-gb", str(a.shard_size_gb)], check=True,
                            stdout=subprocess.DEVNULL)
     in_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     mq = [sys.executable, "-m", "monoquant"]
@@ -130,6 +134,7 @@ def main() -> None:
             with open(a.log, "a") as f:
                 f.write(line + "\n")
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
     with S3Server(auth=a.auth) as srv:
         t0 = time.perf_counter()
         url = srv.upload_dir(ckpt, "bench/ckpt")
@@ -165,7 +170,8 @@ def main() -> None:
                     emit({
                         "case": case, "scheme": scheme, "window": window, "repeat": rep, "rc": rc,
                         "wall_s": round(wall, 2), "in_gb_per_s": round(in_bytes / wall / 1e9, 3),
-                        "run_s": rep_json.get("seconds"), "peak_rss_mib": round(rss / 2**20, 1),
+                        "run_s": rep_json.get("seconds"), "run_gb_per_s": rep_json.get("gb_per_s"),
+                        "peak_rss_mib": round(rss / 2**20, 1),
                         "self_peak_rss_mib": round((mem.get("peak_rss") or 0) / 2**20, 1),
                         "self_peak_anon_mib": round((mem.get("peak_anon") or 0) / 2**20, 1),
                         "identical_to_local": digest == ref_digest if case != "local" else None,

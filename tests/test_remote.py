@@ -409,3 +409,28 @@ def test_fleet_without_shared_volume(aws_env: dict[str, str], tmp_path: Path, ck
     fin = monoquant.stream(url, out, "int8", max_shard_size="600KB")
     assert fin.complete and fin.shards_written == 0 and fin.shards_skipped >= 3
     assert_complete(out, local_ref, "gathered fleet output")
+
+
+def test_local_runs_never_import_fsspec(tmp_path: Path, ckpt: tuple[Path, str]) -> None:
+    """The core install stays torch + safetensors + tqdm + click: a local run works with fsspec blocked."""
+    code = (
+        "import sys; sys.modules['fsspec'] = None; sys.modules['s3fs'] = None\n"
+        "import monoquant\n"
+        "r = monoquant.stream(sys.argv[1], sys.argv[2], 'int8')\n"
+        "assert r.complete\n"
+        "print('ok')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, str(ckpt[0]), str(tmp_path / "out")], capture_output=True,
+                       text=True, env=cli_helpers.ENV, stdin=subprocess.DEVNULL, timeout=120)
+    assert p.returncode == 0 and p.stdout == "ok\n", p.stderr
+
+
+def test_index_entry_outside_the_prefix_is_refused(aws_env: dict[str, str], srv: S3Server, ckpt: tuple[Path, str], tmp_path: Path) -> None:
+    root, _ = ckpt
+    url = srv.upload_dir(root, "models/escape")
+    index = json.loads((root / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../llama/model-00001-of-00003.safetensors"
+    srv.put("models/escape/model.safetensors.index.json", json.dumps(index).encode())
+    with pytest.raises(CheckpointError, match="outside the checkpoint"):
+        monoquant.plan(url, "int8")
