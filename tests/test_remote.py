@@ -434,3 +434,84 @@ def test_index_entry_outside_the_prefix_is_refused(aws_env: dict[str, str], srv:
     srv.put("models/escape/model.safetensors.index.json", json.dumps(index).encode())
     with pytest.raises(CheckpointError, match="outside the checkpoint"):
         monoquant.plan(url, "int8")
+
+
+# ---- https:// (plain HTTP range requests): a minimal server on 127.0.0.1 ------------------------------
+def _range_server(root: Path) -> Any:
+    """A threaded HTTP server for the files of ``root`` that honours ``Range`` (as object stores and
+    CDNs do) and sends an ``ETag``; returns the server (``server_address`` has its port)."""
+    import http.server
+    import re
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a: Any) -> None:
+            pass
+
+        def _file(self) -> Path | None:
+            p = root / self.path.split("?", 1)[0].lstrip("/")
+            return p if p.is_file() else None
+
+        def _head(self, code: int, length: int, extra: dict[str, str]) -> None:
+            self.send_response(code)
+            self.send_header("Content-Length", str(length))
+            self.send_header("Accept-Ranges", "bytes")
+            for k, v in extra.items():
+                self.send_header(k, v)
+            self.end_headers()
+
+        def do_HEAD(self) -> None:
+            p = self._file()
+            if p is None:
+                self._head(404, 0, {})
+                return
+            self._head(200, p.stat().st_size, {"ETag": f'"{p.stat().st_mtime_ns}"'})
+
+        def do_GET(self) -> None:
+            p = self._file()
+            if p is None:
+                self._head(404, 0, {})
+                return
+            data = p.read_bytes()
+            m = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range", ""))
+            etag = {"ETag": f'"{p.stat().st_mtime_ns}"'}
+            if m:
+                a, b = int(m.group(1)), int(m.group(2) or len(data) - 1)
+                part = data[a : b + 1]
+                self._head(206, len(part), {**etag, "Content-Range": f"bytes {a}-{a + len(part) - 1}/{len(data)}"})
+                self.wfile.write(part)
+            else:
+                self._head(200, len(data), etag)
+                self.wfile.write(data)
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_https_style_single_file_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain HTTP(S) URL to one .safetensors file, read by range requests; the token in the query
+    string never shows."""
+    from safetensors.torch import save_file
+
+    pytest.importorskip("aiohttp")
+    for k, v in SMALL_WINDOW.items():
+        monkeypatch.setenv(k, v)
+    d = tmp_path / "srv"
+    d.mkdir()
+    save_file(tiny_llama_sd(layers=1, hidden=128, inter=256, vocab=300, seed=5), str(d / "model.safetensors"))
+    srv = _range_server(d)
+    try:
+        base = f"http://127.0.0.1:{srv.server_address[1]}/model.safetensors"
+        url = base + "?token=hf_secret_token"
+        rep = monoquant.stream(url, tmp_path / "remote", "int4", group_size=32)
+        monoquant.stream(d / "model.safetensors", tmp_path / "local", "int4", group_size=32)
+        assert read_dir_bytes(tmp_path / "remote") == read_dir_bytes(tmp_path / "local")
+        assert "hf_secret_token" not in json.dumps(rep.to_json()) + json.dumps(monoquant.plan(url).to_json())
+        assert monoquant.plan(url).source == base
+        with pytest.raises(CheckpointError, match=r"^http://127\.0\.0\.1:\d+/nothing\.safetensors: ") as ei:
+            monoquant.plan(base.replace("model", "nothing") + "?token=hf_secret_token")
+        assert "hf_secret_token" not in str(ei.value)
+    finally:
+        srv.shutdown()
+        srv.server_close()
