@@ -181,9 +181,16 @@ def test_sigkill_at_a_random_moment_then_rerun(srv: S3Server, tmp_path: Path, ck
     p.send_signal(signal.SIGKILL)
     p.communicate()
     check_after_kill(out, local_ref, "random kill")
+    # the rerun gets empty temp, home and cache directories: nothing of the input may land there
+    scratch = {k: tmp_path / k.lower() for k in ("TMPDIR", "HOME", "XDG_CACHE_HOME")}
+    for d in scratch.values():
+        d.mkdir()
+    env = {**env, **{k: str(d) for k, d in scratch.items()}}
     again = subprocess.run(args, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
     assert again.returncode == 0, again.stderr
     assert_complete(out, local_ref, "rerun after a random kill")
+    written = sum(p.stat().st_size for d in scratch.values() for p in d.rglob("*") if p.is_file())
+    assert written < 64 << 10, f"{written} bytes written to temp/home/cache during a remote run"
 
 
 def test_object_replaced_between_runs_is_refused(zyg: Zygote, srv: S3Server, tmp_path: Path, ckpt: tuple[Path, str]) -> None:
@@ -297,6 +304,8 @@ def test_torch_bin_remote_is_refused(zyg: Zygote, srv: S3Server, tmp_path: Path)
 def test_remote_output_is_refused(aws_env: dict[str, str], ckpt: tuple[Path, str], srv: S3Server) -> None:
     with pytest.raises(OutputError, match="must be a local directory"):
         monoquant.stream(ckpt[0], srv.url("out/"), "int8")
+    with pytest.raises(CheckpointError, match="load\\(\\) reads a local output"):
+        monoquant.load(srv.url("out/"))
 
 
 def test_missing_extra_is_one_line(tmp_path: Path) -> None:
