@@ -100,11 +100,16 @@ def test_sharded_from_s3_matches_local_run(zyg: Zygote, tmp_path: Path, ckpt: tu
     assert rep["complete"] and rep["shards_written"] >= 3
 
 
-@pytest.mark.parametrize("scheme", ["int4", "fp8", "fp16"])
-def test_schemes_from_s3_match_local(aws_env: dict[str, str], tmp_path: Path, ckpt: tuple[Path, str], scheme: str) -> None:
+@pytest.mark.parametrize(("scheme", "opts"), [
+    ("int4", {}),
+    ("fp8", {}),  # a tensor scale: every tensor is read twice
+    ("fp16", {"jobs": 2, "max_shard_size": "600KB"}),  # two readers at once
+    ("int8", {"target_bpw": 6.0}),  # mixed precision samples rows first
+])
+def test_schemes_from_s3_match_local(aws_env: dict[str, str], tmp_path: Path, ckpt: tuple[Path, str], scheme: str, opts: dict[str, Any]) -> None:
     root, url = ckpt
-    monoquant.stream(root, tmp_path / "local", scheme)
-    rep = monoquant.stream(url, tmp_path / "remote", scheme)
+    monoquant.stream(root, tmp_path / "local", scheme, **opts)
+    rep = monoquant.stream(url, tmp_path / "remote", scheme, **opts)
     assert rep.complete
     assert read_dir_bytes(tmp_path / "remote") == read_dir_bytes(tmp_path / "local")
 
