@@ -6,7 +6,9 @@ server started here on 127.0.0.1 (moto's server mode, with signature and IAM che
   read from ``s3://``, give the very bytes of the local run (every file of the output); the
   plan, ``inspect`` and ``verify --against`` work on the URL.
 * Resume: SIGKILL at named moments and at a random one, rerun: byte-identical, finished shards
-  not read again; an object replaced between the runs is refused (``--restart`` takes the new one).
+  not read again (the bytes fetched by a resumed run are counted); an object replaced between the
+  runs is refused (``--restart`` takes the new one); the fleet recipe with no shared volume.
+* Other URLs: a single-file ``http://`` URL on a range-capable server (tokens never shown).
 * Permanent errors, one line and exit 1, naming the object: missing prefix, missing shard,
   access denied by policy, unknown credentials (never printed), truncated object, object
   replaced while being read, torch ``.bin`` (refused: no byte ranges), remote output, and the
@@ -529,3 +531,35 @@ def test_https_style_single_file_url(tmp_path: Path, monkeypatch: pytest.MonkeyP
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_resume_fetches_only_what_the_missing_shards_need(aws_env: dict[str, str], tmp_path: Path, ckpt: tuple[Path, str], local_ref: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes actually fetched from the bucket by a resumed run: the input tensors of the shards still
+    missing, plus at most the read window's overshoot, and not a byte of the finished shards."""
+    _, url = ckpt
+    chunk, ahead = 16384, 1
+    monkeypatch.setenv("MONOQUANT_REMOTE_CHUNK", str(chunk))
+    monkeypatch.setenv("MONOQUANT_REMOTE_AHEAD", str(ahead))
+    fetched: list[int] = []
+    real = RangeReader._fetch
+
+    def counting(self: RangeReader, k: int) -> bytes:
+        data = real(self, k)
+        fetched.append(len(data))
+        return data
+
+    monkeypatch.setattr(RangeReader, "_fetch", counting)
+    out = tmp_path / "out"
+    first = monoquant.stream(url, out, "int8", max_shard_size="600KB", worker=(0, 2))  # "killed" after its shards
+    assert not first.complete and first.shards_written >= 2
+    fetched.clear()
+    p = monoquant.plan(url, "int8", max_shard_size="600KB")
+    rest = monoquant.stream(url, out, "int8", max_shard_size="600KB")
+    assert rest.complete and rest.shards_skipped == first.shards_written
+    assert_complete(out, local_ref, "resumed from the bucket")
+    missing = [s for s in p.shards if s.index % 2 == 1]
+    need = sum(p.tensors[i].ref.nbytes for s in missing for i in s.tensors)
+    total = sum(t.ref.nbytes for t in p.tensors)
+    pairs = sum(len({p.tensors[i].ref.file for i in s.tensors}) for s in missing)
+    assert need <= sum(fetched) <= need + pairs * (ahead + 2) * chunk, (sum(fetched), need, total)
+    assert sum(fetched) < 0.75 * total
