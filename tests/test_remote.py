@@ -563,3 +563,12 @@ def test_resume_fetches_only_what_the_missing_shards_need(aws_env: dict[str, str
     pairs = sum(len({p.tensors[i].ref.file for i in s.tensors}) for s in missing)
     assert need <= sum(fetched) <= need + pairs * (ahead + 2) * chunk, (sum(fetched), need, total)
     assert sum(fetched) < 0.75 * total
+
+
+def test_docstring_examples_of_the_remote_module() -> None:
+    import doctest
+
+    import monoquant.remote
+
+    res = doctest.testmod(monoquant.remote)
+    assert res.attempted >= 5 and res.failed == 0
