@@ -28,6 +28,13 @@ class OutputReader:
     """Index-aware access to the tensors of a safetensors checkpoint directory or file."""
 
     def __init__(self, path: str | os.PathLike[str]):
+        from .remote import is_remote, scrub
+
+        if is_remote(path):
+            raise CheckpointError(
+                f"{scrub(str(path))}: load() reads a local output; download it first (monoquant.stream and "
+                "iter_quantized read an input checkpoint straight from a URL)"
+            )
         self.path = Path(path)
         self.weight_map: dict[str, str] = {}
         self.metadata: dict[str, Any] = {}

@@ -285,6 +285,8 @@ class RemotePath:
         return RemotePath(self.fs, head)
 
     def __truediv__(self, name: str) -> RemotePath:
+        if name.startswith("/") or ".." in name.split("/") or "://" in name:
+            raise CheckpointError(f"{self}: {name!r} points outside the checkpoint; the index is corrupt or malicious")
         return RemotePath(self.fs, f"{self._key}/{name}")
 
     def relative_to(self, other: RemotePath) -> PurePosixPath:
@@ -482,7 +484,7 @@ class RangeReader:
             self._get(k)
         pos = 0
         for k in range(first, last + 1):
-            data = self._chunks[k].result()
+            data = memoryview(self._chunks[k].result())
             lo = max(offset, k * self.chunk) - k * self.chunk
             hi = min(end, (k + 1) * self.chunk) - k * self.chunk
             out[pos : pos + hi - lo] = data[lo:hi]

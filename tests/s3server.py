@@ -105,9 +105,12 @@ class S3Server:
 
     def client(self) -> Any:
         import boto3
+        from botocore.config import Config
 
+        # plain PUTs without streamed checksums: moto decodes aws-chunked bodies slowly
+        cfg = Config(request_checksum_calculation="when_required", response_checksum_validation="when_required")
         return boto3.client("s3", endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id=self.key_id,
-                            aws_secret_access_key=self.secret)
+                            aws_secret_access_key=self.secret, config=cfg)
 
     def url(self, prefix: str) -> str:
         return f"s3://{self.bucket}/{prefix}"
@@ -117,7 +120,8 @@ class S3Server:
         c = self.client()
         for p in sorted(local.rglob("*")):
             if p.is_file():
-                c.upload_file(str(p), self.bucket, f"{prefix}/{p.relative_to(local).as_posix()}")
+                with open(p, "rb") as f:  # one PUT per file (moto assembles multipart uploads slowly)
+                    c.put_object(Bucket=self.bucket, Key=f"{prefix}/{p.relative_to(local).as_posix()}", Body=f)
         return self.url(prefix)
 
     def put(self, key: str, data: bytes) -> None:

@@ -6,7 +6,9 @@ server started here on 127.0.0.1 (moto's server mode, with signature and IAM che
   read from ``s3://``, give the very bytes of the local run (every file of the output); the
   plan, ``inspect`` and ``verify --against`` work on the URL.
 * Resume: SIGKILL at named moments and at a random one, rerun: byte-identical, finished shards
-  not read again; an object replaced between the runs is refused (``--restart`` takes the new one).
+  not read again (the bytes fetched by a resumed run are counted); an object replaced between the
+  runs is refused (``--restart`` takes the new one); the fleet recipe with no shared volume.
+* Other URLs: a single-file ``http://`` URL on a range-capable server (tokens never shown).
 * Permanent errors, one line and exit 1, naming the object: missing prefix, missing shard,
   access denied by policy, unknown credentials (never printed), truncated object, object
   replaced while being read, torch ``.bin`` (refused: no byte ranges), remote output, and the
@@ -100,11 +102,16 @@ def test_sharded_from_s3_matches_local_run(zyg: Zygote, tmp_path: Path, ckpt: tu
     assert rep["complete"] and rep["shards_written"] >= 3
 
 
-@pytest.mark.parametrize("scheme", ["int4", "fp8", "fp16"])
-def test_schemes_from_s3_match_local(aws_env: dict[str, str], tmp_path: Path, ckpt: tuple[Path, str], scheme: str) -> None:
+@pytest.mark.parametrize(("scheme", "opts"), [
+    ("int4", {}),
+    ("fp8", {}),  # a tensor scale: every tensor is read twice
+    ("fp16", {"jobs": 2, "max_shard_size": "600KB"}),  # two readers at once
+    ("int8", {"target_bpw": 6.0}),  # mixed precision samples rows first
+])
+def test_schemes_from_s3_match_local(aws_env: dict[str, str], tmp_path: Path, ckpt: tuple[Path, str], scheme: str, opts: dict[str, Any]) -> None:
     root, url = ckpt
-    monoquant.stream(root, tmp_path / "local", scheme)
-    rep = monoquant.stream(url, tmp_path / "remote", scheme)
+    monoquant.stream(root, tmp_path / "local", scheme, **opts)
+    rep = monoquant.stream(url, tmp_path / "remote", scheme, **opts)
     assert rep.complete
     assert read_dir_bytes(tmp_path / "remote") == read_dir_bytes(tmp_path / "local")
 
@@ -182,9 +189,16 @@ def test_sigkill_at_a_random_moment_then_rerun(srv: S3Server, tmp_path: Path, ck
     p.send_signal(signal.SIGKILL)
     p.communicate()
     check_after_kill(out, local_ref, "random kill")
+    # the rerun gets empty temp, home and cache directories: nothing of the input may land there
+    scratch = {k: tmp_path / k.lower() for k in ("TMPDIR", "HOME", "XDG_CACHE_HOME")}
+    for d in scratch.values():
+        d.mkdir()
+    env = {**env, **{k: str(d) for k, d in scratch.items()}}
     again = subprocess.run(args, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
     assert again.returncode == 0, again.stderr
     assert_complete(out, local_ref, "rerun after a random kill")
+    written = sum(p.stat().st_size for d in scratch.values() for p in d.rglob("*") if p.is_file())
+    assert written < 64 << 10, f"{written} bytes written to temp/home/cache during a remote run"
 
 
 def test_object_replaced_between_runs_is_refused(zyg: Zygote, srv: S3Server, tmp_path: Path, ckpt: tuple[Path, str]) -> None:
@@ -298,6 +312,8 @@ def test_torch_bin_remote_is_refused(zyg: Zygote, srv: S3Server, tmp_path: Path)
 def test_remote_output_is_refused(aws_env: dict[str, str], ckpt: tuple[Path, str], srv: S3Server) -> None:
     with pytest.raises(OutputError, match="must be a local directory"):
         monoquant.stream(ckpt[0], srv.url("out/"), "int8")
+    with pytest.raises(CheckpointError, match="load\\(\\) reads a local output"):
+        monoquant.load(srv.url("out/"))
 
 
 def test_missing_extra_is_one_line(tmp_path: Path) -> None:
@@ -385,3 +401,175 @@ def test_memory_bound_of_the_read_window(aws_env: dict[str, str], ckpt: tuple[Pa
     finally:
         rd.close()
 
+
+
+def test_fleet_without_shared_volume(aws_env: dict[str, str], tmp_path: Path, ckpt: tuple[Path, str], local_ref: dict[str, bytes]) -> None:
+    """docs/remote.md's fleet recipe: each worker reads the bucket and writes its own local directory;
+    a finishing step gathers the parts (shards + journals) and only writes the index."""
+    import shutil
+
+    _, url = ckpt
+    for k in range(2):
+        rep = monoquant.stream(url, tmp_path / f"part{k}", "int8", max_shard_size="600KB", worker=(k, 2))
+        assert not rep.complete and rep.shards_written >= 1
+    out = tmp_path / "out"
+    (out / STATE).mkdir(parents=True)
+    journal = b""
+    for k in range(2):
+        part = tmp_path / f"part{k}"
+        for p in part.glob("model-*.safetensors"):
+            shutil.copy(p, out / p.name)
+        for name in ("plan.json", "inputs.json"):
+            shutil.copy(part / STATE / name, out / STATE / name)
+        journal += (part / STATE / "journal.jsonl").read_bytes()
+    (out / STATE / "journal.jsonl").write_bytes(journal)
+    fin = monoquant.stream(url, out, "int8", max_shard_size="600KB")
+    assert fin.complete and fin.shards_written == 0 and fin.shards_skipped >= 3
+    assert_complete(out, local_ref, "gathered fleet output")
+
+
+def test_local_runs_never_import_fsspec(tmp_path: Path, ckpt: tuple[Path, str]) -> None:
+    """The core install stays torch + safetensors + tqdm + click: a local run works with fsspec blocked."""
+    code = (
+        "import sys; sys.modules['fsspec'] = None; sys.modules['s3fs'] = None\n"
+        "import monoquant\n"
+        "r = monoquant.stream(sys.argv[1], sys.argv[2], 'int8')\n"
+        "assert r.complete\n"
+        "print('ok')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, str(ckpt[0]), str(tmp_path / "out")], capture_output=True,
+                       text=True, env=cli_helpers.ENV, stdin=subprocess.DEVNULL, timeout=120)
+    assert p.returncode == 0 and p.stdout == "ok\n", p.stderr
+
+
+def test_index_entry_outside_the_prefix_is_refused(aws_env: dict[str, str], srv: S3Server, ckpt: tuple[Path, str], tmp_path: Path) -> None:
+    root, _ = ckpt
+    url = srv.upload_dir(root, "models/escape")
+    index = json.loads((root / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../llama/model-00001-of-00003.safetensors"
+    srv.put("models/escape/model.safetensors.index.json", json.dumps(index).encode())
+    with pytest.raises(CheckpointError, match="outside the checkpoint"):
+        monoquant.plan(url, "int8")
+
+
+# ---- https:// (plain HTTP range requests): a minimal server on 127.0.0.1 ------------------------------
+def _range_server(root: Path) -> Any:
+    """A threaded HTTP server for the files of ``root`` that honours ``Range`` (as object stores and
+    CDNs do) and sends an ``ETag``; returns the server (``server_address`` has its port)."""
+    import http.server
+    import re
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a: Any) -> None:
+            pass
+
+        def _file(self) -> Path | None:
+            p = root / self.path.split("?", 1)[0].lstrip("/")
+            return p if p.is_file() else None
+
+        def _head(self, code: int, length: int, extra: dict[str, str]) -> None:
+            self.send_response(code)
+            self.send_header("Content-Length", str(length))
+            self.send_header("Accept-Ranges", "bytes")
+            for k, v in extra.items():
+                self.send_header(k, v)
+            self.end_headers()
+
+        def do_HEAD(self) -> None:
+            p = self._file()
+            if p is None:
+                self._head(404, 0, {})
+                return
+            self._head(200, p.stat().st_size, {"ETag": f'"{p.stat().st_mtime_ns}"'})
+
+        def do_GET(self) -> None:
+            p = self._file()
+            if p is None:
+                self._head(404, 0, {})
+                return
+            data = p.read_bytes()
+            m = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range", ""))
+            etag = {"ETag": f'"{p.stat().st_mtime_ns}"'}
+            if m:
+                a, b = int(m.group(1)), int(m.group(2) or len(data) - 1)
+                part = data[a : b + 1]
+                self._head(206, len(part), {**etag, "Content-Range": f"bytes {a}-{a + len(part) - 1}/{len(data)}"})
+                self.wfile.write(part)
+            else:
+                self._head(200, len(data), etag)
+                self.wfile.write(data)
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_https_style_single_file_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain HTTP(S) URL to one .safetensors file, read by range requests; the token in the query
+    string never shows."""
+    from safetensors.torch import save_file
+
+    pytest.importorskip("aiohttp")
+    for k, v in SMALL_WINDOW.items():
+        monkeypatch.setenv(k, v)
+    d = tmp_path / "srv"
+    d.mkdir()
+    save_file(tiny_llama_sd(layers=1, hidden=128, inter=256, vocab=300, seed=5), str(d / "model.safetensors"))
+    srv = _range_server(d)
+    try:
+        base = f"http://127.0.0.1:{srv.server_address[1]}/model.safetensors"
+        url = base + "?token=hf_secret_token"
+        rep = monoquant.stream(url, tmp_path / "remote", "int4", group_size=32)
+        monoquant.stream(d / "model.safetensors", tmp_path / "local", "int4", group_size=32)
+        assert read_dir_bytes(tmp_path / "remote") == read_dir_bytes(tmp_path / "local")
+        assert "hf_secret_token" not in json.dumps(rep.to_json()) + json.dumps(monoquant.plan(url).to_json())
+        assert monoquant.plan(url).source == base
+        with pytest.raises(CheckpointError, match=r"^http://127\.0\.0\.1:\d+/nothing\.safetensors: ") as ei:
+            monoquant.plan(base.replace("model", "nothing") + "?token=hf_secret_token")
+        assert "hf_secret_token" not in str(ei.value)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_resume_fetches_only_what_the_missing_shards_need(aws_env: dict[str, str], tmp_path: Path, ckpt: tuple[Path, str], local_ref: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes actually fetched from the bucket by a resumed run: the input tensors of the shards still
+    missing, plus at most the read window's overshoot, and not a byte of the finished shards."""
+    _, url = ckpt
+    chunk, ahead = 16384, 1
+    monkeypatch.setenv("MONOQUANT_REMOTE_CHUNK", str(chunk))
+    monkeypatch.setenv("MONOQUANT_REMOTE_AHEAD", str(ahead))
+    fetched: list[int] = []
+    real = RangeReader._fetch
+
+    def counting(self: RangeReader, k: int) -> bytes:
+        data = real(self, k)
+        fetched.append(len(data))
+        return data
+
+    monkeypatch.setattr(RangeReader, "_fetch", counting)
+    out = tmp_path / "out"
+    first = monoquant.stream(url, out, "int8", max_shard_size="600KB", worker=(0, 2))  # "killed" after its shards
+    assert not first.complete and first.shards_written >= 2
+    fetched.clear()
+    p = monoquant.plan(url, "int8", max_shard_size="600KB")
+    rest = monoquant.stream(url, out, "int8", max_shard_size="600KB")
+    assert rest.complete and rest.shards_skipped == first.shards_written
+    assert_complete(out, local_ref, "resumed from the bucket")
+    missing = [s for s in p.shards if s.index % 2 == 1]
+    need = sum(p.tensors[i].ref.nbytes for s in missing for i in s.tensors)
+    total = sum(t.ref.nbytes for t in p.tensors)
+    pairs = sum(len({p.tensors[i].ref.file for i in s.tensors}) for s in missing)
+    assert need <= sum(fetched) <= need + pairs * (ahead + 2) * chunk, (sum(fetched), need, total)
+    assert sum(fetched) < 0.75 * total
+
+
+def test_docstring_examples_of_the_remote_module() -> None:
+    import doctest
+
+    import monoquant.remote
+
+    res = doctest.testmod(monoquant.remote)
+    assert res.attempted >= 5 and res.failed == 0
