@@ -225,7 +225,14 @@ def shared_absmax(members: tuple[Any, ...], own: Any, block_rows: int) -> float:
                 continue
             try:
                 st = os.stat(ref.file)
-                key: tuple[Any, ...] = (str(ref.file), ref.name, ref.offset, ref.nbytes, st.st_size, st.st_mtime_ns)
+                key: tuple[Any, ...] = (
+                    str(ref.file),
+                    ref.name,
+                    ref.offset,
+                    ref.nbytes,
+                    st.st_size,
+                    st.st_mtime_ns,
+                )
             except (OSError, AttributeError):
                 key = ()
             amax = _PEER_AMAX.get(key) if key else None

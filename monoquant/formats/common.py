@@ -75,7 +75,8 @@ E2M1_KEY_VALUES = E2M1_VALUES[_E2M1_KEYS.long()]
 def e2m1_keys(
     y: torch.Tensor, out: torch.Tensor | None = None, scratch: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """int32 rounding keys of float32 ``y`` (any magnitude: beyond ±6 saturates to code 7)."""
+    """int32 rounding keys of float32 ``y`` (any magnitude: beyond ±6 saturates to code 7).
+    ``scratch`` may be ``y``'s own memory (viewed as int32): it is overwritten last."""
     b = y.view(torch.int32)
     key = torch.bitwise_right_shift(b, 21, out=out).bitwise_and_(0x7FF).bitwise_left_shift_(1)
     sticky = torch.bitwise_and(b, 0x1FFFFF, out=scratch).clamp_(max=1)

@@ -128,7 +128,7 @@ class MXKernel(FormatKernel):
             keys = e2m1_keys(
                 y.view(r, c),
                 ws.get("keys", r * c, torch.int32).view(r, c),
-                ws.get("sticky", r * c, torch.int32).view(r, c),
+                y.view(r, c).view(torch.int32),
             )
             if stats is not None:
                 ks = sampled(keys, k)

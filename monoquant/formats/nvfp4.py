@@ -148,7 +148,7 @@ class NVFP4Kernel(FormatKernel):
         keys = e2m1_keys(
             y.view(r, c),
             ws.get("keys", r * c, torch.int32).view(r, c),
-            ws.get("sticky", r * c, torch.int32).view(r, c),
+            y.view(r, c).view(torch.int32),
         )
         if stats is not None:
             k = 1 if self.scheme.optimize else max(int(stats_rows), 1)
