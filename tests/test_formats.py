@@ -455,6 +455,24 @@ def test_fused_layers_share_one_global_scale_in_stream_and_in_memory(llama, tmp_
     assert "shared" not in reasons[p + "self_attn.o_proj.weight"]
 
 
+def test_shared_scale_across_shards_and_workers_is_deterministic(llama, tmp_path):
+    """q/k/v split over output shards, written by two workers one after the other and with two
+    jobs: the same bytes as one plain run (each member's first pass reads the others itself)."""
+    src, _sd = llama
+    outs = {}
+    for label, runs in {
+        "one": [{}],
+        "workers": [{"worker": "1/2"}, {"worker": "0/2"}],
+        "jobs": [{"jobs": 2}],
+    }.items():
+        out = tmp_path / label
+        for kw in runs:
+            monoquant.stream(src, out, "nvfp4a16", max_shard_size="100KB", block_bytes=8 * 1024, **kw)
+        outs[label] = {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+    assert len(outs["one"]) > 10  # q, k and v land in different shards
+    assert outs["workers"] == outs["one"] and outs["jobs"] == outs["one"]
+
+
 # ---- streaming: stream == iter == in memory, deterministic --------------------------------------
 @pytest.mark.parametrize("name", NAMES + OPT)
 def test_stream_and_iter_are_byte_identical_to_in_memory(llama, tmp_path, name):
@@ -567,3 +585,13 @@ def test_cli_refuses_options_of_a_fixed_layout_in_one_line(llama):
     assert r.exit_code == 1
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "mxfp4a16 has a fixed layout" in lines[0] and "Traceback" not in r.output
+
+
+def test_nan_in_a_fused_partner_names_the_partner(tmp_path):
+    sd = tiny_llama_sd(layers=1, hidden=128, inter=256)
+    sd["model.layers.0.self_attn.v_proj.weight"][3, 4] = math.nan
+    src = write_sharded(tmp_path / "src", sd, 1)
+    r = CliRunner().invoke(cli_main, ["stream", str(src), str(tmp_path / "out"), "--nvfp4"])
+    assert r.exit_code == 1
+    assert "tensor 'model.layers.0.self_attn.v_proj.weight' holds 1 NaN/Inf value(s)" in r.output
+    assert "Traceback" not in r.output

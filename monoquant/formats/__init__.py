@@ -211,11 +211,17 @@ def shared_absmax(members: tuple[Any, ...], own: Any, block_rows: int) -> float:
     separate ``pread`` reader: the run's mapping (and the pages it holds) is left alone.
 
     The values are cached by the identity of each tensor's bytes, so the members of one group
-    read each other once. Raises :class:`~monoquant.kernels.NonFiniteError` like ``absmax``.
+    read each other once.
+
+    Raises:
+        TensorValueError: a member holds NaN or Inf (the message names that member).
     """
     import os
 
-    from ..kernels import absmax, as_rows
+    import torch
+
+    from ..inmemory import nonfinite_error
+    from ..kernels import NonFiniteError, absmax, as_rows
     from ..reader import RowReader
 
     out = 0.0
@@ -239,8 +245,15 @@ def shared_absmax(members: tuple[Any, ...], own: Any, block_rows: int) -> float:
             if amax is None:
                 amax = 0.0
                 n = as_rows(ref.shape)[0]
-                for a in range(0, n, block_rows):
-                    amax = max(amax, absmax(rd.rows(ref, a, min(a + block_rows, n))))
+                try:
+                    for a in range(0, n, block_rows):
+                        amax = max(amax, absmax(rd.rows(ref, a, min(a + block_rows, n))))
+                except NonFiniteError:
+                    bad = sum(
+                        int((~torch.isfinite(rd.rows(ref, a, min(a + block_rows, n)))).sum())
+                        for a in range(0, n, block_rows)
+                    )
+                    raise nonfinite_error(ref.name, bad, f"{ref.file.name}: ") from None
                 if key:
                     if len(_PEER_AMAX) > 256:
                         _PEER_AMAX.clear()
