@@ -26,6 +26,7 @@ import torch
 
 from .errors import MonoquantError, OptionError, OutputError, SchemeError
 from .inmemory import decode_overflow_error, fp16_overflow_error, nonfinite_error
+from .formats import shared_absmax
 from .journal import JobState, check_writable
 from .kernels import (
     DecodeOverflowError,
@@ -192,10 +193,11 @@ def process_tensor(
         tscale = None
         if kernel.needs_absmax:
             amax = 0.0
-            for src in pt.shared or (ref,):  # NVFP4: the fused layer's tensors share the global scale
-                n = as_rows(src.shape)[0]
-                for a in range(0, n, br):
-                    amax = max(amax, absmax(reader.rows(src, a, min(a + br, n))))
+            for a in range(0, rows, br):
+                b = min(a + br, rows)
+                amax = max(amax, absmax(reader.rows(ref, a, b)))
+            if pt.shared:  # NVFP4: the tensors of a fused layer share one global scale
+                amax = max(amax, shared_absmax(pt.shared, ref, br))
             tscale = kernel.tensor_scale(amax, ref.dtype)
         outs = {o.spec.suffix: o for o in pt.outputs}
         for a in range(0, rows, br):

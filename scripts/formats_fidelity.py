@@ -47,8 +47,17 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import monoquant  # noqa: E402
 
 SCHEMES = [
-    "int8", "int4-g128", "int4-g64", "int4-g32", "fp8", "fp8-block",
-    "nvfp4a16", "nvfp4a16-opt", "mxfp4a16", "mxfp4a16-opt", "mxfp8a16",
+    "int8",
+    "int4-g128",
+    "int4-g64",
+    "int4-g32",
+    "fp8",
+    "fp8-block",
+    "nvfp4a16",
+    "nvfp4a16-opt",
+    "mxfp4a16",
+    "mxfp4a16-opt",
+    "mxfp8a16",
 ]
 
 
@@ -105,9 +114,16 @@ def measure(set_name: str, d: Path, sd: dict[str, torch.Tensor], scheme: str, to
         sq.append(math.inf if e == 0 else 10 * math.log10(s / e))
         params += w.numel()
         base = n
-        bits += 8 * sum(t.numel() * t.element_size() for k, t in q.items() if k.startswith(base) or k == base[: -len("weight")] + "input_global_scale")
+        bits += 8 * sum(
+            t.numel() * t.element_size()
+            for k, t in q.items()
+            if k.startswith(base) or k == base[: -len("weight")] + "input_global_scale"
+        )
     row = {
-        "set": set_name, "scheme": scheme, "tensors": len(names), "params": params,
+        "set": set_name,
+        "scheme": scheme,
+        "tensors": len(names),
+        "params": params,
         "mean_sqnr_db": round(statistics.fmean(sq), 2) if sq else None,
         "median_sqnr_db": round(statistics.median(sq), 2) if sq else None,
         "min_sqnr_db": round(min(sq), 2) if sq else None,
@@ -132,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         sd = load_dir(d)
         if set_name == "smollm2" and args.tokens:
             ref = perplexity(d, sd, args.tokens)
-            print(json.dumps({"set": set_name, "scheme": "bf16 (original)", "perplexity": round(ref, 3)}), flush=True)
+            print(
+                json.dumps({"set": set_name, "scheme": "bf16 (original)", "perplexity": round(ref, 3)}),
+                flush=True,
+            )
         for scheme in args.schemes.split(","):
             print(json.dumps(measure(set_name, d, sd, scheme, args.tokens)), flush=True)
     return 0

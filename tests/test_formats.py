@@ -26,11 +26,11 @@ from safetensors.torch import load_file
 
 import monoquant
 from monoquant.cli import main as cli_main
+from monoquant.errors import SchemeError
 from monoquant.formats import FUSED_SETS, infer_format, output_name, registered, shared_scale_groups
 from monoquant.formats.mxfp import mx_exponents
 from monoquant.kernels import ErrorStats, NonFiniteError, Workspace, absmax, as_rows, get_kernel
 from monoquant.schemes import FORMAT_PRESETS, PRESETS, get_scheme
-from monoquant.errors import SchemeError
 from tests.helpers import det_weight, tiny_llama_sd, write_sharded
 
 GOLDEN = Path(__file__).parent / "golden" / "formats.json"
@@ -78,8 +78,13 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam  # noqa: E402
 
 CT_PRESET = {
-    "fp8-block": "FP8_BLOCK", "nvfp4a16": "NVFP4A16", "nvfp4": "NVFP4", "mxfp4a16": "MXFP4A16", "mxfp4": "MXFP4",
-    "mxfp8a16": "MXFP8A16", "mxfp8": "MXFP8",
+    "fp8-block": "FP8_BLOCK",
+    "nvfp4a16": "NVFP4A16",
+    "nvfp4": "NVFP4",
+    "mxfp4a16": "MXFP4A16",
+    "mxfp4": "MXFP4",
+    "mxfp8a16": "MXFP8A16",
+    "mxfp8": "MXFP8",
 }
 
 
@@ -88,7 +93,8 @@ def ct_scheme(name: str) -> QuantizationScheme:
     s = get_scheme(name)
     ia = s.ct_input_args()
     return QuantizationScheme(
-        targets=["Linear"], weights=QuantizationArgs(**s.ct_weights_args()),
+        targets=["Linear"],
+        weights=QuantizationArgs(**s.ct_weights_args()),
         input_activations=QuantizationArgs(**ia) if ia else None,
     )
 
@@ -106,7 +112,11 @@ def ct_quantize(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
     r, c = w.shape
     if s.strategy == "block":
         pr, pc = (-r) % 128, (-c) % 128
-        b = torch.nn.functional.pad(w, (0, pc, 0, pr)).reshape((r + pr) // 128, 128, (c + pc) // 128, 128).transpose(1, 2)
+        b = (
+            torch.nn.functional.pad(w, (0, pc, 0, pr))
+            .reshape((r + pr) // 128, 128, (c + pc) // 128, 128)
+            .transpose(1, 2)
+        )
         mn, mx = b.amin(dim=(-1, -2)), b.amax(dim=(-1, -2))
     else:
         v = w.reshape(r, c // s.group_size, s.group_size)
@@ -147,7 +157,9 @@ def test_compressed_tensors_decompresses_exactly_our_dequantization(name, dtype)
     local = ct_local(parts)
     # every tensor the compressor reads is there; W4A4's input_global_scale is loaded by the
     # module's own activation parameters (CT registers it for tensor_group activations)
-    assert set(comp.compression_param_names(scheme)) - {"weight_zero_point"} == set(local) - {"input_global_scale"}
+    assert set(comp.compression_param_names(scheme)) - {"weight_zero_point"} == set(local) - {
+        "input_global_scale"
+    }
     dec = comp.decompress(dict(local), scheme)["weight"]
     ours = k.dequantize(parts, tuple(w.shape), dec.dtype)
     assert dec.shape == ours.shape and dec.dtype == ours.dtype
@@ -185,7 +197,9 @@ def test_e2m1_table_lookup_equals_compressed_tensors_rounding():
     from monoquant.formats.common import E2M1_VALUES, encode_e2m1, encode_e2m1_reference
 
     t = torch.tensor([0.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, 1e30, 1e-40])
-    edges = torch.cat([t, torch.nextafter(t, torch.full_like(t, math.inf)), torch.nextafter(t, torch.zeros_like(t))])
+    edges = torch.cat(
+        [t, torch.nextafter(t, torch.full_like(t, math.inf)), torch.nextafter(t, torch.zeros_like(t))]
+    )
     z = torch.randn(1 << 22, generator=torch.Generator().manual_seed(5))
     z = z * torch.exp2(torch.randint(-140, 8, z.shape, generator=torch.Generator().manual_seed(6)).float())
     y = torch.cat([edges, -edges, z])
@@ -200,8 +214,12 @@ def test_mx_exponent_rounding_matches_compressed_tensors_on_edges():
     from compressed_tensors.quantization.utils.mxfp_utils import generate_mx_scales
 
     # powers of two, mantissas just below/at 1.75, zero, subnormals, huge
-    base = torch.tensor([0.0, 1e-45, 1e-40, 1.0, 1.5, 1.74, 1.75, 1.76, 6.0, 7.0, 448.0, 3e38, 2.0**-127, 2.0**-126])
-    vals = torch.cat([base, base * 3.3, torch.rand(2000) * torch.exp2(torch.randint(-130, 120, (2000,)).float())])
+    base = torch.tensor(
+        [0.0, 1e-45, 1e-40, 1.0, 1.5, 1.74, 1.75, 1.76, 6.0, 7.0, 448.0, 3e38, 2.0**-127, 2.0**-126]
+    )
+    vals = torch.cat(
+        [base, base * 3.3, torch.rand(2000) * torch.exp2(torch.randint(-130, 120, (2000,)).float())]
+    )
     for bits in (4, 8):
         ref = generate_mx_scales(vals, bits).clamp(0, 255).round().to(torch.uint8)
         assert torch.equal(mx_exponents(vals, bits), ref), bits
@@ -210,7 +228,10 @@ def test_mx_exponent_rounding_matches_compressed_tensors_on_edges():
 # ---- layout, registry, errors ------------------------------------------------------------------
 def test_every_format_kind_is_registered_once():
     assert registered() == {
-        "mxfp4": "MXKernel", "mxfp8": "MXKernel", "nvfp4": "NVFP4Kernel", "strategy:block": "FP8BlockKernel",
+        "mxfp4": "MXKernel",
+        "mxfp8": "MXKernel",
+        "nvfp4": "NVFP4Kernel",
+        "strategy:block": "FP8BlockKernel",
     }
     assert not set(FORMAT_PRESETS) & set(PRESETS)  # the classic presets are untouched
 
@@ -225,7 +246,7 @@ def test_every_format_kind_is_registered_once():
 )
 def test_out_specs_equal_real_outputs(name, rows, groups, dtype, seed):
     k = get_kernel(get_scheme(name))
-    cols = groups * 32 + (0 if "fp8-block" != name else seed % 7)
+    cols = groups * 32 + (0 if name != "fp8-block" else seed % 7)
     w = weight(rows, cols, dtype, seed)
     parts = k.quantize_tensor(w)
     specs = k.out_specs((rows, cols), dtype)
@@ -287,8 +308,14 @@ def test_fp8_block_takes_any_width():
 
 @pytest.mark.parametrize(
     ("name", "opts"),
-    [("nvfp4a16", {"group_size": 32}), ("mxfp4a16", {"asymmetric": True}), ("fp8-block", {"optimize": True}),
-     ("mxfp8a16", {"optimize": True}), ("mxfp4a16", {"per_tensor": True}), ("nvfp4", {"act_strategy": "token"})],
+    [
+        ("nvfp4a16", {"group_size": 32}),
+        ("mxfp4a16", {"asymmetric": True}),
+        ("fp8-block", {"optimize": True}),
+        ("mxfp8a16", {"optimize": True}),
+        ("mxfp4a16", {"per_tensor": True}),
+        ("nvfp4", {"act_strategy": "token"}),
+    ],
 )
 def test_fixed_layouts_refuse_options(name, opts):
     with pytest.raises(SchemeError):
@@ -313,7 +340,10 @@ def test_stored_groups_are_recognised_without_metadata(name):
     w = weight(200, 320, torch.bfloat16)
     qsd = monoquant.quantize({"m.q_proj.weight": w}, sch)
     plain = dict(qsd)  # a plain dict: no schemes attached
-    parts = {k[len("m.q_proj.weight") :] if k.startswith("m.q_proj.weight") else "." + k.split(".")[-1]: v for k, v in plain.items()}
+    parts = {
+        k[len("m.q_proj.weight") :] if k.startswith("m.q_proj.weight") else "." + k.split(".")[-1]: v
+        for k, v in plain.items()
+    }
     inferred = infer_format(parts)
     assert inferred is not None and inferred.format == sch.format and inferred.kind == sch.kind
     dense = monoquant.dequantize(plain)
@@ -362,12 +392,17 @@ def test_optimize_is_never_worse_than_round_to_nearest_per_group(name):
 # ---- NVFP4: the global scale of fused layers ---------------------------------------------------
 def test_fused_sets_group_by_parent_module():
     names = [
-        "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
-        "model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.o_proj.weight",
-        "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.v_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
         "model.layers.1.mlp.up_proj.weight",  # its gate_proj is not quantized: alone
-        "model.layers.0.mlp.experts.3.w1.weight", "model.layers.0.mlp.experts.3.w3.weight",
-        "encoder.layer.0.attention.self.query.weight", "encoder.layer.0.attention.self.key.weight",
+        "model.layers.0.mlp.experts.3.w1.weight",
+        "model.layers.0.mlp.experts.3.w3.weight",
+        "encoder.layer.0.attention.self.query.weight",
+        "encoder.layer.0.attention.self.key.weight",
         "encoder.layer.0.attention.self.value.weight",
     ]
     g = shared_scale_groups(names)
@@ -382,7 +417,9 @@ def test_fused_sets_group_by_parent_module():
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     sd = tiny_llama_sd(hidden=320, inter=640)
-    sd["model.layers.1.self_attn.k_proj.weight"] = sd["model.layers.1.self_attn.k_proj.weight"] * 9  # k dominates
+    sd["model.layers.1.self_attn.k_proj.weight"] = (
+        sd["model.layers.1.self_attn.k_proj.weight"] * 9
+    )  # k dominates
     root = write_sharded(tmp_path_factory.mktemp("llama") / "src", sd, 3, config={"model_type": "llama"})
     return root, sd
 
@@ -401,7 +438,9 @@ def test_fused_layers_share_one_global_scale_in_stream_and_in_memory(llama, tmp_
     amax = max(float(sd[n].float().abs().max()) for n in qkv)
     assert all(torch.equal(g, gsq[0]) for g in gsq)
     assert float(gsq[0]) == pytest.approx(2688.0 / amax, rel=1e-6)
-    assert torch.equal(got[p + "mlp.gate_proj.weight_global_scale"], got[p + "mlp.up_proj.weight_global_scale"])
+    assert torch.equal(
+        got[p + "mlp.gate_proj.weight_global_scale"], got[p + "mlp.up_proj.weight_global_scale"]
+    )
     own = float(sd[p + "self_attn.o_proj.weight"].float().abs().max())
     assert float(got[p + "self_attn.o_proj.weight_global_scale"]) == pytest.approx(2688.0 / own, rel=1e-6)
     if name == "nvfp4":
@@ -414,6 +453,24 @@ def test_fused_layers_share_one_global_scale_in_stream_and_in_memory(llama, tmp_
     reasons = {t["name"]: t["reason"] for t in plan["tensors"]}
     assert reasons[qkv[0]].endswith("global scale shared with k_proj, v_proj (fused in the engine)")
     assert "shared" not in reasons[p + "self_attn.o_proj.weight"]
+
+
+def test_shared_scale_across_shards_and_workers_is_deterministic(llama, tmp_path):
+    """q/k/v split over output shards, written by two workers one after the other and with two
+    jobs: the same bytes as one plain run (each member's first pass reads the others itself)."""
+    src, _sd = llama
+    outs = {}
+    for label, runs in {
+        "one": [{}],
+        "workers": [{"worker": "1/2"}, {"worker": "0/2"}],
+        "jobs": [{"jobs": 2}],
+    }.items():
+        out = tmp_path / label
+        for kw in runs:
+            monoquant.stream(src, out, "nvfp4a16", max_shard_size="100KB", block_bytes=8 * 1024, **kw)
+        outs[label] = {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+    assert len(outs["one"]) > 10  # q, k and v land in different shards
+    assert outs["workers"] == outs["one"] and outs["jobs"] == outs["one"]
 
 
 # ---- streaming: stream == iter == in memory, deterministic --------------------------------------
@@ -465,7 +522,10 @@ def golden_outputs() -> dict[str, dict[str, str]]:
         parts = get_kernel(get_scheme(name)).quantize_tensor(w)
         res[name] = {(k or "weight"): raw_bytes(v).hex() for k, v in parts.items()}
     w2 = det_weight(130, 200, torch.bfloat16, seed=3)  # two partial FP8 blocks each way
-    res["fp8-block-130x200"] = {(k or "weight"): raw_bytes(v).hex() for k, v in get_kernel(get_scheme("fp8-block")).quantize_tensor(w2).items()}
+    res["fp8-block-130x200"] = {
+        (k or "weight"): raw_bytes(v).hex()
+        for k, v in get_kernel(get_scheme("fp8-block")).quantize_tensor(w2).items()
+    }
     return res
 
 
@@ -478,7 +538,9 @@ def test_golden_bytes(request):
     for name in want:
         assert sorted(got[name]) == sorted(want[name]), name
         for key in want[name]:
-            assert got[name][key] == want[name][key], f"{name} {key}: bytes changed (bump FORMAT_VERSION if intended)"
+            assert got[name][key] == want[name][key], (
+                f"{name} {key}: bytes changed (bump FORMAT_VERSION if intended)"
+            )
 
 
 # ---- mixed precision ----------------------------------------------------------------------------
@@ -490,16 +552,25 @@ def test_mixed_precision_chooses_among_the_formats(llama):
     assert p.totals()["bits_per_weight"] <= 6.0
     q = monoquant.plan(src, "mxfp4a16", min_sqnr=25.0)
     assert all(
-        t.decision.scheme.name in {"mxfp8a16", "fp8-block"} for t in q.tensors if t.decision.action == "quantize"
+        t.decision.scheme.name in {"mxfp8a16", "fp8-block"}
+        for t in q.tensors
+        if t.decision.action == "quantize"
     )
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("flags", "scheme"),
-    [(["--fp8-block"], "fp8-block"), (["--nvfp4"], "nvfp4a16"), (["--nvfp4", "--dynamic"], "nvfp4"),
-     (["--mxfp4"], "mxfp4a16"), (["--mxfp4", "--dynamic"], "mxfp4"), (["--mxfp8"], "mxfp8a16"),
-     (["--nvfp4", "--optimize"], "nvfp4a16-opt"), (["--scheme", "MXFP8"], "mxfp8")],
+    [
+        (["--fp8-block"], "fp8-block"),
+        (["--nvfp4"], "nvfp4a16"),
+        (["--nvfp4", "--dynamic"], "nvfp4"),
+        (["--mxfp4"], "mxfp4a16"),
+        (["--mxfp4", "--dynamic"], "mxfp4"),
+        (["--mxfp8"], "mxfp8a16"),
+        (["--nvfp4", "--optimize"], "nvfp4a16-opt"),
+        (["--scheme", "MXFP8"], "mxfp8"),
+    ],
 )
 def test_cli_flags(llama, flags, scheme):
     src, _sd = llama
@@ -514,3 +585,13 @@ def test_cli_refuses_options_of_a_fixed_layout_in_one_line(llama):
     assert r.exit_code == 1
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "mxfp4a16 has a fixed layout" in lines[0] and "Traceback" not in r.output
+
+
+def test_nan_in_a_fused_partner_names_the_partner(tmp_path):
+    sd = tiny_llama_sd(layers=1, hidden=128, inter=256)
+    sd["model.layers.0.self_attn.v_proj.weight"][3, 4] = math.nan
+    src = write_sharded(tmp_path / "src", sd, 1)
+    r = CliRunner().invoke(cli_main, ["stream", str(src), str(tmp_path / "out"), "--nvfp4"])
+    assert r.exit_code == 1
+    assert "tensor 'model.layers.0.self_attn.v_proj.weight' holds 1 NaN/Inf value(s)" in r.output
+    assert "Traceback" not in r.output

@@ -28,7 +28,12 @@ pytestmark = [
 
 IDS = torch.tensor([[1, 15, 27, 300, 999, 42, 7, 512, 128, 64, 3, 88, 901, 450, 11, 2]])
 COS = {
-    "fp8-block": 0.99, "mxfp8a16": 0.995, "mxfp8": 0.993, "nvfp4a16": 0.95, "mxfp4a16": 0.93, "nvfp4": 0.9,
+    "fp8-block": 0.99,
+    "mxfp8a16": 0.995,
+    "mxfp8": 0.993,
+    "nvfp4a16": 0.95,
+    "mxfp4a16": 0.93,
+    "nvfp4": 0.9,
     "mxfp4": 0.85,
 }
 
@@ -37,8 +42,12 @@ COS = {
 def llama(tmp_path_factory) -> tuple[Path, torch.Tensor]:
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
     )
     d = tmp_path_factory.mktemp("llama") / "orig"
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d, max_shard_size="1MB")

@@ -93,7 +93,8 @@ def shared_scale_groups(names: Iterable[str]) -> dict[str, tuple[str, ...]]:
     members present under the same parent module (model-agnostic: names only).
 
     Example:
-        >>> g = shared_scale_groups(["l.0.attn.q_proj.weight", "l.0.attn.k_proj.weight", "l.0.mlp.up_proj.weight"])
+        >>> names = ["l.0.attn.q_proj.weight", "l.0.attn.k_proj.weight", "l.0.mlp.up_proj.weight"]
+        >>> g = shared_scale_groups(names)
         >>> g["l.0.attn.k_proj.weight"]
         ('l.0.attn.q_proj.weight', 'l.0.attn.k_proj.weight')
         >>> "l.0.mlp.up_proj.weight" in g
@@ -113,7 +114,9 @@ def shared_scale_groups(names: Iterable[str]) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def shared_scales(decided: list[tuple[Any, Any, Any]]) -> tuple[list[tuple[Any, Any, Any]], dict[str, tuple[Any, ...]]]:
+def shared_scales(
+    decided: list[tuple[Any, Any, Any]],
+) -> tuple[list[tuple[Any, Any, Any]], dict[str, tuple[Any, ...]]]:
     """For the plan: ``(ref, decision, specs)`` rows -> the same rows, with the reason of each
     NVFP4 tensor that shares its global scale saying so, and ``{name: (refs sharing it)}``.
 
@@ -138,7 +141,9 @@ def shared_scales(decided: list[tuple[Any, Any, Any]]) -> tuple[list[tuple[Any, 
         members = groups.get(ref.name)
         if members:
             others = ", ".join(m[: -len(".weight")].rpartition(".")[2] for m in members if m != ref.name)
-            d = dataclasses.replace(d, reason=f"{d.reason}; global scale shared with {others} (fused in the engine)")
+            d = dataclasses.replace(
+                d, reason=f"{d.reason}; global scale shared with {others} (fused in the engine)"
+            )
         out.append((ref, d, specs))
     return out, {n: tuple(refs[m] for m in ms) for n, ms in groups.items()}
 
@@ -152,8 +157,10 @@ def _block_width_note(row: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
         cols *= int(s)
     if cols % 128 == 0:
         return row
-    note = (f"; {cols} input columns: partial last 128-block (compressed-tensors' activation groups of 128 "
-            "need a multiple of 128 to run compressed: load with dequantize=True)")
+    note = (
+        f"; {cols} input columns: partial last 128-block (compressed-tensors' activation groups of 128 "
+        "need a multiple of 128 to run compressed: load with dequantize=True)"
+    )
     return ref, dataclasses.replace(d, reason=d.reason + note), specs
 
 
@@ -185,6 +192,71 @@ def infer_format(parts: Mapping[str, Any]) -> Scheme | None:
     rows = int(q.shape[0]) if q.dim() else 1
     cols = q.numel() // max(rows, 1)
     grid = (-(-rows // 128), -(-cols // 128))
-    if scale.dim() == 2 and tuple(scale.shape) == grid and not (scale.shape[0] == rows and scale.shape[1] == 1):
+    if (
+        scale.dim() == 2
+        and tuple(scale.shape) == grid
+        and not (scale.shape[0] == rows and scale.shape[1] == 1)
+    ):
         return FORMAT_PRESETS["fp8-block"]
     return None
+
+
+#: absmax of the other members of a shared-scale group, by the identity of their bytes (file, offset,
+#: size, mtime): each member's first pass reads the others once per run, not once per member.
+_PEER_AMAX: dict[tuple[Any, ...], float] = {}
+
+
+def shared_absmax(members: tuple[Any, ...], own: Any, block_rows: int) -> float:
+    """max |x| over the tensors of ``members`` other than ``own`` (TensorRefs), read through a
+    separate ``pread`` reader: the run's mapping (and the pages it holds) is left alone.
+
+    The values are cached by the identity of each tensor's bytes, so the members of one group
+    read each other once.
+
+    Raises:
+        TensorValueError: a member holds NaN or Inf (the message names that member).
+    """
+    import os
+
+    import torch
+
+    from ..inmemory import nonfinite_error
+    from ..kernels import NonFiniteError, absmax, as_rows
+    from ..reader import RowReader
+
+    out = 0.0
+    with RowReader("pread") as rd:
+        for ref in members:
+            if ref == own:
+                continue
+            try:
+                st = os.stat(ref.file)
+                key: tuple[Any, ...] = (
+                    str(ref.file),
+                    ref.name,
+                    ref.offset,
+                    ref.nbytes,
+                    st.st_size,
+                    st.st_mtime_ns,
+                )
+            except (OSError, AttributeError):
+                key = ()
+            amax = _PEER_AMAX.get(key) if key else None
+            if amax is None:
+                amax = 0.0
+                n = as_rows(ref.shape)[0]
+                try:
+                    for a in range(0, n, block_rows):
+                        amax = max(amax, absmax(rd.rows(ref, a, min(a + block_rows, n))))
+                except NonFiniteError:
+                    bad = sum(
+                        int((~torch.isfinite(rd.rows(ref, a, min(a + block_rows, n)))).sum())
+                        for a in range(0, n, block_rows)
+                    )
+                    raise nonfinite_error(ref.name, bad, f"{ref.file.name}: ") from None
+                if key:
+                    if len(_PEER_AMAX) > 256:
+                        _PEER_AMAX.clear()
+                    _PEER_AMAX[key] = amax
+            out = max(out, amax)
+    return out

@@ -4,8 +4,8 @@ kernel base class (per-tensor first pass with an optional shared absmax, error s
 FP4 e2m1 codes: bit 3 is the sign, bits 0-2 index ``[0, 0.5, 1, 1.5, 2, 3, 4, 6]``. Rounding is
 to nearest, ties to the even code, exactly as compressed-tensors' ``cast_to_fp4`` (thresholds
 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5); a negative value that rounds to zero keeps its sign
-(code 8), while an input ``-0.0`` gets code 0, as compressed-tensors' packer writes them. Two codes per byte, the even column in the low
-nibble.
+(code 8), while an input ``-0.0`` gets code 0, as compressed-tensors' packer writes them.
+Two codes per byte, the even column in the low nibble.
 
 Codes are found by one table lookup on the float32 bits (sign, exponent, two mantissa bits and
 a sticky bit decide the rounding), checked against the threshold comparisons on every key.
@@ -27,12 +27,22 @@ import torch
 
 from ..kernels import ErrorStats, Kernel, Workspace, absmax, as_rows
 
-E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+E2M1_VALUES = torch.tensor(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+)
 E2M1_VALUES = E2M1_VALUES.to(torch.float32)
 FP4_MAX = 6.0
 FP8_MAX = 448.0
 # (threshold, strict): |y| > t (strict) or |y| >= t counts one more code step
-_E2M1_STEPS = ((0.25, True), (0.75, False), (1.25, True), (1.75, False), (2.5, True), (3.5, False), (5.0, True))
+_E2M1_STEPS = (
+    (0.25, True),
+    (0.75, False),
+    (1.25, True),
+    (1.75, False),
+    (2.5, True),
+    (3.5, False),
+    (5.0, True),
+)
 
 
 def encode_e2m1_reference(y: torch.Tensor) -> torch.Tensor:
@@ -62,8 +72,11 @@ _E2M1_KEYS = _key_table()
 E2M1_KEY_VALUES = E2M1_VALUES[_E2M1_KEYS.long()]
 
 
-def e2m1_keys(y: torch.Tensor, out: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """int32 rounding keys of float32 ``y`` (any magnitude: beyond ±6 saturates to code 7)."""
+def e2m1_keys(
+    y: torch.Tensor, out: torch.Tensor | None = None, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
+    """int32 rounding keys of float32 ``y`` (any magnitude: beyond ±6 saturates to code 7).
+    ``scratch`` may be ``y``'s own memory (viewed as int32): it is overwritten last."""
     b = y.view(torch.int32)
     key = torch.bitwise_right_shift(b, 21, out=out).bitwise_and_(0x7FF).bitwise_left_shift_(1)
     sticky = torch.bitwise_and(b, 0x1FFFFF, out=scratch).clamp_(max=1)
@@ -121,7 +134,7 @@ def decode_e2m1(packed: torch.Tensor, cols: int) -> torch.Tensor:
 def accumulate(stats: ErrorStats, x: torch.Tensor, dq: torch.Tensor) -> None:
     """Add the error of ``dq`` (float32 reconstruction) against ``x`` (float32 input)."""
     xf = x.reshape(-1)
-    e = (dq.reshape(-1) - xf)
+    e = dq.reshape(-1) - xf
     stats.numel += xf.numel()
     stats.sum_sq += float(torch.dot(xf, xf))
     stats.err_sq += float(torch.dot(e, e))
@@ -181,15 +194,24 @@ def ceil_div(a: int, b: int) -> int:
 
 
 __all__ = [
-    "E2M1_VALUES", "FP4_MAX", "FP8_MAX", "FormatKernel", "accumulate", "ceil_div", "check_finite_block",
-    "decode_e2m1", "encode_e2m1", "pack_nibbles", "sampled",
+    "E2M1_VALUES",
+    "FP4_MAX",
+    "FP8_MAX",
+    "FormatKernel",
+    "accumulate",
+    "ceil_div",
+    "check_finite_block",
+    "decode_e2m1",
+    "encode_e2m1",
+    "pack_nibbles",
+    "sampled",
 ]
 
 
 def group_sq_err(dq: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Σ(dq - x)² over the last dimension (a power of two) by a fixed pairwise tree of
-    elementwise adds: the same value whatever the number of rows or threads."""
-    e = (dq - x).pow_(2)
+    elementwise adds: the same value whatever the number of rows or threads. ``dq`` is consumed."""
+    e = dq.sub_(x).square_()
     w = e.shape[-1]
     while w > 1:
         h = w // 2

@@ -39,7 +39,10 @@ class FP8BlockKernel(FormatKernel):
         shape = tuple(int(d) for d in shape)
         rows, cols = as_rows(shape)
         grid = (ceil_div(rows, BLOCK), ceil_div(cols, BLOCK))
-        return (OutSpec("", torch.float8_e4m3fn, shape), OutSpec("_scale", scale_dtype_for(dtype), grid, BLOCK))
+        return (
+            OutSpec("", torch.float8_e4m3fn, shape),
+            OutSpec("_scale", scale_dtype_for(dtype), grid, BLOCK),
+        )
 
     def check_shape(self, shape: tuple[int, ...]) -> str | None:
         if len(shape) < 2:
@@ -86,10 +89,12 @@ class FP8BlockKernel(FormatKernel):
         if full < c:
             hi[:, -1] = xf[:, full:].amax(dim=-1)
             lo[:, -1] = xf[:, full:].amin(dim=-1)
-        amax = torch.stack([
-            torch.maximum(hi[i : i + BLOCK].amax(dim=0), lo[i : i + BLOCK].amin(dim=0).neg_())
-            for i in range(0, r, BLOCK)
-        ])
+        amax = torch.stack(
+            [
+                torch.maximum(hi[i : i + BLOCK].amax(dim=0), lo[i : i + BLOCK].amin(dim=0).neg_())
+                for i in range(0, r, BLOCK)
+            ]
+        )
         check_finite_block(amax)
         scale = stored_scale(amax / FP8_MAX, scale_dtype_for(x.dtype))  # [nbr, nbc]
         sf = scale.float().repeat_interleave(BLOCK, dim=0)[:r]  # [r, nbc]

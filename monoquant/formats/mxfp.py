@@ -26,8 +26,18 @@ from ..errors import SchemeError
 from ..kernels import ErrorStats, OutSpec, Workspace, as_rows
 from . import register
 from .common import (
-    E2M1_VALUES, FP4_MAX, FP8_MAX, FormatKernel, accumulate, check_finite_block, decode_e2m1,
-    e2m1_keys, encode_e2m1, group_absmax, group_sq_err, pack_keys, sampled, value_of_keys,
+    FP4_MAX,
+    FP8_MAX,
+    FormatKernel,
+    accumulate,
+    check_finite_block,
+    decode_e2m1,
+    e2m1_keys,
+    group_absmax,
+    group_sq_err,
+    pack_keys,
+    sampled,
+    value_of_keys,
 )
 
 GROUP = 32
@@ -88,15 +98,6 @@ class MXKernel(FormatKernel):
     def tensor_scale(self, amax: float, dtype: torch.dtype) -> torch.Tensor:
         raise SchemeError(f"{self.scheme.kind} has no per-tensor scale")
 
-    def _codes(self, y: torch.Tensor) -> torch.Tensor:
-        """Clamped float32 values -> e2m1 codes (uint8) or float8_e4m3fn elements."""
-        if self.scheme.bits == 4:
-            return encode_e2m1(y)
-        return y.to(torch.float8_e4m3fn)
-
-    def _values(self, codes: torch.Tensor) -> torch.Tensor:
-        return E2M1_VALUES[codes.long()] if self.scheme.bits == 4 else codes.float()
-
     def quantize_block(
         self,
         x: torch.Tensor,
@@ -124,7 +125,11 @@ class MXKernel(FormatKernel):
         torch.div(v, sf.unsqueeze(-1), out=y)
         k = 1 if self.scheme.optimize else max(int(stats_rows), 1)
         if self.scheme.bits == 4:  # the codes saturate at ±6 (the clamp)
-            keys = e2m1_keys(y.view(r, c), ws.get("keys", r * c, torch.int32).view(r, c), ws.get("sticky", r * c, torch.int32).view(r, c))
+            keys = e2m1_keys(
+                y.view(r, c),
+                ws.get("keys", r * c, torch.int32).view(r, c),
+                y.view(r, c).view(torch.int32),
+            )
             if stats is not None:
                 ks = sampled(keys, k)
                 dq = value_of_keys(ks).view(ks.shape[0], groups, GROUP) * sampled(sf, k).unsqueeze(-1)
@@ -149,8 +154,10 @@ class MXKernel(FormatKernel):
             cand = (ei + d).clamp_(0, 254).to(torch.uint8) if d else e
             sf = mx_scales(cand).unsqueeze(-1)
             torch.div(v, sf, out=y)
-            y.clamp_(-qmax, qmax)
-            dq = self._values(self._codes(y)) * sf
+            if self.scheme.bits == 4:
+                dq = value_of_keys(e2m1_keys(y)).mul_(sf)
+            else:
+                dq = y.clamp_(-qmax, qmax).to(torch.float8_e4m3fn).float().mul_(sf)
             err = group_sq_err(dq, v)
             if best_err is None:
                 best_err = err
