@@ -38,6 +38,8 @@ def chunkable(s: Scheme) -> bool:
     """Whether rows of scheme ``s`` may be cut into column chunks (see the module doc)."""
     if s.kind == "cast":
         return True
+    if s.kind not in ("int", "float") or s.strategy == "block":
+        return False  # NVFP4/MX groups and FP8 128x128 blocks: whole rows (of 128-row blocks)
     if not s.symmetric:
         return False
     return not (s.optimize and s.strategy == "channel")
