@@ -66,7 +66,7 @@ def index_entry(root: Path, entry: str, index_name: str) -> Path:
             f"{index_name} names shard {entry!r}, which is outside {root}; an index may only name files inside "
             "its checkpoint directory"
         )
-    path = root / p
+    path = root / p.as_posix()  # str: a RemotePath root joins names, not PurePaths
     if path.exists() and not is_inside(path, root):
         raise CheckpointError(
             f"{index_name} names shard {entry!r}, which resolves to {path.resolve()}, outside {root}; an index "

@@ -173,17 +173,17 @@ def test_free_space_check_counts_side_files(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_side_file_copy_failure_leaves_no_hidden_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import monoquant.outdir as od
+    import shutil
 
     src = _ckpt(tmp_path / "in", side={"tokenizer.json": "{}"})
     out = tmp_path / "out"
-    real = od.shutil.copyfile
+    real = shutil.copyfile
 
     def boom(a: object, b: object) -> object:
         real(a, b)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(od.shutil, "copyfile", boom)
+    monkeypatch.setattr(shutil, "copyfile", boom)  # the side-file copy (monoquant.remote.copy_file)
     with pytest.raises(monoquant.MonoquantError, match="disk full|No space"):
         monoquant.stream(src, out, "int8")
     monkeypatch.undo()
