@@ -221,7 +221,7 @@ def _vllm_embed(path: str | os.PathLike[str], texts: Sequence[str], llm: Any = N
 
     own = llm is None
     if own:
-        llm = vllm_llm(path, runner="pooling", **kw)
+        llm = vllm_llm(path, runner="pooling", **{"max_model_len": None, **kw})
     try:
         outs = llm.embed(list(texts), use_tqdm=False)
     finally:
