@@ -128,11 +128,22 @@ def causal_scores(path: str | os.PathLike[str], ids: list[list[int]], engine: st
     return _vllm_causal(path, ids, **engine_args) if engine == "vllm" else _hf_causal(path, ids, **engine_args)
 
 
-def _hf_causal(path: str | os.PathLike[str], ids: list[list[int]], dtype: Any = None) -> TokenScores:
+def _hf_load(cls: Any, path: str | os.PathLike[str], dtype: Any, dequantize: bool) -> Any:
+    """``cls.from_pretrained(path)``: transformers' default compressed-tensors path, or with
+    ``dequantize=True`` dense weights at load time (the path asymmetric int4 needs)."""
+    kw: dict[str, Any] = {"dtype": dtype or "auto"}
+    if dequantize:
+        from transformers.utils.quantization_config import CompressedTensorsConfig
+
+        kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    return cls.from_pretrained(str(path), **kw).eval()
+
+
+def _hf_causal(path: str | os.PathLike[str], ids: list[list[int]], dtype: Any = None, dequantize: bool = False) -> TokenScores:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto").eval()
+    model = _hf_load(AutoModelForCausalLM, path, dtype, dequantize)
     lps: list[float] = []
     top: list[int] = []
     with torch.no_grad():
@@ -149,6 +160,10 @@ def _hf_causal(path: str | os.PathLike[str], ids: list[list[int]], dtype: Any = 
 
 def vllm_llm(path: str | os.PathLike[str], **kw: Any) -> Any:
     """``vllm.LLM(model=path)`` with small, CPU-friendly defaults (eager, short context, seed 0)."""
+    import sys
+
+    if "vllm" not in sys.modules:  # vLLM logs to stdout by default: keep stdout for the report
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     from vllm import LLM
 
     args: dict[str, Any] = {"enforce_eager": True, "max_model_len": 512, "seed": 0}
@@ -201,12 +216,12 @@ def embeddings(path: str | os.PathLike[str], texts: Sequence[str], engine: str, 
     return _vllm_embed(path, texts, **engine_args) if engine == "vllm" else _hf_embed(path, texts, **engine_args)
 
 
-def _hf_embed(path: str | os.PathLike[str], texts: Sequence[str], dtype: Any = None) -> Any:
+def _hf_embed(path: str | os.PathLike[str], texts: Sequence[str], dtype: Any = None, dequantize: bool = False) -> Any:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModel.from_pretrained(str(path), dtype=dtype or "auto").eval()
+    model = _hf_load(AutoModel, path, dtype, dequantize)
     batch = tok(list(texts), return_tensors="pt", padding=True, truncation=True)
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state.float()
