@@ -363,6 +363,21 @@ def test_config_targets_exactly_the_quantized_linears(quantized, llama_orig, cas
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_config_has_only_keys_compressed_tensors_declares(quantized, case):
+    """No key outside compressed-tensors' own models (vLLM parses this block and broke on a string
+    ``producer``); tests_vllm/test_config.py checks the same against the compressed-tensors vLLM pins."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    qc = json.loads((quantized("llama", case.id) / "config.json").read_text())["quantization_config"]
+    writer = {"version", "quant_method", "sparsity_config", "transform_config"}  # ModelCompressor.update_config
+    assert set(qc) - set(QuantizationConfig.model_fields) - writer == set()
+    for g in qc["config_groups"].values():
+        assert set(g) <= set(QuantizationScheme.model_fields)
+        for part in ("weights", "input_activations"):
+            assert set(g[part] or {}) <= set(QuantizationArgs.model_fields)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_tensor_names_dtypes_shapes(quantized, case):
     """Per quantized Linear, exactly the tensors REPORT §3.3 lists for the format."""
     out = quantized("llama", case.id)
