@@ -266,30 +266,65 @@ def stream(src: str, dst: str, **kw: Any) -> None:
 @click.option("--min-sqnr", type=float, default=None, metavar="DB", callback=_finite,
               help="Exit with code 3 when any tensor's SQNR is below DB (a CI gate; needs --against).")
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="Worst tensors to list.")
+@click.option("--engine", type=click.Choice(["vllm", "transformers"]), default=None,
+              help="Deployability gate: load OUT and IN in this installed engine, run fixed texts, compare "
+                   "(needs --against).")
+@click.option("--max-ppl-ratio", type=float, default=None, metavar="R",
+              help="With --engine, causal LMs: highest perplexity(OUT)/perplexity(IN) [default: 1.5].")
+@click.option("--min-top1", type=float, default=None, metavar="F",
+              help="With --engine, causal LMs: lowest top-1 token agreement with IN [default: 0.75].")
+@click.option("--min-cosine", type=float, default=None, metavar="C",
+              help="With --engine, other models: lowest embedding cosine with IN [default: 0.9].")
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON report on stdout.")
 @click.option("-v", "--verbose", count=True, help="Show tracebacks of errors.")
-def verify(out: str, against: str | None, min_sqnr: float | None, top: int, as_json: bool, verbose: int) -> None:
+def verify(out: str, against: str | None, min_sqnr: float | None, top: int, engine: str | None,
+           max_ppl_ratio: float | None, min_top1: float | None, min_cosine: float | None,
+           as_json: bool, verbose: int) -> None:
     """Check the output directory OUT; with --against IN, measure its error.
 
     Checks that the index, shard headers, sizes, quantized tensor parts and config.json agree.
     With --against it streams through both checkpoints (bounded memory), dequantizes each
     tensor and reports SQNR, relative error and max abs error, worst tensors first.
+    With --engine it also loads OUT and IN in that engine (vLLM or transformers, whichever you
+    installed), runs a few fixed texts and compares: perplexity ratio and top-1 agreement for
+    causal LMs, embedding cosine for other models.
 
     \b
-    Exit codes: 0 all good; 1 the output is inconsistent or unreadable;
-                3 some tensor is below --min-sqnr, or (with --against) decodes
-                  to NaN/Inf or to all zeros from a non-zero input.
+    Exit codes: 0 all good; 1 the output is inconsistent or unreadable, or the
+                engine is not installed or cannot load it; 3 some tensor is below
+                --min-sqnr, (with --against) decodes to NaN/Inf or to all zeros from a
+                non-zero input, or the engine comparison is below its thresholds.
     \b
-    Example:
+    Examples:
       monoquant verify out/ --against ckpt/ --min-sqnr 20
+      monoquant verify out/ --against ckpt/ --engine vllm --max-ppl-ratio 1.2
     """
     from .verify import verify as run_verify
 
     if min_sqnr is not None and against is None:
         raise click.UsageError("--min-sqnr needs --against IN")
+    if engine is not None and against is None:
+        raise click.UsageError("--engine needs --against IN")
+    if engine is None and any(v is not None for v in (max_ppl_ratio, min_top1, min_cosine)):
+        raise click.UsageError("--max-ppl-ratio, --min-top1 and --min-cosine need --engine")
+    deploy_report = None
+    if engine is not None:
+        from . import deploy
+
+        _run(verbose, lambda: deploy.require_engine(engine))
     r = _run(verbose, lambda: run_verify(out, against=against, min_sqnr=min_sqnr))
+    if engine is not None and not r.problems:
+        from . import deploy
+
+        limits = {k: v for k, v in (("max_ppl_ratio", max_ppl_ratio), ("min_top1", min_top1),
+                                    ("min_cosine_sim", min_cosine)) if v is not None}
+        deploy_report = _run(verbose, lambda: deploy.check_deploy(out, against, engine=engine, **limits))  # type: ignore[arg-type]
     if as_json:
-        click.echo(json.dumps(r.to_json(), indent=1))
+        js = r.to_json()
+        if deploy_report is not None:
+            js["engine"] = deploy_report.to_json()
+            js["ok"] = js["ok"] and deploy_report.ok
+        click.echo(json.dumps(js, indent=1))
     else:
         for p in r.problems:
             click.echo(f"problem: {p}")
@@ -311,9 +346,14 @@ def verify(out: str, against: str | None, min_sqnr: float | None, top: int, as_j
             click.echo(f"verify: {len(r.failed)} tensor(s) decode to NaN/Inf or to all zeros", err=True)
         if r.below:
             click.echo(f"verify: {len(r.below)} tensor(s) below {min_sqnr} dB", err=True)
+        if deploy_report is not None:
+            figures = ", ".join(f"{k} {v}" for k, v in deploy_report.metrics.items())
+            click.echo(f"verify: {engine}: {deploy_report.task}: {figures}")
+            for f in deploy_report.failed:
+                click.echo(f"verify: {engine}: below threshold: {f}", err=True)
     if r.problems:
         sys.exit(EXIT_ERROR)
-    if r.below or r.failed:
+    if r.below or r.failed or (deploy_report is not None and not deploy_report.ok):
         sys.exit(EXIT_BELOW_THRESHOLD)
 
 

@@ -1,15 +1,19 @@
 """The finished output directory: index, ``config.json`` with ``quantization_config``, side files.
 
-The ``quantization_config`` follows compressed-tensors (verified with compressed-tensors 0.20 and
-transformers 5.24, see ``docs/format.md``): ``quant_method: compressed-tensors``,
-``quantization_status: compressed``, ``format`` in every config group *and* at top level, and
-``targets`` listing exactly the modules quantized as regexes (model-agnostic: no class
-names, so an unquantized Linear can never be mistaken for a quantized one; see
-:func:`module_targets` for the base-model prefix).
+The ``quantization_config`` is written the way compressed-tensors' own writer writes it (checked
+against compressed-tensors 0.17, which vLLM 0.32 pins, and 0.20; see ``docs/format.md``):
+``quant_method: compressed-tensors``, ``quantization_status: compressed``, ``format`` in every
+config group *and* at top level, only keys both versions' ``QuantizationConfig`` know (no
+provenance: vLLM parses this block and fails on keys it does not expect, e.g. a string
+``producer``). Targets are the class name ``Linear`` (engines rename and fuse layers: vLLM's
+BERT names its fused q/k/v ``attention.output.qkv_proj``, which only a class target matches)
+plus an ``ignore`` list of every Linear-like module left dense; see :func:`config_targets` for
+several config groups.
 
 The index ``metadata`` holds ``total_size`` (transformers needs a ``metadata`` object) and a
-``monoquant`` block with the same quantization description, the fingerprint and each quantized
-tensor's scheme, so an input without ``config.json`` still yields a self-describing output.
+``monoquant`` block with the provenance: version, fingerprint, options, each quantized tensor's
+scheme and the same quantization description, so an input without ``config.json`` still yields
+a self-describing output.
 """
 
 from __future__ import annotations
@@ -49,32 +53,29 @@ def check_paths(src: Path, dst: Path) -> None:
         raise OutputError(f"{dst}: the output directory contains the input {src}; choose a directory beside it")
 
 
+#: keys of ``quantization_config`` both compressed-tensors 0.17 and 0.20 know (the
+#: ``QuantizationConfig`` fields plus the writer's ``sparsity_config``/``transform_config``);
+#: a test validates the written config against the installed compressed-tensors and vLLM
+CONFIG_KEYS = (
+    "quant_method", "format", "quantization_status", "config_groups", "ignore", "kv_cache_scheme",
+    "global_compression_ratio", "sparsity_config", "transform_config",
+)
+
+
 def quantization_config(plan: Plan) -> dict[str, Any] | None:
     """The compressed-tensors ``quantization_config`` of a plan (``None`` for casts)."""
-    groups: dict[str, list[str]] = {}
     schemes: dict[str, Scheme] = {}
+    by_scheme: dict[str, list[str]] = {}
     quantized = [t for t in plan.tensors if t.decision.action == "quantize" and t.decision.scheme is not None]
-    modules = [module_of(t.ref.name) for t in plan.tensors]
-    targets = module_targets([module_of(t.ref.name) for t in quantized], modules)
     for t in quantized:
         s = t.decision.scheme
         schemes[s.name] = s  # type: ignore[union-attr]
-        groups.setdefault(s.name, []).append(targets[module_of(t.ref.name)])  # type: ignore[union-attr]
-    if not groups:
+        by_scheme.setdefault(s.name, []).append(module_of(t.ref.name))  # type: ignore[union-attr]
+    if not by_scheme:
         return None
-    config_groups = {}
-    for i, name in enumerate(sorted(groups)):
-        s = schemes[name]
-        config_groups[f"group_{i}"] = {
-            "targets": groups[name],
-            "weights": s.ct_weights_args(),
-            "input_activations": s.ct_input_args(),
-            "output_activations": None,
-            "format": s.format,
-        }
-    formats = {schemes[n].format for n in groups}
-    # every dense 2-D weight's module is listed in ``ignore``: vLLM refuses a Linear that is
-    # neither targeted nor ignored (e.g. one left dense by --exclude or a group-size mismatch)
+    modules = [module_of(t.ref.name) for t in plan.tensors]
+    # every dense 2-D weight's module is listed in ``ignore``: the class target ``Linear`` would
+    # otherwise claim it (e.g. one left dense by --exclude or a group-size mismatch)
     qnames = {t.ref.name for t in quantized}
     dense = sorted({
         module_of(t.ref.name)
@@ -82,8 +83,19 @@ def quantization_config(plan: Plan) -> dict[str, Any] | None:
         if t.ref.name not in qnames and t.ref.name.endswith(".weight") and len(t.ref.shape) == 2
         and t.ref.dtype.is_floating_point
     })
-    ignore = sorted(module_targets(dense, modules).values())
-    return {
+    targets, ignore = config_targets(by_scheme, dense, modules)
+    config_groups = {}
+    for i, name in enumerate(sorted(by_scheme)):
+        s = schemes[name]
+        config_groups[f"group_{i}"] = {
+            "targets": targets[name],
+            "weights": s.ct_weights_args(),
+            "input_activations": s.ct_input_args(),
+            "output_activations": None,
+            "format": s.format,
+        }
+    formats = {schemes[n].format for n in by_scheme}
+    qc = {
         "quant_method": "compressed-tensors",
         "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
@@ -93,8 +105,36 @@ def quantization_config(plan: Plan) -> dict[str, Any] | None:
         "global_compression_ratio": None,
         "sparsity_config": {},
         "transform_config": {},
-        "producer": f"monoquant {_version()}",
     }
+    assert tuple(qc) == CONFIG_KEYS
+    return qc
+
+
+def config_targets(
+    by_scheme: dict[str, list[str]], dense: list[str], modules: Iterable[str]
+) -> tuple[dict[str, list[str]], list[str]]:
+    """The ``targets`` of each scheme's config group, and the ``ignore`` list.
+
+    The group with the most modules targets the class ``Linear``; any other group (mixed
+    precision) names its modules with :func:`module_targets` regexes. compressed-tensors and vLLM
+    both try name and regex targets before class targets, so each module gets its own group's
+    scheme. ``ignore`` names every dense 2-D weight's module, plus ``lm_head`` when the checkpoint
+    has none (tied to the embeddings: the model still builds an ``lm_head`` Linear).
+
+    Example:
+        >>> t, ign = config_targets({"int4": ["m.l0.q", "m.l0.k"], "int8": ["m.l1.q"]}, ["m.l1.k"],
+        ...                         ["m.l0.q", "m.l0.k", "m.l1.q", "m.l1.k"])
+        >>> print(t["int4"], *t["int8"], *ign)
+        ['Linear'] re:^(?:.*\\.)?l1\\.q$ lm_head re:^(?:.*\\.)?l1\\.k$
+    """
+    modules = list(modules)
+    major = max(sorted(by_scheme), key=lambda n: len(by_scheme[n]))
+    named = module_targets([m for n, ms in by_scheme.items() if n != major for m in ms], modules)
+    targets = {n: ["Linear"] if n == major else sorted({named[m] for m in ms}) for n, ms in by_scheme.items()}
+    ignore = set(module_targets(dense, modules).values())
+    if not any(m == "lm_head" or m.endswith(".lm_head") for m in modules):
+        ignore.add("lm_head")
+    return targets, sorted(ignore)
 
 
 def module_targets(quantized: list[str], modules: Iterable[str]) -> dict[str, str]:

@@ -3,7 +3,8 @@
 Structural checks (always): the index parses and agrees with every shard header (reader's
 cross-checks), ``total_size`` matches, every quantized tensor has all its parts with consistent
 shapes, and ``config.json``'s ``quantization_config`` (when present) targets exactly the
-quantized modules with the right format.
+quantized modules with the right format (name and regex targets first, then class targets such as
+``Linear``, which claim every Linear-like module not in ``ignore``).
 
 With ``against``: every input tensor is found in the output; quantized/cast tensors are
 dequantized block by block and compared with the input (SQNR, relative error, max abs error);
@@ -138,7 +139,7 @@ def _check_entry(e: QuantizedEntry) -> list[str]:
     return probs
 
 
-def _check_config(root: Path, entries: dict[str, QuantizedEntry]) -> list[str]:
+def _check_config(root: Path, entries: dict[str, QuantizedEntry], plain: dict[str, TensorRef] | None = None) -> list[str]:
     cfg_path = root / "config.json"
     if not cfg_path.exists():
         return []
@@ -163,21 +164,33 @@ def _check_config(root: Path, entries: dict[str, QuantizedEntry]) -> list[str]:
         for t in g.get("targets") or []:
             targets[t] = g
     modules = {module_of(b): e for b, e in entries.items()}
+    # Linear-like modules left dense: a class target (``Linear``) claims them unless ignored
+    plain = plain or {}
+    dense = sorted(module_of(n) for n, r in plain.items()
+                   if n.endswith(".weight") and len(r.shape) == 2 and r.dtype.is_floating_point)
+    paths = set(modules) | {module_of(n) for n in plain}
+    ignore = {t: {} for t in qc.get("ignore") or []}
+    # name and regex targets win over class targets, as in compressed-tensors and vLLM
+    named = {t: g for t, g in targets.items() if t.startswith("re:") or t in paths}
+    classes = {t: g for t, g in targets.items() if t not in named}
     for mod, e in modules.items():
-        g = _match(targets, mod)
+        g = _match(named, mod) or next(iter(classes.values()), None)
         if g is None:
             probs.append(f"config.json: quantized module {mod!r} is not targeted by any config group")
             continue
         w = g.get("weights") or {}
         if g.get("format") != e.scheme.format or w.get("num_bits") != e.scheme.bits:
             probs.append(f"config.json: module {mod!r} is {e.scheme.name} but its group says {g.get('format')}/{w.get('num_bits')} bits")
-    for t, g in targets.items():
+    for t, g in named.items():
         if not any(_match({t: g}, mod) is not None for mod in modules):
             probs.append(f"config.json: target {t!r} names a module that is not quantized")
-    for t in qc.get("ignore") or []:
+    for t in ignore:
         hit = [m for m in modules if _match({t: {}}, m) is not None]
         if hit:
             probs.append(f"config.json: ignore entry {t!r} matches the quantized module {hit[0]!r}")
+    for mod in dense:
+        if (classes or _match(named, mod) is not None) and _match(ignore, mod) is None:
+            probs.append(f"config.json: dense module {mod!r} is targeted and not in ignore (loaders would expect quantized tensors)")
     return probs
 
 
@@ -268,10 +281,10 @@ def verify(
         for e in entries.values():
             report.problems.extend(_check_entry(e))
             report.problems.extend(_check_scales(e, oreader, block_bytes))
-        if root.is_dir():
-            report.problems.extend(_check_config(root, entries))
         in_group = {r.name for e in entries.values() for r in e.parts.values()}
         plain = {r.name: r for r in out.tensors if r.name not in in_group}
+        if root.is_dir():
+            report.problems.extend(_check_config(root, entries, plain))
         report.tensors = len(entries) + len(plain)
         report.quantized = len(entries)
         if against is not None:

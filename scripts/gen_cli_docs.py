@@ -22,7 +22,8 @@ the real help texts differ.
 
 Exit codes: `0` success; `1` an error (one line on stderr: `monoquant: error: what, where, what to do`;
 `-v` adds the traceback); `2` a usage error (unknown flag, missing argument); `3` `verify` found a tensor
-below `--min-sqnr`; `130` interrupted (rerun the same command to resume).
+below `--min-sqnr`, or `verify --engine` found the model below its thresholds; `130` interrupted (rerun
+the same command to resume).
 """
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 import monoquant
 from monoquant import CheckpointError, OutputError
+from monoquant.outdir import CONFIG_KEYS
 from monoquant.plan import INDEX_NAME
 from tests.helpers import read_dir_bytes, tiny_llama_sd, write_sharded
 
@@ -83,20 +84,20 @@ def test_quantization_config_in_config_json(tmp_path, ckpt, sd):
     (group,) = qc["config_groups"].values()
     assert group["format"] == "pack-quantized"
     assert group["weights"]["num_bits"] == 4 and group["weights"]["group_size"] == 128
+    assert group["targets"] == ["Linear"]  # the class, as compressed-tensors writes it
+    assert set(qc) <= set(CONFIG_KEYS) and "producer" not in qc  # vLLM parses this block
     quantized = {n[: -len(".weight")] for n in monoquant.quantize(sd, "int4").schemes}
     modules = {n.rsplit(".", 1)[0] for n in sd}
-    targeted = {m for m in modules if any(re.match(t[len("re:") :], m) for t in group["targets"])}
-    assert targeted == quantized and "lm_head" not in targeted
-    # every dense 2-D weight is ignored explicitly (vLLM refuses a Linear neither targeted nor ignored)
+    # every dense 2-D weight is ignored explicitly (the class target would claim it)
     dense2d = {n[: -len(".weight")] for n, t in sd.items() if t.dim() == 2} - quantized
-    ignored = {m for m in modules if any(re.match(t[len("re:") :], m) for t in qc["ignore"])}
+    ignored = {m for m in modules if any(re.match(t[len("re:") :], m) for t in qc["ignore"] if t.startswith("re:"))}
     assert ignored == dense2d and "lm_head" in ignored
     # tolerant of the base-model prefix transformers adds or strips (BertModel -> task class,
     # LlamaForCausalLM -> LlamaModel), and still matching nothing else
-    q = "re:^(?:.*\\.)?layers\\.0\\.self_attn\\.q_proj$"
-    assert q in group["targets"]
-    for name in ("model.layers.0.self_attn.q_proj", "layers.0.self_attn.q_proj", "bert.model.layers.0.self_attn.q_proj"):
-        assert re.match(q[len("re:") :], name)
+    (head,) = [t for t in qc["ignore"] if "lm_head" in t]
+    for name in ("lm_head", "model.lm_head"):
+        assert re.match(head[len("re:") :], name)
+    assert not re.match(head[len("re:") :], "lm_head_2")
 
 
 def test_two_runs_and_options_that_must_not_matter_give_identical_bytes(tmp_path, ckpt):

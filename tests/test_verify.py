@@ -102,3 +102,21 @@ def test_inspect_input_and_output(job):
     assert res.exit_code == 0 and json.loads(res.stdout)["totals"] == o["totals"]
     res = CliRunner().invoke(main, ["inspect", str(out)])
     assert "int4-g128" in res.stdout and "bits per quantized weight" in res.stdout
+
+
+def test_verify_finds_a_dense_linear_the_class_target_would_claim(job, tmp_path):
+    """With ``targets: ["Linear"]`` every Linear-like module left dense must be in ``ignore``:
+    drop lm_head from it and verify reports it (the loaders would expect quantized tensors)."""
+    import shutil
+
+    _, out, _ = job
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert [g["targets"] for g in qc["config_groups"].values()] == [["Linear"]]
+    qc["ignore"] = [t for t in qc["ignore"] if "lm_head" not in t]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    r = verify(bad)
+    assert r.problems == ["config.json: dense module 'lm_head' is targeted and not in ignore "
+                          "(loaders would expect quantized tensors)"]

@@ -1,0 +1,116 @@
+"""monoquant outputs run in vLLM (CPU) and agree with transformers on the same directory.
+
+SmolLM2-135M-Instruct: the log-probability of every token of a fixed text (the GPL-3 licence text,
+two chunks of ``TOKENS`` tokens) from vLLM's prompt log-probs and from transformers' logits.
+all-MiniLM-L6-v2 as a pooling model: sentence embeddings.
+
+Two comparisons per output:
+
+* **with the unquantized model, same engine**: perplexity ratio (SmolLM2) / cosine (MiniLM),
+  bounded per scheme (``PPL_RATIO``, ``MIN_COS``; measured figures in docs/loading.md);
+* **with the other engine, same directory**: the mean |Δ log-prob| between vLLM and transformers
+  on the output must stay within ``CROSS_MARGIN`` times the same gap on the unquantized model (the
+  two engines' noise floor): a tensor one engine reads differently (layout, scale, target) makes
+  it many times larger. Dynamic-activation schemes (W8A8, FP8-dynamic) are quantized at run time
+  by each engine's own kernels, so their bound is ``CROSS_DYNAMIC`` (measured, see docs).
+
+Schemes vLLM's CPU build has no kernel for here are not run: int4 (W4A16) needs AVX-512
+(``cpu_gemm_wna16`` is only in vLLM's AVX-512 library); weight-only int8 and fp8 have no CPU kernel
+at all. test_config.py checks that vLLM parses them and picks the right scheme class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import OUTPUTS
+from smollm2_checkpoint import fixed_text
+
+from monoquant import deploy
+
+TOKENS = 128
+#: upper bounds of ppl(out)/ppl(bf16 source), per output, vLLM and transformers alike
+PPL_RATIO = {"fp16": 1.01, "bf16": 1.01, "int4": 1.35, "int4-asym": 1.35, "int4-opt": 1.35,
+             "w8a8": 1.6, "fp8-dynamic": 1.1, "mixed": 1.35}
+CROSS_MARGIN = 2.0
+CROSS_DYNAMIC = 0.75
+MIN_COS = {"w8a8": 0.99, "fp8-dynamic": 0.98, "int4": 0.93, "fp16": 0.9999}
+RUN_SMOLLM2 = ["fp16", "int4", "int4-asym", "int4-opt", "w8a8", "fp8-dynamic", "mixed"]
+RUN_MINILM = ["fp16", "int4", "w8a8", "fp8-dynamic"]
+
+
+def has_wna16_kernel() -> bool:
+    import torch
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
+    return hasattr(torch.ops._C, "cpu_gemm_wna16")
+
+
+def needs_kernel(name: str) -> None:
+    if name.startswith("int4") or name == "mixed":
+        if not has_wna16_kernel():
+            pytest.skip("vLLM's CPU int4 kernel (cpu_gemm_wna16) needs AVX-512; this CPU has none "
+                        "(test_config.py checked the scheme classes)")
+
+
+@pytest.fixture(scope="module")
+def ids(smollm2: Path) -> list[list[int]]:
+    text = fixed_text()
+    return deploy.token_ids(smollm2, [text[:4000], text[8000:12000]], TOKENS)
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2: Path, ids) -> dict[str, deploy.TokenScores]:
+    return {e: deploy.causal_scores(smollm2, ids, e) for e in deploy.ENGINES}
+
+
+@pytest.fixture(scope="module")
+def floor(reference) -> dict[str, float]:
+    """The engines' disagreement on the unquantized model."""
+    return deploy.compare_causal(reference["vllm"], reference["transformers"])
+
+
+def test_noise_floor_is_small(floor, record_property):
+    record_property("floor", floor)
+    print("noise floor (vLLM vs transformers, bf16 source):", floor)
+    assert floor["mean_abs_dlogprob"] < 0.1 and floor["top1_agreement"] > 0.9
+
+
+@pytest.mark.parametrize("name", RUN_SMOLLM2)
+def test_smollm2_runs_in_vllm_like_in_transformers(output, name, ids, reference, floor):
+    needs_kernel(name)
+    out = output("smollm2", name)
+    if "max_shard_size" in OUTPUTS[name]:
+        assert len(list(out.glob("*.safetensors"))) >= 3  # a sharded output (with its index)
+    # transformers' default path cannot load packed asymmetric zero points (docs/loading.md)
+    hf = {"dequantize": True} if name == "int4-asym" else {}
+    got = {"vllm": deploy.causal_scores(out, ids, "vllm"), "transformers": deploy.causal_scores(out, ids, "transformers", **hf)}
+    vs_src = {e: deploy.compare_causal(got[e], reference[e]) for e in deploy.ENGINES}
+    cross = deploy.compare_causal(got["vllm"], got["transformers"])
+    print(f"{name}: vs source {vs_src}; vLLM vs transformers {cross}; floor {floor}")
+    for e in deploy.ENGINES:
+        assert vs_src[e]["ppl_ratio"] <= PPL_RATIO[name], (e, vs_src[e])
+    bound = CROSS_DYNAMIC if name in ("w8a8", "fp8-dynamic") else CROSS_MARGIN * floor["mean_abs_dlogprob"]
+    assert cross["mean_abs_dlogprob"] <= bound, (cross, floor)
+
+
+@pytest.fixture(scope="module")
+def minilm_ref(minilm: Path):
+    return {e: deploy.embeddings(minilm, deploy.TEXTS, e) for e in deploy.ENGINES}
+
+
+@pytest.mark.parametrize("name", RUN_MINILM)
+def test_minilm_embeds_in_vllm_like_in_transformers(output, name, minilm_ref):
+    needs_kernel(name)
+    out = output("minilm", name)
+    got = {e: deploy.embeddings(out, deploy.TEXTS, e) for e in deploy.ENGINES}
+    cos = {e: deploy.min_cosine(got[e], minilm_ref[e]) for e in deploy.ENGINES}
+    floor = deploy.min_cosine(minilm_ref["vllm"], minilm_ref["transformers"])
+    cross = deploy.min_cosine(got["vllm"], got["transformers"])
+    print(f"minilm {name}: cosine to source {cos}; vLLM vs transformers {cross:.6f} (floor {floor:.6f})")
+    assert floor > 0.999
+    for e in deploy.ENGINES:
+        assert cos[e] >= MIN_COS[name], (e, cos)
+    assert 1 - cross <= max(CROSS_MARGIN * (1 - floor), 1e-4) or name in ("w8a8", "fp8-dynamic") and cross > 0.99
