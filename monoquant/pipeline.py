@@ -219,6 +219,7 @@ def plan(
     target_bpw: float | None = None,
     min_sqnr: float | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    strict_group_size: bool = False,
     **scheme_options: Any,
 ) -> Plan:
     """Plan a run (what ``--dry-run`` prints). See :func:`stream` for arguments.
@@ -226,7 +227,7 @@ def plan(
     From headers only, except with ``target_bpw``/``min_sqnr``: mixed precision estimates each
     tensor's error on sampled rows first (bounded memory)."""
     return _make_plan(
-        open_checkpoint(src), scheme, Rules.of(include, exclude), max_shard_size, clamp_fp16, target_bpw, min_sqnr,
+        open_checkpoint(src), scheme, Rules.of(include, exclude, strict_group_size), max_shard_size, clamp_fp16, target_bpw, min_sqnr,
         block_bytes, scheme_options,
     )
 
@@ -268,6 +269,7 @@ def iter_quantized(
     clamp_fp16: bool = False,
     backend: Backend = "mmap",
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    strict_group_size: bool = False,
     **scheme_options: Any,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` output pairs lazily, in plan order, one input tensor at a time.
@@ -278,7 +280,10 @@ def iter_quantized(
         >>> for name, t in iter_quantized("ckpt/", "int4", group_size=64):   # doctest: +SKIP
         ...     print(name, t.dtype, tuple(t.shape))
     """
-    p = plan(src, scheme, include=include, exclude=exclude, clamp_fp16=clamp_fp16, block_bytes=block_bytes, **scheme_options)
+    p = plan(
+        src, scheme, include=include, exclude=exclude, clamp_fp16=clamp_fp16, block_bytes=block_bytes,
+        strict_group_size=strict_group_size, **scheme_options,
+    )
     pool = WorkspacePool(1)
     with RowReader(backend) as reader:
         for pt in p.tensors:
@@ -344,6 +349,7 @@ def stream(
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     overlap: bool | str = "auto",
     on_progress: Callable[[ProgressEvent], None] | None = None,
+    strict_group_size: bool = False,
     **scheme_options: Any,
 ) -> Report:
     """Quantize a checkpoint into ``dst`` shard by shard, with bounded memory, resumably.
@@ -377,6 +383,8 @@ def stream(
             it made runs 10-40% faster on a quiet 2-core machine and slower on busy cores, see
             docs/benchmarks.md). The output bytes are the same either way.
         on_progress: called with :class:`ProgressEvent` (from worker threads, serialized).
+        strict_group_size: leave tensors whose columns are not a multiple of the group size dense
+            (default: quantize them with the largest halved group size that divides them).
 
     Returns:
         A :class:`Report`.
@@ -395,7 +403,7 @@ def stream(
     ckpt = open_checkpoint(src_p)
     check_paths(src_p, dst_p)
     p = _make_plan(
-        ckpt, scheme, Rules.of(include, exclude), max_shard_size, clamp_fp16, target_bpw, min_sqnr, block_bytes,
+        ckpt, scheme, Rules.of(include, exclude, strict_group_size), max_shard_size, clamp_fp16, target_bpw, min_sqnr, block_bytes,
         scheme_options,
     )
     k, n = parse_worker(worker)

@@ -26,7 +26,7 @@ from .dtypes import dtype_name, itemsize, to_st
 from .errors import CheckpointError, OutputError
 from .kernels import OutSpec, as_rows, get_kernel
 from .reader import Checkpoint, TensorRef
-from .rules import Decision, Rules, decide
+from .rules import Decision, Rules, decide, summarize_warnings
 from .schemes import FORMAT_VERSION, Scheme, get_scheme
 
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
@@ -122,6 +122,7 @@ class Plan:
             "quantized_bytes_out": q_out,
             "estimated_peak_bytes": estimate_peak(self),
             "warnings": [t.ref.name for t in self.tensors if t.decision.warn],
+            "warning_summary": summarize_warnings([(t.ref.name, t.decision) for t in self.tensors]),
         }
         if "mixed_summary" in self.extra:
             out["mixed"] = self.extra["mixed_summary"]
