@@ -11,9 +11,12 @@ Numerics (pinned by tests and ``docs/format.md``):
 * symmetric scale = absmax / ((qmax - qmin) / 2): ``/127.5`` int8, ``/7.5`` int4, ``/448`` fp8;
   asymmetric scale = (max(x.max, 0) - min(x.min, 0)) / (qmax - qmin) and
   zero point = round(clamp(qmin - min / scale, qmin, qmax));
-* the scale is stored in the weight's dtype, rounded *up* to the next representable value (so
-  no element is clipped by the rounding), and the stored value is the one used to quantize;
-  a zero scale becomes the dtype's eps;
+* the scale is stored in the weight's dtype, rounded to the *nearest* representable value (as
+  compressed-tensors does), and the stored value is the one used to quantize; a zero scale
+  becomes the dtype's eps. (Format version 2 rounded it *up*, so no element was clipped; that
+  inflated every weight of the model in the same direction, by 0.2 % on average in bf16, which
+  costs nothing in SQNR but +6 % perplexity on SmolLM2 int4 g64. An element whose code the
+  rounding pushes one step past the range is clamped, an error no larger than half a step.)
 * codes = clamp(round_half_even(x / scale + zp), qmin, qmax); fp8 = clamp(x / scale, ±448)
   converted with round-to-nearest-even;
 * dequantize = (q - zp) * scale in float32, then the requested dtype.
@@ -165,11 +168,14 @@ def absmax(x: torch.Tensor) -> float:
 
 
 def stored_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round float32 scales *up* into ``dtype``; zeros become the dtype's eps."""
+    """Round float32 scales to the nearest value of ``dtype`` (ties to even); zeros become the
+    dtype's eps.
+
+    Example:
+        >>> stored_scale(torch.tensor([1.00390625, 1.005, 0.0]), torch.bfloat16).tolist()
+        [1.0, 1.0078125, 0.0078125]
+    """
     st = scale.to(dtype)
-    low = st.float() < scale
-    if bool(low.any()):
-        st = torch.where(low, torch.nextafter(st, torch.full_like(st, math.inf)), st)
     zero = st == 0
     if bool(zero.any()):
         st = st.masked_fill(zero, torch.finfo(dtype).eps)

@@ -31,7 +31,7 @@ Strategy = Literal["tensor", "channel", "group"]
 
 #: Version of the numerics and on-disk layout. It enters every plan fingerprint: bump it when
 #: the bytes monoquant writes for the same input and options change.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
