@@ -135,9 +135,10 @@ def _scheme_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
               help="How safetensors input is read.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch threads per job (1 is fastest on small shared machines).")
-@click.option("--stats", "stats", type=click.Choice(["sample", "exact", "off"]), default="sample", show_default=True,
-              help="Per-tensor error statistics during the run: estimated on every 8th row (sample), measured on "
-                   "every row (exact, ~1/3 slower) or none. 'monoquant verify --against' gives exact figures.")
+@click.option("--stats", "stats", type=click.Choice(["exact", "sample", "off"]), default="exact", show_default=True,
+              help="Per-tensor error statistics during the run: measured on every row (exact: the figures and worst "
+                   "tensors 'monoquant verify --against' gives), estimated on every 8th row (sample: cheaper, may "
+                   "miss a tensor whose error sits in a few rows) or none.")
 @click.option("--overlap", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Write and hash on a background thread while computing; auto: when a CPU core is idle.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (from headers only) and write nothing.")

@@ -504,22 +504,24 @@ def _sampled_error(
 ) -> None:
     """Error of the sampled rows: ``x`` the float32 input, ``q`` the codes (float or fp8),
     ``sf`` the float scales, ``zp`` the zero points; none of them is modified."""
-    xs = ws.get("xs", x.numel(), torch.float32).view(x.shape)
-    xs.copy_(x)  # the sampled rows, gathered contiguous
+    if x.is_contiguous():
+        xs = x  # every row: no gather needed (x is read-only here)
+    else:
+        xs = ws.get("xs", x.numel(), torch.float32).view(x.shape)
+        xs.copy_(x)  # the sampled rows, gathered contiguous
     e = ws.get("err", x.numel(), torch.float32).view(x.shape)
     if zp is not None:
         torch.sub(q, zp, out=e)
-        e.mul_(sf)
+        torch.addcmul(xs, e, sf, value=-1, out=e)  # x - (q - zp)·s: the error, negated
     else:
-        torch.mul(q, sf, out=e)
-    e.sub_(xs)
+        torch.addcmul(xs, q, sf, value=-1, out=e)  # x - q·s in one pass
     stats.numel += x.numel()
-    xf = xs.view(-1)
+    xf = xs.reshape(-1)
     stats.sum_sq += float(torch.dot(xf, xf))
     flat = e.view(-1)
     stats.err_sq += float(torch.dot(flat, flat))
     if flat.numel():
-        stats.max_abs_err = max(stats.max_abs_err, float(flat.amax()), -float(flat.amin()))
+        stats.max_abs_err = max(stats.max_abs_err, float(torch.linalg.vector_norm(flat, math.inf)))
 
 
 def _accumulate_error(stats: ErrorStats, x: torch.Tensor, q: torch.Tensor, sf: torch.Tensor) -> None:

@@ -345,7 +345,7 @@ def stream(
     restart: bool = False,
     backend: Backend = "mmap",
     threads: int | None = 1,
-    stats: str | bool = "sample",
+    stats: str | bool = "exact",
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     overlap: bool | str = "auto",
     on_progress: Callable[[ProgressEvent], None] | None = None,
@@ -373,10 +373,11 @@ def stream(
         backend: ``mmap`` or ``pread`` for reading safetensors input.
         threads: torch intra-op threads during the run (``None`` leaves the setting alone).
         stats: per-tensor error statistics (SQNR, relative and max abs error) measured during the
-            run: ``"sample"`` (default: every 8th row of every tensor, every 16th for casts; 5-9%
-            of the run time; an estimate: a tensor whose error sits in a few rows can read a few
-            dB better than it is), ``"exact"`` (every row, about a third more time) or ``"off"``.
-            ``monoquant verify --against`` always gives exact figures.
+            run: ``"exact"`` (default: every row, the figures ``monoquant verify --against``
+            measures, so the worst tensors agree; about 2 s of CPU per GB of bf16 input, see
+            docs/benchmarks.md), ``"sample"`` (every 8th row, every 16th for casts: cheaper, but an
+            estimate: a tensor whose error sits in a few rows can read a few dB better than it is
+            and be missing from the worst list) or ``"off"``.
         block_bytes: input bytes per processing block (memory vs. speed; output unchanged).
         overlap: write and hash blocks on a background thread while the next block is computed:
             ``True``, ``False``, or ``"auto"`` (default: on when a CPU core is idle at the start;
