@@ -9,8 +9,15 @@ Example:
 
 from __future__ import annotations
 
+import warnings as _warnings
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
+
+with _warnings.catch_warnings():
+    # torch warns "Failed to initialize NumPy" at import when numpy is not installed; monoquant
+    # never uses numpy (it is not a dependency), so a clean install must not print that
+    _warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch as _torch  # noqa: F401
 
 from .errors import CheckpointError as CheckpointError
 from .errors import MonoquantError as MonoquantError
