@@ -9,12 +9,19 @@ Example:
 
 from __future__ import annotations
 
+import warnings as _warnings
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
 import sys
 import types
+import warnings as _warnings
 from typing import TYPE_CHECKING, Any
+
+# torch warns "Failed to initialize NumPy" when it is imported without numpy; monoquant never uses
+# numpy (not a dependency), so a clean install must not print that. torch is imported lazily
+# (below), so the filter is installed for the process, for exactly that message.
+_warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 from .errors import CheckpointError as CheckpointError
 from .errors import MonoquantError as MonoquantError

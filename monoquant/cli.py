@@ -121,6 +121,10 @@ def scheme_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Also quantize tensors matching GLOB that the default rules skip (repeatable)."),
         click.option("--exclude", multiple=True, metavar="GLOB",
                      help="Never touch tensors matching GLOB; wins over --include (repeatable)."),
+        click.option("--strict-group-size", is_flag=True,
+                     help="Leave a tensor whose columns are not a multiple of the group size dense (default: quantize "
+                          "it with the largest of half, a quarter, ... of the group size, at least 32, that divides "
+                          "them, in a config group of its own)."),
         click.option("--clamp-fp16", is_flag=True, help="Saturate values beyond ±65504 in an fp16 cast instead of failing."),
     ]
     for o in reversed(opts):
@@ -188,9 +192,10 @@ def _scheme_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
               help="How safetensors input is read.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch threads per job (1 is fastest on small shared machines).")
-@click.option("--stats", "stats", type=click.Choice(["sample", "exact", "off"]), default="sample", show_default=True,
-              help="Per-tensor error statistics during the run: estimated on every 8th row (sample), measured on "
-                   "every row (exact, ~1/3 slower) or none. 'monoquant verify --against' gives exact figures.")
+@click.option("--stats", "stats", type=click.Choice(["exact", "sample", "off"]), default="exact", show_default=True,
+              help="Per-tensor error statistics during the run: measured on every row (exact: the figures and worst "
+                   "tensors 'monoquant verify --against' gives), estimated on every 8th row (sample: cheaper, may "
+                   "miss a tensor whose error sits in a few rows) or none.")
 @click.option("--overlap", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Write and hash on a background thread while computing; auto: when a CPU core is idle.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (from headers only) and write nothing.")
@@ -222,6 +227,7 @@ def stream(src: str, dst: str, **kw: Any) -> None:
         "include": list(kw.pop("include")),
         "exclude": list(kw.pop("exclude")),
         "clamp_fp16": kw.pop("clamp_fp16"),
+        "strict_group_size": kw.pop("strict_group_size"),
         "max_shard_size": kw.pop("max_shard_size"),
         "target_bpw": kw.pop("target_bpw"),
         "min_sqnr": kw.pop("min_sqnr"),
@@ -446,6 +452,23 @@ class _Progress:
             self.bar.close()
 
 
+WARNING_WHAT = {
+    "group-fallback": "quantized with smaller groups",
+    "group-mismatch": "left dense",
+    "include-ignored": "not quantized despite --include",
+    "shape": "left dense",
+}
+
+
+def warning_lines(summary: list[dict[str, Any]]) -> list[str]:
+    """One line per warning category: count, what happened, one example and its reason."""
+    out = []
+    for w in summary:
+        what = WARNING_WHAT.get(w["category"], "flagged")
+        out.append(f"{w['count']} tensor(s) {what}, e.g. {w['example']}: {w['reason']}")
+    return out
+
+
 def _print_plan(p: Any) -> None:
     from .dtypes import dtype_name
 
@@ -468,9 +491,8 @@ def _print_plan(p: Any) -> None:
         f"{human_bytes(tot['bytes_in'])} -> {human_bytes(tot['bytes_out'])} ({tot['ratio']:.1%}), {bpw}, "
         f"{tot['shards']} shard(s), estimated peak memory {human_bytes(tot['estimated_peak_bytes'])}"
     )
-    for name in tot["warnings"]:
-        reason = next(t.decision.reason for t in p.tensors if t.ref.name == name)
-        click.echo(f"warning: {name} left dense: {reason}")
+    for line in warning_lines(tot.get("warning_summary", [])):
+        click.echo(f"warning: {line}")
     if "mixed" in tot:
         m = tot["mixed"]
         choices = ", ".join(f"{k} x{v}" for k, v in m["choices"].items())
@@ -515,8 +537,8 @@ def _print_report(r: Any) -> None:
         worst = ", ".join(f"{n} {s.sqnr_db:.1f} dB" for n, s in r.worst(3))
         how = "" if r.settings.get("stats") == "exact" else " (estimated on sampled rows; exact: monoquant verify --against SRC)"
         click.echo(f"  error{how}: mean SQNR {m:.2f} dB over {len(r.stats)} tensors; worst: {worst}")
-    for name in pl["warnings"]:
-        click.echo(f"  warning: {name} left dense (see --dry-run for the reason)")
+    for line in warning_lines(pl.get("warning_summary", [])):
+        click.echo(f"  warning: {line}")
     for note in r.notes:
         click.echo(f"  note: {note}")
     from .schemes import get_scheme

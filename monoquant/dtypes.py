@@ -31,9 +31,16 @@ TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
 NAME_TO_TORCH: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in ST_TO_TORCH.values()}
 
 
+_ITEMSIZE: dict[torch.dtype, int] = {}
+
+
 def itemsize(dtype: torch.dtype) -> int:
-    """Bytes per element of ``dtype``."""
-    return torch.empty((), dtype=dtype).element_size()
+    """Bytes per element of ``dtype`` (cached: planning asks this for every output of every tensor,
+    and a torch allocation per call was a measurable part of a many-tensor run)."""
+    n = _ITEMSIZE.get(dtype)
+    if n is None:
+        n = _ITEMSIZE[dtype] = torch.empty((), dtype=dtype).element_size()
+    return n
 
 
 def from_st(code: str, *, where: str = "") -> torch.dtype:

@@ -73,6 +73,7 @@ def quantize(
     exclude: str | list[str] | None = None,
     clamp_fp16: bool = False,
     stats: bool = False,
+    strict_group_size: bool = False,
     **scheme_options: Any,
 ) -> QuantizedStateDict:
     """Quantize a state dict (or ``module.state_dict()``) in memory.
@@ -84,6 +85,8 @@ def quantize(
         exclude: glob(s) of tensors to leave untouched (wins over ``include``).
         clamp_fp16: saturate values beyond ±65504 in an fp16 cast instead of failing.
         stats: compute per-tensor error statistics (``result.stats``).
+        strict_group_size: leave a tensor whose columns are not a multiple of the group size
+            dense instead of quantizing it with smaller groups (see :mod:`monoquant.rules`).
         **scheme_options: ``group_size``, ``per_tensor``, ``asymmetric``, ``dynamic``,
             ``act_strategy``, ``optimize`` (see :func:`monoquant.schemes.get_scheme`).
 
@@ -97,7 +100,7 @@ def quantize(
     """
     sd = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
     sch = get_scheme(scheme, **scheme_options)
-    rules = Rules.of(include, exclude)
+    rules = Rules.of(include, exclude, strict_group_size)
     out = QuantizedStateDict()
     out.decisions, out.schemes, out.stats = {}, {}, {}
     if not isinstance(sd, Mapping):
@@ -114,7 +117,7 @@ def quantize(
         st = ErrorStats() if stats else None
         try:
             extra = {"amax": shared[name]} if name in shared else {}
-            parts = get_kernel(sch).quantize_tensor(t, stats=st, clamp_fp16=clamp_fp16, **extra)
+            parts = get_kernel(d.scheme).quantize_tensor(t, stats=st, clamp_fp16=clamp_fp16, **extra)  # type: ignore[arg-type]
         except NonFiniteError:
             raise nonfinite_error(name, int((~torch.isfinite(t)).sum())) from None
         except Fp16OverflowError as e:
@@ -124,7 +127,7 @@ def quantize(
         for suffix, v in parts.items():
             out[output_name(name, suffix)] = v
         if d.action == "quantize":
-            out.schemes[name] = sch
+            out.schemes[name] = d.scheme  # type: ignore[assignment]
         if st is not None:
             out.stats[name] = st
     return out

@@ -11,9 +11,12 @@ Numerics (pinned by tests and ``docs/format.md``):
 * symmetric scale = absmax / ((qmax - qmin) / 2): ``/127.5`` int8, ``/7.5`` int4, ``/448`` fp8;
   asymmetric scale = (max(x.max, 0) - min(x.min, 0)) / (qmax - qmin) and
   zero point = round(clamp(qmin - min / scale, qmin, qmax));
-* the scale is stored in the weight's dtype, rounded *up* to the next representable value (so
-  no element is clipped by the rounding), and the stored value is the one used to quantize;
-  a zero scale becomes the dtype's eps;
+* the scale is stored in the weight's dtype, rounded to the *nearest* representable value (as
+  compressed-tensors does), and the stored value is the one used to quantize; a zero scale
+  becomes the dtype's eps. (Format version 2 rounded it *up*, so no element was clipped; that
+  inflated every weight of the model in the same direction, by 0.2 % on average in bf16, which
+  costs nothing in SQNR but +6 % perplexity on SmolLM2 int4 g64. An element whose code the
+  rounding pushes one step past the range is clamped, an error no larger than half a step.)
 * codes = clamp(round_half_even(x / scale + zp), qmin, qmax); fp8 = clamp(x / scale, ±448)
   converted with round-to-nearest-even;
 * dequantize = (q - zp) * scale in float32, then the requested dtype.
@@ -165,17 +168,20 @@ def absmax(x: torch.Tensor) -> float:
 
 
 def stored_scale(scale: torch.Tensor, dtype: torch.dtype, mag: float | None = None) -> torch.Tensor:
-    """Round float32 scales *up* into ``dtype``; zeros become the dtype's eps.
+    """Round float32 scales to the nearest value of ``dtype`` (ties to even); zeros become the
+    dtype's eps.
 
     With ``mag`` (the largest code magnitude a decode multiplies the scale by), a scale is also
     capped at :func:`decode_cap`, so that ``code * scale`` stays finite when a loader decodes in
-    ``dtype`` (an fp16 weight near 65504: a rounded-up scale times 448 or 128 would be ``inf``).
-    Only groups whose values reach the top of ``dtype``'s range are affected: their extreme
-    values are clipped by less than one quantization step."""
+    ``dtype`` (an fp16 weight near 65504: a scale times 448 or 128 could be ``inf``). Only groups
+    whose values reach the top of ``dtype``'s range are affected: their extreme values are
+    clipped by less than one quantization step.
+
+    Example:
+        >>> stored_scale(torch.tensor([1.00390625, 1.005, 0.0]), torch.bfloat16).tolist()
+        [1.0, 1.0078125, 0.0078125]
+    """
     st = scale.to(dtype)
-    low = st.float() < scale
-    if bool(low.any()):
-        st = torch.where(low, torch.nextafter(st, torch.full_like(st, math.inf)), st)
     zero = st == 0
     if bool(zero.any()):
         st = st.masked_fill(zero, torch.finfo(dtype).eps)
@@ -435,8 +441,8 @@ class Kernel:
         else:
             mx = v.amax(dim=-1)
             mn = v.amin(dim=-1)
-            _check_finite(mx)
-            _check_finite(mn)
+            # one check instead of two: NaN or ±Inf in mx or mn makes this non-finite (halves: no overflow)
+            _check_finite(mx * 0.5 - mn * 0.5)
             if s.symmetric:
                 half = FP8_MAX if s.kind == "float" else (s.qmax - s.qmin) / 2
                 scale = stored_scale(torch.maximum(mx, mn.neg_()) / half, sdt, code_magnitude(s))
@@ -582,17 +588,19 @@ def _sampled_error(
 ) -> None:
     """Error of the sampled rows: ``x`` the float32 input, ``q`` the codes (float or fp8),
     ``sf`` the float scales, ``zp`` the zero points; none of them is modified."""
-    xs = ws.get("xs", x.numel(), torch.float32).view(x.shape)
-    xs.copy_(x)  # the sampled rows, gathered contiguous
+    if x.is_contiguous():
+        xs = x  # every row: no gather needed (x is read-only here)
+    else:
+        xs = ws.get("xs", x.numel(), torch.float32).view(x.shape)
+        xs.copy_(x)  # the sampled rows, gathered contiguous
     e = ws.get("err", x.numel(), torch.float32).view(x.shape)
     if zp is not None:
         torch.sub(q, zp, out=e)
-        e.mul_(sf)
+        torch.addcmul(xs, e, sf, value=-1, out=e)  # x - (q - zp)·s: the error, negated
     else:
-        torch.mul(q, sf, out=e)
-    e.sub_(xs)
+        torch.addcmul(xs, q, sf, value=-1, out=e)  # x - q·s in one pass
     stats.numel += x.numel()
-    xf = xs.view(-1)
+    xf = xs.reshape(-1)
     stats.sum_sq += float(torch.dot(xf, xf))
     flat = e.view(-1)
     stats.err_sq += float(torch.dot(flat, flat))

@@ -248,6 +248,7 @@ def plan(
     target_bpw: float | None = None,
     min_sqnr: float | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    strict_group_size: bool = False,
     **scheme_options: Any,
 ) -> Plan:
     """Plan a run (what ``--dry-run`` prints). See :func:`stream` for arguments.
@@ -255,7 +256,7 @@ def plan(
     From headers only, except with ``target_bpw``/``min_sqnr``: mixed precision estimates each
     tensor's error on sampled rows first (bounded memory)."""
     return _make_plan(
-        open_checkpoint(src), scheme, Rules.of(include, exclude), max_shard_size, clamp_fp16, target_bpw, min_sqnr,
+        open_checkpoint(src), scheme, Rules.of(include, exclude, strict_group_size), max_shard_size, clamp_fp16, target_bpw, min_sqnr,
         block_bytes, scheme_options,
     )
 
@@ -304,6 +305,7 @@ def iter_quantized(
     clamp_fp16: bool = False,
     backend: Backend = "mmap",
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    strict_group_size: bool = False,
     **scheme_options: Any,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` output pairs lazily, in plan order, one input tensor at a time.
@@ -314,7 +316,10 @@ def iter_quantized(
         >>> for name, t in iter_quantized("ckpt/", "int4", group_size=64):   # doctest: +SKIP
         ...     print(name, t.dtype, tuple(t.shape))
     """
-    p = plan(src, scheme, include=include, exclude=exclude, clamp_fp16=clamp_fp16, block_bytes=block_bytes, **scheme_options)
+    p = plan(
+        src, scheme, include=include, exclude=exclude, clamp_fp16=clamp_fp16, block_bytes=block_bytes,
+        strict_group_size=strict_group_size, **scheme_options,
+    )
     pool = WorkspacePool(1)
     with RowReader(backend) as reader:
         for pt in p.tensors:
@@ -376,10 +381,11 @@ def stream(
     restart: bool = False,
     backend: Backend = "mmap",
     threads: int | None = 1,
-    stats: str | bool = "sample",
+    stats: str | bool = "exact",
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     overlap: bool | str = "auto",
     on_progress: Callable[[ProgressEvent], None] | None = None,
+    strict_group_size: bool = False,
     **scheme_options: Any,
 ) -> Report:
     """Quantize a checkpoint into ``dst`` shard by shard, with bounded memory, resumably.
@@ -403,16 +409,19 @@ def stream(
         backend: ``mmap`` or ``pread`` for reading safetensors input.
         threads: torch intra-op threads during the run (``None`` leaves the setting alone).
         stats: per-tensor error statistics (SQNR, relative and max abs error) measured during the
-            run: ``"sample"`` (default: every 8th row of every tensor, every 16th for casts; 5-9%
-            of the run time; an estimate: a tensor whose error sits in a few rows can read a few
-            dB better than it is), ``"exact"`` (every row, about a third more time) or ``"off"``.
-            ``monoquant verify --against`` always gives exact figures.
+            run: ``"exact"`` (default: every row, the figures ``monoquant verify --against``
+            measures, so the worst tensors agree; about 2 s of CPU per GB of bf16 input, see
+            docs/benchmarks.md), ``"sample"`` (every 8th row, every 16th for casts: cheaper, but an
+            estimate: a tensor whose error sits in a few rows can read a few dB better than it is
+            and be missing from the worst list) or ``"off"``.
         block_bytes: input bytes per processing block (memory vs. speed; output unchanged).
         overlap: write and hash blocks on a background thread while the next block is computed:
             ``True``, ``False``, or ``"auto"`` (default: on when a CPU core is idle at the start;
             it made runs 10-40% faster on a quiet 2-core machine and slower on busy cores, see
             docs/benchmarks.md). The output bytes are the same either way.
         on_progress: called with :class:`ProgressEvent` (from worker threads, serialized).
+        strict_group_size: leave tensors whose columns are not a multiple of the group size dense
+            (default: quantize them with the largest halved group size that divides them).
 
     Returns:
         A :class:`Report`.
@@ -434,7 +443,7 @@ def stream(
     if not is_remote(src):
         check_paths(Path(src), dst_p)
     p = _make_plan(
-        ckpt, scheme, Rules.of(include, exclude), max_shard_size, clamp_fp16, target_bpw, min_sqnr, block_bytes,
+        ckpt, scheme, Rules.of(include, exclude, strict_group_size), max_shard_size, clamp_fp16, target_bpw, min_sqnr, block_bytes,
         scheme_options,
     )
     k, n = parse_worker(worker)

@@ -27,7 +27,7 @@ from .errors import CheckpointError, OptionError, OutputError
 from .formats import output_name, shared_scales
 from .kernels import OutSpec, as_rows, get_kernel
 from .reader import Checkpoint, TensorRef
-from .rules import Decision, Rules, decide
+from .rules import Decision, Rules, decide, summarize_warnings
 from .schemes import FORMAT_VERSION, Scheme, get_scheme
 
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
@@ -126,6 +126,7 @@ class Plan:
             "quantized_bytes_out": q_out,
             "estimated_peak_bytes": estimate_peak(self),
             "warnings": [t.ref.name for t in self.tensors if t.decision.warn],
+            "warning_summary": summarize_warnings([(t.ref.name, t.decision) for t in self.tensors]),
         }
         if "mixed_summary" in self.extra:
             out["mixed"] = self.extra["mixed_summary"]

@@ -35,7 +35,7 @@ MICROSCALE_KINDS = ("nvfp4", "mxfp4", "mxfp8")
 
 #: Version of the numerics and on-disk layout. It enters every plan fingerprint: bump it when
 #: the bytes monoquant writes for the same input and options change.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,35 @@ def test_names_follow_the_on_disk_layout():
         assert q[name] is sd[name]
 
 
-def test_group_mismatch_is_left_dense_with_a_visible_reason():
-    q = monoquant.quantize(tiny_sd(), "int4", group_size=64)
+def test_group_mismatch_falls_back_to_the_largest_halved_group_that_divides():
+    sd = tiny_sd()
+    sd["model.layers.0.mlp.down_proj.weight"] = torch.randn(64, 576, generator=torch.Generator().manual_seed(1)) * 0.05
+    q = monoquant.quantize(sd, "int4")  # group size 128; 576 = 4.5 x 128 = 9 x 64
+    name = "model.layers.0.mlp.down_proj.weight"
+    d = q.decisions[name]
+    assert d.action == "quantize" and d.warn and d.category == "group-fallback"
+    assert d.scheme.name == "int4-g64" and q.schemes[name].name == "int4-g64"
+    assert "576 input columns are not a multiple of the group size 128: groups of 64" in d.reason
+    assert q[name + "_scale"].shape == (64, 9)
+    back = monoquant.dequantize(q)[name]
+    assert monoquant.inmemory.sqnr_db(sd[name], back) > 15  # int4 g64 on Gaussian weights: ~19.5 dB
+    # the other tensors keep the run's scheme
+    assert q.decisions["model.layers.0.self_attn.q_proj.weight"].scheme.name == "int4-g64"  # 64 columns
+
+
+def test_strict_group_size_leaves_the_mismatch_dense_with_a_visible_reason():
+    q = monoquant.quantize(tiny_sd(), "int4", group_size=64, strict_group_size=True)
     d = q.decisions["model.layers.0.mlp.down_proj.weight"]
-    assert d.action == "copy" and d.warn and "not a multiple of the group size 64" in d.reason
+    assert d.action == "copy" and d.warn and d.category == "group-mismatch"
+    assert "not a multiple of the group size 64" in d.reason
     assert "model.layers.0.mlp.down_proj.weight" in q
+    # without it, 96 columns take groups of 32 (the floor)
+    d = monoquant.quantize(tiny_sd(), "int4", group_size=64).decisions["model.layers.0.mlp.down_proj.weight"]
+    assert d.action == "quantize" and d.scheme.group_size == 32
+    # below the floor of 32 there is no fallback: 100 columns stay dense
+    sd = {"a.weight": torch.randn(8, 100)}
+    d = monoquant.quantize(sd, "int4").decisions["a.weight"]
+    assert d.action == "copy" and d.category == "group-mismatch"
 
 
 def test_integer_and_bool_tensors_are_never_quantized_even_when_included():
