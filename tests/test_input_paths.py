@@ -112,7 +112,7 @@ def test_ctrl_c_during_startup_is_one_line(tmp_path: Path, delay: float) -> None
     p = popen_cli("stream", src, tmp_path / "out", "--int8")
     time.sleep(delay)
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=120)
+    _, err = p.communicate(timeout=120)
     if p.returncode == 0:
         pytest.skip("the run finished before the signal")
     assert p.returncode == 130, (p.returncode, err)

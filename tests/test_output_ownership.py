@@ -82,7 +82,7 @@ def test_restart_refuses_foreign_files_next_to_a_finished_model(tmp_path: Path) 
     monoquant.stream(a, out, "int4")
     (out / "notes.txt").write_text("the user's own")
     before = read_dir_bytes(out)
-    with pytest.raises(OutputError, match="notes.txt"):
+    with pytest.raises(OutputError, match=r"notes\.txt"):
         monoquant.stream(a, out, "int8", restart=True)
     assert read_dir_bytes(out) == before  # nothing deleted, not even the old model's files
 
@@ -184,7 +184,7 @@ def test_side_file_copy_failure_leaves_no_hidden_tmp(tmp_path: Path, monkeypatch
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(od.shutil, "copyfile", boom)
-    with pytest.raises(monoquant.MonoquantError, match="disk full|No space"):
+    with pytest.raises(monoquant.MonoquantError, match=r"disk full|No space"):
         monoquant.stream(src, out, "int8")
     monkeypatch.undo()
     hidden = [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".monoquant"]

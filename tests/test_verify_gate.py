@@ -162,10 +162,10 @@ def test_asymmetric_overflow_is_refused_with_one_line(tmp_path: Path, scheme: st
     scale exceeds fp16 (found by search: 65504 and -65393) is refused, naming the tensor."""
     w = torch.zeros(4, 128, dtype=torch.float16)
     w[0, 0], w[0, 1] = 65504.0, -65393.0
-    with pytest.raises(monoquant.TensorValueError, match="'l.weight' cannot be stored safely.*beyond float16"):
+    with pytest.raises(monoquant.TensorValueError, match=r"'l\.weight' cannot be stored safely.*beyond float16"):
         monoquant.quantize({"l.weight": w}, scheme, asymmetric=True, group_size=128)
     src = _one(tmp_path / "in", {"l.weight": w})
-    with pytest.raises(monoquant.TensorValueError, match="model.safetensors: tensor 'l.weight'"):
+    with pytest.raises(monoquant.TensorValueError, match=r"model\.safetensors: tensor 'l\.weight'"):
         monoquant.stream(src, tmp_path / "out", scheme, asymmetric=True, group_size=128)
     assert not list((tmp_path / "out").glob("*.partial")) and not (tmp_path / "out" / INDEX_NAME).exists()
 
