@@ -183,3 +183,19 @@ def test_zero_element_tensor_casts(tmp_path: Path, scheme: str) -> None:
     src = _one(tmp_path / "in", {"e.weight": torch.empty(0, 8), "l.weight": _w(4, 8)})
     rep = monoquant.stream(src, tmp_path / "out", scheme)
     assert rep.complete and verify(tmp_path / "out", against=src).ok
+
+
+def test_a_tensor_added_to_the_output_is_a_problem(fp8_job: tuple[Path, Path]) -> None:
+    src, out = fp8_job
+    _edit(out, "l.bias", lambda t: t)  # rewrite the shard with one more tensor, index updated
+    shard = out / json.loads((out / INDEX_NAME).read_text())["weight_map"]["l.bias"]
+    tensors = load_file(str(shard))
+    tensors["evil.bias"] = torch.ones(3)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index = json.loads((out / INDEX_NAME).read_text())
+    index["weight_map"]["evil.bias"] = shard.name
+    index["metadata"]["total_size"] += 12
+    (out / INDEX_NAME).write_text(json.dumps(index))
+    r = verify(out, against=src)
+    assert r.problems == ["evil.bias: in the output but not in the input"], r.problems
+    assert _gate(out, src).exit_code == 1
