@@ -53,20 +53,19 @@ class ExactStats(ErrorStats):
         xd = x.reshape(-1).double()
         dd = dq.reshape(-1).double()
         self.numel += xd.numel()
-        bad = ~torch.isfinite(dd) & torch.isfinite(xd)
-        nbad = int(bad.sum())
-        if nbad:
-            self.nonfinite += nbad
-            dd = torch.where(bad, xd, dd)  # count them, then leave them out of the sums
-        self.out_nonzero += int(torch.count_nonzero(dd))
-        err = dd - xd
-        err = torch.where(torch.isfinite(err), err, torch.zeros_like(err))
+        if not bool(torch.isfinite(dd).all()):  # rare: count NaN/Inf, leave them out of the sums
+            bad = ~torch.isfinite(dd) & torch.isfinite(xd)
+            self.nonfinite += int(bad.sum())
+            dd = torch.where(torch.isfinite(dd), dd, xd)
+        if self.out_nonzero == 0:  # only "none at all" matters
+            self.out_nonzero += int(torch.count_nonzero(dd))
+        err = dd.sub_(xd)
         self.x_scale, self.x_ssq = _add_ssq(self.x_scale, self.x_ssq, xd)
         self.e_scale, self.e_ssq = _add_ssq(self.e_scale, self.e_ssq, err)
         self.sum_sq = self.x_scale**2 * self.x_ssq if self.x_scale < 1e154 else math.inf
         self.err_sq = self.e_scale**2 * self.e_ssq if self.e_scale < 1e154 else math.inf
         if err.numel():
-            self.max_abs_err = max(self.max_abs_err, float(err.abs().max()))
+            self.max_abs_err = max(self.max_abs_err, float(err.max()), -float(err.min()))
 
     @property
     def exact(self) -> bool:
@@ -107,13 +106,21 @@ class ExactStats(ErrorStats):
 
 
 def _add_ssq(scale: float, ssq: float, v: torch.Tensor) -> tuple[float, float]:
-    """Fold ``Σv²`` into ``scale² · ssq`` without overflow or underflow (``v`` finite, float64)."""
+    """Fold ``Σv²`` into ``scale² · ssq`` without overflow or underflow (``v`` float64).
+
+    The plain float64 dot product is exact enough and one pass; only when it overflows or may
+    have underflowed (huge or tiny values) is the block rescaled by its largest magnitude."""
     if v.numel() == 0:
         return scale, ssq
-    m = float(v.abs().max())
-    if m == 0.0:
-        return scale, ssq
-    part = float(torch.dot(v / m, v / m))
+    m, part = 1.0, float(torch.dot(v, v))
+    if not (math.isfinite(part) and part > 1e-250):
+        m = float(v.abs().max())
+        if m == 0.0 or not math.isfinite(m):
+            return scale, ssq
+        vs = v / m
+        part = float(torch.dot(vs, vs))
+    if scale == 0.0:
+        return m, part
     if m > scale:
         return m, ssq * (scale / m) ** 2 + part
     return scale, ssq + part * (m / scale) ** 2

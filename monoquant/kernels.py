@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -186,12 +187,13 @@ def stored_scale(scale: torch.Tensor, dtype: torch.dtype, mag: float | None = No
     if bool(zero.any()):
         st = st.masked_fill(zero, torch.finfo(dtype).eps)
     if mag is not None:
-        cap = decode_cap(dtype, mag)
-        if bool((st > cap).any()):
-            st = torch.minimum(st, cap.to(st.dtype))
+        cap = decode_cap(dtype, mag)  # cached; compared as a Python float: one reduction per block
+        if float(st.max()) > float(cap):
+            st = torch.minimum(st, cap)
     return st
 
 
+@functools.lru_cache(maxsize=64)
 def decode_cap(dtype: torch.dtype, mag: float) -> torch.Tensor:
     """The largest ``dtype`` value ``s`` with ``mag * s <= finfo(dtype).max`` exactly, so that a
     decode in ``dtype`` (``code * s`` with ``|code| <= mag``) cannot overflow to ``inf``.

@@ -124,7 +124,7 @@ def remove_owned(out_dir: Path, files: Iterable[str]) -> None:
         parent = p.parent
         if any(q.is_symlink() for q in [parent, *parent.parents] if q != out_dir and out_dir in q.parents):
             continue
-        if not p.parent.resolve() == root and root not in p.parent.resolve().parents:
+        if p.parent.resolve() != root and root not in p.parent.resolve().parents:
             continue
         if p.is_symlink() or p.is_file():
             with contextlib.suppress(OSError):

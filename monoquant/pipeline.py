@@ -275,6 +275,9 @@ def _make_plan(
     chooser = None
     extra: dict[str, Any] = {}
     check_counts(block_bytes=block_bytes)
+    for opt, v in (("target_bpw", target_bpw), ("min_sqnr", min_sqnr)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise OptionError(f"{opt}={v!r}: must be a number")
     if target_bpw is not None or min_sqnr is not None:
         from .mixed import budget_chooser
         from .schemes import get_scheme

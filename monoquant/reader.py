@@ -27,6 +27,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -190,7 +191,9 @@ def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
             "torch.save(...) (torch >= 1.6) or convert it to safetensors"
         )
     try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        with warnings.catch_warnings():  # torch's deprecation chatter on odd tensors: the library never prints
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused: not a weights-only pickle ({_unpickle_reason(e)}); loading it fully could execute "
@@ -207,6 +210,12 @@ def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
     for k, v in obj.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; save a plain state dict")
+        if v.layout != torch.strided or v.is_meta or v.is_quantized:
+            kind = "on the meta device (no data)" if v.is_meta else f"a {v.layout} tensor" if v.layout != torch.strided \
+                else f"a torch-quantized {v.dtype} tensor"
+            raise CheckpointError(
+                f"{path}: tensor {k!r} is {kind}; save dense tensors with data (.to_dense(), .dequantize())"
+            )
     return obj
 
 

@@ -125,6 +125,10 @@ def _tuple(x: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
         return ()
     if isinstance(x, str):
         return (x,)
+    if not isinstance(x, (list, tuple)) or not all(isinstance(p, str) for p in x):
+        from .errors import OptionError
+
+        raise OptionError(f"include/exclude {x!r}: give a glob or a list of globs (str)")
     return tuple(x)
 
 

@@ -418,7 +418,7 @@ def get_scheme(
         raise SchemeError("choose one of --group-size, --per-tensor and --per-channel")
     changes: dict[str, Any] = {}
     if group_size is not None:
-        changes.update(strategy="group", group_size=int(group_size))
+        changes.update(strategy="group", group_size=_as_int(group_size))
     elif per_tensor:
         changes.update(strategy="tensor", group_size=None)
     elif per_channel:
@@ -481,3 +481,11 @@ def _parse_name(key: str) -> Scheme | None:
         return get_scheme(base, **opts)
     except SchemeError:
         return None
+
+
+def _as_int(v: Any) -> Any:
+    """``int(v)`` when it is an integer value; otherwise ``v`` unchanged (the validation then names it)."""
+    try:
+        return int(v) if float(v) == int(float(v)) else v
+    except (TypeError, ValueError, OverflowError):
+        return v

@@ -303,6 +303,9 @@ def _compare(
     oreader: RowReader,
     block_bytes: int,
 ) -> None:
+    names = {r.name for r in src.tensors}
+    for extra in sorted(n for n in [*entries, *plain] if n not in names):  # nothing may be added silently
+        report.problems.append(f"{extra}: in the output but not in the input")
     with RowReader("pread") as ireader:
         for ref in src.tensors:
             rows, cols = as_rows(ref.shape)

@@ -256,6 +256,16 @@ def _bin_non_tensor(d: Path) -> tuple[Path, Path]:
     return src, d / "out"
 
 
+def _bin_odd_tensor(make: Callable[[], torch.Tensor]) -> Build:
+    def build(d: Path) -> tuple[Path, Path]:
+        src = d / "in"
+        src.mkdir(parents=True)
+        torch.save({"w": torch.zeros(4, 4), "odd.weight": make()}, src / "pytorch_model.bin")
+        return src, d / "out"
+
+    return build
+
+
 def _bin_truncated(d: Path) -> tuple[Path, Path]:
     src = write_sharded(d / "in", small_sd(), shards=1, index=False, fmt="bin")
     (p,) = src.glob("*.bin")
@@ -427,6 +437,10 @@ CASES = [
     Case("bin-not-a-dict", "a .bin holding a list of tensors", _bin_list, ("pytorch_model.bin",)),
     Case("bin-non-tensor-entry", "a .bin state dict with an int entry", _bin_non_tensor,
          ("pytorch_model.bin", "step")),
+    Case("bin-sparse-tensor", "a .bin holding a sparse tensor", _bin_odd_tensor(lambda: torch.ones(4, 8).to_sparse()),
+         ("pytorch_model.bin", "odd.weight", "sparse")),
+    Case("bin-meta-tensor", "a .bin holding a meta tensor (no data)",
+         _bin_odd_tensor(lambda: torch.empty(4, 8, device="meta")), ("pytorch_model.bin", "odd.weight", "meta")),
     Case("bin-truncated", "a .bin cut in half", _bin_truncated, ("pytorch_model-00001-of-00001.bin",)),
     Case("empty-dir", "a directory without weights", _empty_dir, ("{src}",)),
     Case("missing-input", "an input path that does not exist", _missing_input, ("{src}",)),

@@ -28,8 +28,9 @@ import pytest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PAGES = sorted(p.name for p in DOCS.glob("*.md"))
-FENCE = re.compile(r"^(?:<!-- docs-test: (?P<marker>[^\n]*?) -->\n)?```(?P<lang>python|)[ \t]*\n(?P<code>.*?)^```[ \t]*$",
-                   re.M | re.S)
+FENCE = re.compile(
+    r"^(?:<!-- docs-test: (?P<marker>[^\n]*?) -->\n)?```(?P<lang>[\w+-]*)[ \t]*\n(?P<code>.*?)^```[ \t]*$", re.M | re.S
+)
 SLOW = {"loading.md", "fidelity.md"}  # they load MiniLM through transformers / estimate all candidates
 
 

@@ -112,7 +112,7 @@ def test_ctrl_c_during_startup_is_one_line(tmp_path: Path, delay: float) -> None
     p = popen_cli("stream", src, tmp_path / "out", "--int8")
     time.sleep(delay)
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=120)
+    _, err = p.communicate(timeout=120)
     if p.returncode == 0:
         pytest.skip("the run finished before the signal")
     assert p.returncode == 130, (p.returncode, err)
@@ -207,3 +207,14 @@ def test_inspect_refuses_an_index_entry_outside(tmp_path: Path) -> None:
     index["weight_map"] = {k: (f"../secret/{v}" if v == first else v) for k, v in index["weight_map"].items()}
     ip.write_text(json.dumps(index))
     assert_one_error_line(run_cli("inspect", src), f"../secret/{first}", "outside")
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [({"group_size": "abc"}, "group size"), ({"group_size": 63.5}, "group size"), ({"include": 5}, "glob"),
+     ({"exclude": [None]}, "glob"), ({"target_bpw": "5"}, "must be a number"), ({"min_sqnr": "x"}, "must be a number")],
+)
+def test_api_rejects_bad_option_types(tmp_path: Path, kw: dict, match: str) -> None:
+    src = write_sharded(tmp_path / "in", small(), shards=1)
+    with pytest.raises(MonoquantError, match=match):
+        monoquant.stream(src, tmp_path / "out", "int4", **kw)

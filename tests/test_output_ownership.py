@@ -82,7 +82,7 @@ def test_restart_refuses_foreign_files_next_to_a_finished_model(tmp_path: Path) 
     monoquant.stream(a, out, "int4")
     (out / "notes.txt").write_text("the user's own")
     before = read_dir_bytes(out)
-    with pytest.raises(OutputError, match="notes.txt"):
+    with pytest.raises(OutputError, match=r"notes\.txt"):
         monoquant.stream(a, out, "int8", restart=True)
     assert read_dir_bytes(out) == before  # nothing deleted, not even the old model's files
 

@@ -162,10 +162,10 @@ def test_asymmetric_overflow_is_refused_with_one_line(tmp_path: Path, scheme: st
     scale exceeds fp16 (found by search: 65504 and -65393) is refused, naming the tensor."""
     w = torch.zeros(4, 128, dtype=torch.float16)
     w[0, 0], w[0, 1] = 65504.0, -65393.0
-    with pytest.raises(monoquant.TensorValueError, match="'l.weight' cannot be stored safely.*beyond float16"):
+    with pytest.raises(monoquant.TensorValueError, match=r"'l\.weight' cannot be stored safely.*beyond float16"):
         monoquant.quantize({"l.weight": w}, scheme, asymmetric=True, group_size=128)
     src = _one(tmp_path / "in", {"l.weight": w})
-    with pytest.raises(monoquant.TensorValueError, match="model.safetensors: tensor 'l.weight'"):
+    with pytest.raises(monoquant.TensorValueError, match=r"model\.safetensors: tensor 'l\.weight'"):
         monoquant.stream(src, tmp_path / "out", scheme, asymmetric=True, group_size=128)
     assert not list((tmp_path / "out").glob("*.partial")) and not (tmp_path / "out" / INDEX_NAME).exists()
 
@@ -183,3 +183,19 @@ def test_zero_element_tensor_casts(tmp_path: Path, scheme: str) -> None:
     src = _one(tmp_path / "in", {"e.weight": torch.empty(0, 8), "l.weight": _w(4, 8)})
     rep = monoquant.stream(src, tmp_path / "out", scheme)
     assert rep.complete and verify(tmp_path / "out", against=src).ok
+
+
+def test_a_tensor_added_to_the_output_is_a_problem(fp8_job: tuple[Path, Path]) -> None:
+    src, out = fp8_job
+    _edit(out, "l.bias", lambda t: t)  # rewrite the shard with one more tensor, index updated
+    shard = out / json.loads((out / INDEX_NAME).read_text())["weight_map"]["l.bias"]
+    tensors = load_file(str(shard))
+    tensors["evil.bias"] = torch.ones(3)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index = json.loads((out / INDEX_NAME).read_text())
+    index["weight_map"]["evil.bias"] = shard.name
+    index["metadata"]["total_size"] += 12
+    (out / INDEX_NAME).write_text(json.dumps(index))
+    r = verify(out, against=src)
+    assert r.problems == ["evil.bias: in the output but not in the input"], r.problems
+    assert _gate(out, src).exit_code == 1
