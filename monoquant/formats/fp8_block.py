@@ -26,7 +26,7 @@ import torch
 
 from ..kernels import ErrorStats, OutSpec, Workspace, as_rows, scale_dtype_for, stored_scale
 from . import register
-from .common import FP8_MAX, FormatKernel, accumulate, ceil_div, check_finite_block, sampled
+from .common import FP8_MAX, FormatKernel, accumulate, ceil_div, check_finite_block, group_absmax, sampled
 
 BLOCK = 128
 
@@ -79,27 +79,21 @@ class FP8BlockKernel(FormatKernel):
         full = (c // BLOCK) * BLOCK
         xf = ws.get("xf", r * c, torch.float32).view(r, c)
         xf.copy_(x)
-        # per row and column block: max and min, then over each 128-row band
-        hi = torch.empty(r, nbc)
-        lo = torch.empty(r, nbc)
+        # per row and column block: max |x| (a pairwise tree over the 128 columns), then over each
+        # 128-row band
+        y = ws.get("tmp", r * c, torch.float32).view(r, c)
+        a = torch.abs(xf, out=y)
+        m = torch.empty(r, nbc)
         if full:
-            fv = xf[:, :full].view(r, full // BLOCK, BLOCK)
-            torch.amax(fv, dim=-1, out=hi[:, : full // BLOCK])
-            torch.amin(fv, dim=-1, out=lo[:, : full // BLOCK])
+            m[:, : full // BLOCK] = group_absmax(a[:, :full].view(r, full // BLOCK, BLOCK))
         if full < c:
-            hi[:, -1] = xf[:, full:].amax(dim=-1)
-            lo[:, -1] = xf[:, full:].amin(dim=-1)
-        amax = torch.stack(
-            [
-                torch.maximum(hi[i : i + BLOCK].amax(dim=0), lo[i : i + BLOCK].amin(dim=0).neg_())
-                for i in range(0, r, BLOCK)
-            ]
-        )
+            m[:, -1] = a[:, full:].amax(dim=-1)
+        amax = torch.stack([m[i : i + BLOCK].amax(dim=0) for i in range(0, r, BLOCK)])
         check_finite_block(amax)
         scale = stored_scale(amax / FP8_MAX, scale_dtype_for(x.dtype))  # [nbr, nbc]
         sf = scale.float().repeat_interleave(BLOCK, dim=0)[:r]  # [r, nbc]
-        y = ws.get("tmp", r * c, torch.float32).view(r, c)
         if full:
+            fv = xf[:, :full].view(r, full // BLOCK, BLOCK)
             torch.div(fv, sf[:, : full // BLOCK].unsqueeze(-1), out=y[:, :full].view(r, full // BLOCK, BLOCK))
         if full < c:
             torch.div(xf[:, full:], sf[:, -1:], out=y[:, full:])
