@@ -165,9 +165,12 @@ def _check_config(root: Path, entries: dict[str, QuantizedEntry], plain: dict[st
             targets[t] = g
     modules = {module_of(b): e for b, e in entries.items()}
     # Linear-like modules left dense: a class target (``Linear``) claims them unless ignored
+    # (embeddings hold 2-D weights too but are not Linear; compressed-tensors' own writer does
+    # not ignore them)
     plain = plain or {}
     dense = sorted(module_of(n) for n, r in plain.items()
-                   if n.endswith(".weight") and len(r.shape) == 2 and r.dtype.is_floating_point)
+                   if n.endswith(".weight") and len(r.shape) == 2 and r.dtype.is_floating_point
+                   and "embed" not in n.lower())
     paths = set(modules) | {module_of(n) for n in plain}
     ignore = {t: {} for t in qc.get("ignore") or []}
     # name and regex targets win over class targets, as in compressed-tensors and vLLM
