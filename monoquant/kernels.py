@@ -467,7 +467,7 @@ class Kernel:
             if stats is not None:
                 ys = y[::k]
                 ys.copy_(q8.view(r, groups, g)[::k])  # type: ignore[arg-type]  # fp8 codes as float32
-                _sampled_error(stats, v[::k], ys, _rows(sf, r, k), None, ws)
+                _sampled_error(stats, v[::k], ys, _rows(sf, r, k), None, ws, sdt)
             out[""] = q8
         else:
             if zp is not None:
@@ -477,7 +477,7 @@ class Kernel:
                 check_decodes_finite(y, scale, zp, s, sdt)
             if stats is not None:
                 zps = None if zp is None else zp.unsqueeze(-1)[::k]
-                _sampled_error(stats, v[::k], y[::k], _rows(sf, r, k), zps, ws)
+                _sampled_error(stats, v[::k], y[::k], _rows(sf, r, k), zps, ws, sdt)
             if s.format == "pack-quantized":
                 out["_packed"] = self._pack_codes(y.view(r, c), ws)
             else:
@@ -587,16 +587,30 @@ def _sampled_error(
     sf: torch.Tensor,
     zp: torch.Tensor | None,
     ws: Workspace,
+    decode_dtype: torch.dtype = torch.float32,
 ) -> None:
     """Error of the sampled rows: ``x`` the float32 input, ``q`` the codes (float or fp8),
-    ``sf`` the float scales, ``zp`` the zero points; none of them is modified."""
+    ``sf`` the float scales, ``zp`` the zero points; none of them is modified.
+
+    The decoded values are rounded to ``decode_dtype`` (the stored scale's dtype, i.e. the weight's)
+    as the loaders and ``monoquant verify`` decode them: a bf16 weight's error is measured on its
+    bf16 decode. (A float32 product of a code and a stored scale rounded once to that dtype is
+    what a native multiply in that dtype gives.)"""
     if x.is_contiguous():
         xs = x  # every row: no gather needed (x is read-only here)
     else:
         xs = ws.get("xs", x.numel(), torch.float32).view(x.shape)
         xs.copy_(x)  # the sampled rows, gathered contiguous
     e = ws.get("err", x.numel(), torch.float32).view(x.shape)
-    if zp is not None:
+    if decode_dtype != torch.float32:
+        if zp is not None:
+            torch.sub(q, zp, out=e)
+            e.mul_(sf)
+        else:
+            torch.mul(q, sf, out=e)
+        e.copy_(e.to(decode_dtype))  # the decode as the loaders see it
+        e.sub_(xs)  # (decode - x): the error, sign irrelevant below
+    elif zp is not None:
         torch.sub(q, zp, out=e)
         torch.addcmul(xs, e, sf, value=-1, out=e)  # x - (q - zp)·s: the error, negated
     else:
