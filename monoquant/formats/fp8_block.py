@@ -96,7 +96,7 @@ class FP8BlockKernel(FormatKernel):
             ]
         )
         check_finite_block(amax)
-        scale = stored_scale(amax / FP8_MAX, scale_dtype_for(x.dtype))  # [nbr, nbc]
+        scale = stored_scale(amax / FP8_MAX, scale_dtype_for(x.dtype), FP8_MAX)  # [nbr, nbc], 448 * scale finite
         sf = scale.float().repeat_interleave(BLOCK, dim=0)[:r]  # [r, nbc]
         y = ws.get("tmp", r * c, torch.float32).view(r, c)
         if full:
