@@ -107,6 +107,8 @@ def test_sharded_from_s3_matches_local_run(zyg: Zygote, tmp_path: Path, ckpt: tu
     ("fp8", {}),  # a tensor scale: every tensor is read twice
     ("fp16", {"jobs": 2, "max_shard_size": "600KB"}),  # two readers at once
     ("int8", {"target_bpw": 6.0}),  # mixed precision samples rows first
+    ("nvfp4a16", {}),  # q/k/v and gate/up share a global scale: the peers are read from s3:// too
+    ("mxfp4a16", {"target_bpw": 5.0}),  # mixed among the float formats (nvfp4 included)
 ])
 def test_schemes_from_s3_match_local(aws_env: dict[str, str], tmp_path: Path, ckpt: tuple[Path, str], scheme: str, opts: dict[str, Any]) -> None:
     root, url = ckpt

@@ -123,7 +123,7 @@ def test_exact_stats_scaled_sums_match_float64() -> None:
 @pytest.mark.parametrize(
     ("scheme", "opts"),
     [("fp8", {}), ("fp8", {"per_tensor": True}), ("int4", {"optimize": True}), ("int4", {}), ("int8", {}),
-     ("int8", {"per_tensor": True}), ("int8", {"optimize": True})],
+     ("int8", {"per_tensor": True}), ("int8", {"optimize": True}), ("fp8-block", {}), ("nvfp4a16", {})],
 )
 def test_fp16_weight_at_the_fp16_max_decodes_finite(tmp_path: Path, scheme: str, opts: dict) -> None:
     """An fp16 weight at ±65504: the scale is capped so that code * scale stays finite in fp16
@@ -133,7 +133,7 @@ def test_fp16_weight_at_the_fp16_max_decodes_finite(tmp_path: Path, scheme: str,
     src = _one(tmp_path / "in", {"l.weight": w})
     out = tmp_path / "out"
     monoquant.stream(src, out, scheme, **opts)
-    dense = monoquant.load(out)["l.weight"]
+    dense = monoquant.load(out, dtype=torch.float16)["l.weight"]
     assert dense.dtype == torch.float16 and bool(torch.isfinite(dense).all())
     r = verify(out, against=src)
     assert r.ok and not r.failed, (r.problems, r.failed)

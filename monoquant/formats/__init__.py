@@ -230,15 +230,12 @@ def shared_absmax(members: tuple[Any, ...], own: Any, block_rows: int) -> float:
             if ref == own:
                 continue
             try:
-                st = os.stat(ref.file)
-                key: tuple[Any, ...] = (
-                    str(ref.file),
-                    ref.name,
-                    ref.offset,
-                    ref.nbytes,
-                    st.st_size,
-                    st.st_mtime_ns,
-                )
+                if isinstance(ref.file, (str, os.PathLike)):
+                    st = os.stat(ref.file)
+                    version: tuple[Any, ...] = (st.st_size, st.st_mtime_ns)
+                else:  # a RemotePath (s3://...): its size and version tag (ETag, generation)
+                    version = (ref.file.size, ref.file.etag)
+                key: tuple[Any, ...] = (str(ref.file), ref.name, ref.offset, ref.nbytes, *version)
             except (OSError, AttributeError):
                 key = ()
             amax = _PEER_AMAX.get(key) if key else None
