@@ -40,6 +40,14 @@ OUTPUTS: dict[str, dict[str, Any]] = {
     # no CPU kernel in vLLM 0.32 (whatever tool wrote them): parsed, not run
     "int8": {"scheme": "int8"},
     "fp8": {"scheme": "fp8"},
+    # issue #13 formats (presets of monoquant.get_scheme); see test_config.py for what vLLM makes of them
+    "fp8-block": {"scheme": "fp8-block"},
+    "nvfp4a16": {"scheme": "nvfp4a16"},
+    "nvfp4": {"scheme": "nvfp4"},
+    "mxfp4a16": {"scheme": "mxfp4a16"},
+    "mxfp4": {"scheme": "mxfp4"},
+    "mxfp8a16": {"scheme": "mxfp8a16"},
+    "mxfp8": {"scheme": "mxfp8"},
 }
 
 

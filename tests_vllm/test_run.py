@@ -36,6 +36,8 @@ TOKENS = 128
 #: weights sit on: 1.0004)
 PPL_RATIO = {"fp16": 1.01, "bf16": 1.01, "int4": 2.2, "int4-asym": 1.8, "int4-opt": 2.0,
              "w8a8": 1.6, "fp8-dynamic": 1.1, "mixed": 1.1}
+#: w8a8: transformers 1.10, vLLM CPU 1.49 on AVX2 without VNNI, where its oneDNN int8 GEMM saturates
+#: full-range int8 weights (test_int8_gemm.py; the checkpoint is read right). Not loosened.
 CROSS_MARGIN = 2.0
 CROSS_DYNAMIC = 0.75
 MIN_COS = {"w8a8": 0.99, "fp8-dynamic": 0.98, "int4": 0.93, "fp16": 0.9999}
@@ -126,3 +128,20 @@ def test_minilm_embeds_in_vllm_like_in_transformers(output, name, minilm_ref):
     for e in deploy.ENGINES:
         assert cos[e] >= MIN_COS[name], (e, cos)
     assert 1 - cross <= max(CROSS_MARGIN * (1 - floor), 1e-4) or name in ("w8a8", "fp8-dynamic") and cross > 0.99
+
+
+#: issue #13 outputs that vLLM 0.32's CPU build parses (test_config.py) but cannot run, with its own
+#: error. MXFP8: the scheme class is built, no kernel is found when the weights are created.
+#: FP8 block: vLLM needs every fused partition's output size to be a multiple of 128, SmolLM2's
+#: 576-wide layers are not (a property of the model, not of the CPU).
+#: NVFP4 / MXFP4 are refused earlier, by the scheme class itself (test_config.py::NO_CPU_KERNEL).
+VLLM_REFUSES = {
+    "mxfp8": "Failed to find a kernel that can implement the MXFP8 linear layer",
+    "fp8-block": "output_partition_size = 576 is not divisible by weight quantization block_n = 128",
+}
+
+
+@pytest.mark.parametrize("name", sorted(VLLM_REFUSES))
+def test_vllm_cpu_refuses_with_its_own_error(output, name, ids):
+    with pytest.raises(ValueError, match=VLLM_REFUSES[name]):
+        deploy.causal_scores(output("smollm2", name), ids, "vllm")
