@@ -79,7 +79,7 @@ import torch
 
 from .dtypes import dtype_name
 from .errors import SchemeError
-from .kernels import Workspace, absmax, as_rows, get_kernel
+from .kernels import Workspace, absmax, as_rows, get_kernel, scale_dtype_for
 from .optimize import group_sums
 from .reader import Backend, Checkpoint, RowReader, TensorRef
 from .rules import Decision, Rules, decide
@@ -237,7 +237,8 @@ def estimate_nsr(
             parts = k.quantize_block(x, tensor_scale=tscale, ws=ws)
             if tscale is not None:
                 parts = {**parts, **k.constants(tuple(x.shape), tscale)}
-            dq = k.dequantize(parts, tuple(x.shape), torch.float64)
+            # decoded in the stored dtype, as the loaders (and the run statistics, and verify) do
+            dq = k.dequantize(parts, tuple(x.shape), scale_dtype_for(x.dtype)).double()
             noise += _exact_sum((dq - x.double()).pow_(2))
         out.append(noise / signal if signal > 0 else 0.0)
     return out
