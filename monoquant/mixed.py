@@ -329,16 +329,21 @@ def budget_chooser(
     target: dict[str, Any] = {"target_bpw": target_bpw} if target_bpw is not None else {"min_sqnr": min_sqnr}
     target["candidates"] = [s.name for s in cands] + ([KEEP] if allow_keep else [])
     feasible = True
+    items, item_opts = _fused_items(eligible, options, worst=min_sqnr is not None)
     if min_sqnr is not None:
-        choices = {}
-        for ref in eligible:
-            ok = [o for o in options[ref.name] if o.sqnr_db >= min_sqnr]
-            pool = ok or [o for o in options[ref.name] if o.scheme is None] or options[ref.name]
+        picked = {}
+        for ref in items:
+            ok = [o for o in item_opts[ref.name] if o.sqnr_db >= min_sqnr]
+            pool = ok or [o for o in item_opts[ref.name] if o.scheme is None] or item_opts[ref.name]
             feasible &= bool(ok)
-            choices[ref.name] = min(pool, key=lambda o: (o.bits, o.nsr))
+            picked[ref.name] = min(pool, key=lambda o: (o.bits, o.nsr))
     else:
         budget = int(math.floor(target_bpw * numel))  # type: ignore[operator]
-        choices, feasible = _knapsack(eligible, options, budget)
+        picked, feasible = _knapsack(items, item_opts, budget)
+    choices = {}
+    for ref in items:
+        for name in getattr(ref, "members", (ref.name,)):
+            choices[name] = next(o for o in options[name] if o.label == picked[ref.name].label)
     bits = sum(choices[r.name].bits for r in eligible)
     cost = sum(choices[r.name].nsr * r.numel for r in eligible)
     counts: dict[str, int] = {}
@@ -354,6 +359,53 @@ def budget_chooser(
         "feasible": feasible,
     }
     return MixedChooser(choices, options, summary)
+
+
+@dataclass(frozen=True)
+class _FusedItem:
+    """The tensors an engine fuses into one layer (q/k/v, gate/up: :data:`monoquant.formats.FUSED_SETS`),
+    chosen as one: vLLM refuses a fused layer whose parts have different schemes."""
+
+    name: str
+    numel: int
+    members: tuple[str, ...]
+
+
+def _fused_items(
+    eligible: list[TensorRef], options: dict[str, list[Option]], *, worst: bool
+) -> tuple[list[Any], dict[str, list[Option]]]:
+    """``eligible`` with each fused set replaced by one item whose options are the labels every
+    member has: bits summed, nsr the numel-weighted mean (``worst``: the largest, for --min-sqnr)."""
+    from .formats import shared_scale_groups
+
+    groups = shared_scale_groups(r.name for r in eligible)
+    by_name = {r.name: r for r in eligible}
+    items: list[Any] = []
+    item_opts = dict(options)
+    seen: set[str] = set()
+    for r in eligible:
+        members = groups.get(r.name)
+        if not members:
+            items.append(r)
+            continue
+        if r.name in seen:
+            continue
+        seen.update(members)
+        refs = [by_name[m] for m in members]
+        numel = sum(x.numel for x in refs)
+        labels = [o.label for o in options[members[0]] if all(any(p.label == o.label for p in options[m]) for m in members)]
+        opts = []
+        for label in labels:
+            parts = [next(p for p in options[x.name] if p.label == label) for x in refs]
+            nsr = max(p.nsr for p in parts) if worst else sum(p.nsr * x.numel for p, x in zip(parts, refs)) / numel
+            opts.append(Option(label, parts[0].scheme, sum(p.bits for p in parts), nsr))
+        if not opts:  # no storage all of them have: chosen one by one
+            items.extend(refs)
+            continue
+        item = _FusedItem("\0".join(members), numel, members)
+        item_opts[item.name] = opts
+        items.append(item)
+    return items, item_opts
 
 
 def _knapsack(

@@ -234,8 +234,12 @@ def _compare_quantized(
 
 
 def _check_scales(e: QuantizedEntry, reader: RowReader, block_bytes: int) -> list[str]:
-    """Every stored scale is finite and positive (a NaN scale decodes every value to NaN)."""
-    ref = e.parts.get("_scale")
+    """Every stored scale, NVFP4's global scale included, is finite and positive (a NaN scale
+    decodes every value to NaN; a negative global scale flips every sign)."""
+    return [p for sfx in ("_scale", "_global_scale") for p in _check_scale_part(e.parts.get(sfx), reader, block_bytes)]
+
+
+def _check_scale_part(ref: TensorRef | None, reader: RowReader, block_bytes: int) -> list[str]:
     e8m0 = ref is not None and ref.dtype == torch.uint8  # MX power-of-two scales: 255 encodes NaN
     if ref is None or not (ref.dtype.is_floating_point or e8m0):
         return []

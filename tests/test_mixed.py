@@ -192,3 +192,29 @@ def test_sample_ranges_cover_small_tensors_and_spread_over_large_ones():
     assert r[0][0] == 0 and r[-1][1] == 100_000
     assert all(a < b <= c for (a, b), (c, _) in zip(r, r[1:]))
     assert mixed.sample_ranges(5, 1 << 22) == [(0, 1)]  # at least one whole row
+
+
+
+@pytest.mark.parametrize(("scheme", "opts"), [
+    ("nvfp4a16", {"target_bpw": 5.0}),
+    ("int4", {"target_bpw": 5.0}),
+    ("nvfp4a16", {"min_sqnr": 25.0}),
+])
+def test_fused_layers_get_one_storage(tmp_path, scheme, opts):
+    """q/k/v and gate/up are one layer in vLLM, which refuses parts with different schemes: mixed
+    precision chooses one storage per fused set (it used to give q nvfp4 and k/v fp8-block)."""
+    from monoquant.formats import shared_scale_groups
+    from tests.helpers import tiny_llama_sd, write_sharded
+
+    sd = tiny_llama_sd()
+    src = write_sharded(tmp_path / "in", sd, shards=3)
+    ch = mixed.budget_chooser(open_checkpoint(src), scheme, **opts)
+    groups = shared_scale_groups(n for n in sd if n.endswith("proj.weight"))
+    assert len(groups) == 10
+    for members in groups.values():
+        assert len({ch.choices[m].label for m in members}) == 1, {m: ch.choices[m].label for m in members}
+    if "target_bpw" in opts:  # the budget still holds, with more than one storage in use
+        assert ch.summary["bits_per_weight"] <= opts["target_bpw"]
+        assert len({o.label for o in ch.choices.values()}) > 1
+    else:
+        assert all(o.sqnr_db >= opts["min_sqnr"] for o in ch.choices.values())

@@ -199,3 +199,18 @@ def test_a_tensor_added_to_the_output_is_a_problem(fp8_job: tuple[Path, Path]) -
     r = verify(out, against=src)
     assert r.problems == ["evil.bias: in the output but not in the input"], r.problems
     assert _gate(out, src).exit_code == 1
+
+
+@pytest.mark.parametrize("value", [-1.0, 0.0, float("nan")])
+def test_bad_nvfp4_global_scale_fails_verify(tmp_path: Path, value: float) -> None:
+    """A negative global scale decodes every value with its sign flipped (-79 dB, and verify
+    without --min-sqnr used to pass it); zero and NaN too: a structure problem, even without --against."""
+    src = _one(tmp_path / "in", {"l.weight": _w(64, 256, torch.bfloat16)})
+    out = tmp_path / "out"
+    monoquant.stream(src, out, "nvfp4a16")
+    assert verify(out, against=src).ok
+    _edit(out, "l.weight_global_scale", lambda t: torch.full_like(t, value))
+    r = verify(out)
+    assert not r.ok and any("l.weight_global_scale" in p for p in r.problems), r.problems
+    res = CliRunner().invoke(main, ["verify", str(out), "--against", str(src)])
+    assert res.exit_code != 0 and "l.weight_global_scale" in res.output and "Traceback" not in res.output
