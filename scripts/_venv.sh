@@ -18,7 +18,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     echo "monoquant: installing torch==2.13.0 (CPU)" >&2
     python -m pip install -q "torch==2.13.0" ${MONOQUANT_TORCH_INDEX_URL:+--index-url "$MONOQUANT_TORCH_INDEX_URL"}
 fi
-TORCH_VERSION="$(python -c 'import torch; print(torch.__version__.split("+")[0])')"
+TORCH_VERSION="$(python -c 'import importlib.metadata as m; print(m.version("torch").split("+")[0])')"  # no torch import: no NumPy warning
 CONSTRAINTS="$(mktemp)"
 trap 'rm -f "$CONSTRAINTS"' EXIT
 echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
