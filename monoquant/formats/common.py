@@ -25,6 +25,7 @@ import sys
 
 import torch
 
+from ..errors import SchemeError
 from ..kernels import ErrorStats, Kernel, Workspace, absmax, as_rows
 
 E2M1_VALUES = torch.tensor(
@@ -158,6 +159,14 @@ class FormatKernel(Kernel):
     @property
     def needs_absmax(self) -> bool:
         return False
+
+    def tensor_scale(self, amax: float, dtype: torch.dtype) -> torch.Tensor:
+        """Only formats with a first pass (:attr:`needs_absmax`) have one; they override this."""
+        raise SchemeError(f"{self.scheme.kind} has no per-tensor scale")
+
+    def constants(self, shape: tuple[int, ...], tensor_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """No per-tensor outputs unless a format overrides this (NVFP4's global scale)."""
+        return {}
 
     def quantize_tensor(
         self,

@@ -60,9 +60,6 @@ class FP8BlockKernel(FormatKernel):
     def default_dtype(self) -> torch.dtype | None:  # type: ignore[override]
         return None  # the scale's dtype: the original weight dtype
 
-    def constants(self, shape: tuple[int, ...], tensor_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        return {}
-
     def quantize_block(
         self,
         x: torch.Tensor,

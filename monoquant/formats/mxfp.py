@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import SchemeError
 from ..kernels import ErrorStats, OutSpec, Workspace, as_rows
 from . import register
 from .common import (
@@ -91,12 +90,6 @@ class MXKernel(FormatKernel):
     @property
     def block_rows_multiple(self) -> int:
         return 1
-
-    def constants(self, shape: tuple[int, ...], tensor_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        return {}
-
-    def tensor_scale(self, amax: float, dtype: torch.dtype) -> torch.Tensor:
-        raise SchemeError(f"{self.scheme.kind} has no per-tensor scale")
 
     def quantize_block(
         self,
