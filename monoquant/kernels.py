@@ -608,7 +608,9 @@ def _sampled_error(
             e.mul_(sf)
         else:
             torch.mul(q, sf, out=e)
-        e.copy_(e.to(decode_dtype))  # the decode as the loaders see it
+        rounded = ws.get("dec", x.numel(), decode_dtype).view(x.shape)
+        rounded.copy_(e)  # the decode as the loaders see it (a reused buffer: no allocation per block)
+        e.copy_(rounded)
         e.sub_(xs)  # (decode - x): the error, sign irrelevant below
     elif zp is not None:
         torch.sub(q, zp, out=e)
