@@ -57,8 +57,9 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def _run(verbose: int, fn: Callable[[], Any]) -> Any:
     """Call ``fn`` and map library errors to one line and exit code 1."""
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return fn()
     except MonoquantError as e:
@@ -68,6 +69,9 @@ def _run(verbose: int, fn: Callable[[], Any]) -> Any:
         sys.exit(130)
     except OSError as e:  # anything the library did not translate (should be rare)
         _fail(e, verbose)
+    finally:
+        if previous is not None:  # in-process callers (tests, other CLIs) get their handler back
+            signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

