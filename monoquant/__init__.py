@@ -9,13 +9,11 @@ Example:
 
 from __future__ import annotations
 
-import warnings as _warnings
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _version
-
 import sys
 import types
 import warnings as _warnings
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 from typing import TYPE_CHECKING, Any
 
 # torch warns "Failed to initialize NumPy" when it is imported without numpy; monoquant never uses
@@ -35,9 +33,18 @@ from .errors import VerifyError as VerifyError
 # The rest of the API imports torch (a second or two): loaded on first use, so that the CLI can
 # answer --help fast and turn a Ctrl-C during that import into one line instead of a traceback.
 _LAZY = {
-    "QuantizedStateDict": "inmemory", "dequantize": "inmemory", "quantize": "inmemory", "load": "loader",
-    "ProgressEvent": "pipeline", "Report": "pipeline", "iter_quantized": "pipeline",
-    "stream": "pipeline", "Rules": "rules", "PRESETS": "schemes", "Scheme": "schemes", "get_scheme": "schemes",
+    "QuantizedStateDict": "inmemory",
+    "dequantize": "inmemory",
+    "quantize": "inmemory",
+    "load": "loader",
+    "ProgressEvent": "pipeline",
+    "Report": "pipeline",
+    "iter_quantized": "pipeline",
+    "stream": "pipeline",
+    "Rules": "rules",
+    "PRESETS": "schemes",
+    "Scheme": "schemes",
+    "get_scheme": "schemes",
 }
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -21,7 +21,6 @@ import click
 
 from .errors import MonoquantError
 
-
 EXIT_ERROR = 1
 EXIT_BELOW_THRESHOLD = 3
 
@@ -91,45 +90,107 @@ def main() -> None:
 def scheme_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The scheme flags shared by ``stream`` (and the scheme-aware commands)."""
     opts = [
-        click.option("--scheme", "scheme", default=None, metavar="NAME",
-                     help="Scheme preset: int8, int4, fp8, fp16, bf16, w8a8, fp8-dynamic, int4-asym, "
-                          "int8-tensor, fp8-block, nvfp4a16, nvfp4, mxfp4a16, mxfp4, mxfp8a16, mxfp8, ... "
-                          "or a canonical name such as int4-g64-asym.  [default: int8]"),
-        click.option("--int8", "scheme_int8", is_flag=True, help="int8 weights, per output channel (pack-quantized)."),
-        click.option("--int4", "scheme_int4", is_flag=True, help="int4 weights, groups of 128 columns (pack-quantized)."),
+        click.option(
+            "--scheme",
+            "scheme",
+            default=None,
+            metavar="NAME",
+            help="Scheme preset: int8, int4, fp8, fp16, bf16, w8a8, fp8-dynamic, int4-asym, "
+            "int8-tensor, fp8-block, nvfp4a16, nvfp4, mxfp4a16, mxfp4, mxfp8a16, mxfp8, ... "
+            "or a canonical name such as int4-g64-asym.  [default: int8]",
+        ),
+        click.option(
+            "--int8", "scheme_int8", is_flag=True, help="int8 weights, per output channel (pack-quantized)."
+        ),
+        click.option(
+            "--int4",
+            "scheme_int4",
+            is_flag=True,
+            help="int4 weights, groups of 128 columns (pack-quantized).",
+        ),
         click.option("--fp8", "scheme_fp8", is_flag=True, help="float8_e4m3fn weights, per channel."),
         click.option("--fp16", "scheme_fp16", is_flag=True, help="Cast floating tensors to float16."),
         click.option("--bf16", "scheme_bf16", is_flag=True, help="Cast floating tensors to bfloat16."),
-        click.option("--fp8-block", "scheme_fp8_block", is_flag=True,
-                     help="float8_e4m3fn weights, one scale per 128x128 block; activations dynamic per group of 128."),
-        click.option("--nvfp4", "scheme_nvfp4", is_flag=True,
-                     help="NVFP4: e2m1 weights, fp8 scales per 16, a global scale (NVFP4A16; --dynamic: W4A4)."),
-        click.option("--mxfp4", "scheme_mxfp4", is_flag=True,
-                     help="MXFP4: e2m1 weights, power-of-two scales per 32 (MXFP4A16; --dynamic: W4A4)."),
-        click.option("--mxfp8", "scheme_mxfp8", is_flag=True,
-                     help="MXFP8: float8_e4m3fn weights, power-of-two scales per 32 (MXFP8A16; --dynamic: W8A8)."),
-        click.option("--group-size", type=click.IntRange(min=2), default=None, metavar="N",
-                     help="One scale per group of N input columns (int8/int4)."),
+        click.option(
+            "--fp8-block",
+            "scheme_fp8_block",
+            is_flag=True,
+            help="float8_e4m3fn weights, one scale per 128x128 block; activations dynamic per group of 128.",
+        ),
+        click.option(
+            "--nvfp4",
+            "scheme_nvfp4",
+            is_flag=True,
+            help="NVFP4: e2m1 weights, fp8 scales per 16, a global scale (NVFP4A16; --dynamic: W4A4).",
+        ),
+        click.option(
+            "--mxfp4",
+            "scheme_mxfp4",
+            is_flag=True,
+            help="MXFP4: e2m1 weights, power-of-two scales per 32 (MXFP4A16; --dynamic: W4A4).",
+        ),
+        click.option(
+            "--mxfp8",
+            "scheme_mxfp8",
+            is_flag=True,
+            help="MXFP8: float8_e4m3fn weights, power-of-two scales per 32 (MXFP8A16; --dynamic: W8A8).",
+        ),
+        click.option(
+            "--group-size",
+            type=click.IntRange(min=2),
+            default=None,
+            metavar="N",
+            help="One scale per group of N input columns (int8/int4).",
+        ),
         click.option("--per-tensor", is_flag=True, help="One scale per tensor."),
         click.option("--per-channel", is_flag=True, help="One scale per output channel (row)."),
-        click.option("--asymmetric", is_flag=True, help="Integer codes with a zero point (int4/int8 groups or channels)."),
-        click.option("--dynamic", is_flag=True,
-                     help="Declare activations dynamic: W8A8 (int-quantized) with --int8, FP8-dynamic with --fp8, "
-                          "W4A4 with --nvfp4/--mxfp4, W8A8 with --mxfp8."),
-        click.option("--act-strategy", type=click.Choice(["token", "tensor"]), default=None,
-                     help="Granularity of dynamic activations (default: token)."),
-        click.option("--optimize", is_flag=True,
-                     help="Search error-minimising scales per group/channel instead of plain absmax "
-                          "(int8, int4, nvfp4, mxfp4)."),
-        click.option("--include", multiple=True, metavar="GLOB",
-                     help="Also quantize tensors matching GLOB that the default rules skip (repeatable)."),
-        click.option("--exclude", multiple=True, metavar="GLOB",
-                     help="Never touch tensors matching GLOB; wins over --include (repeatable)."),
-        click.option("--strict-group-size", is_flag=True,
-                     help="Leave a tensor whose columns are not a multiple of the group size dense (default: quantize "
-                          "it with the largest of half, a quarter, ... of the group size, at least 32, that divides "
-                          "them, in a config group of its own)."),
-        click.option("--clamp-fp16", is_flag=True, help="Saturate values beyond ±65504 in an fp16 cast instead of failing."),
+        click.option(
+            "--asymmetric",
+            is_flag=True,
+            help="Integer codes with a zero point (int4/int8 groups or channels).",
+        ),
+        click.option(
+            "--dynamic",
+            is_flag=True,
+            help="Declare activations dynamic: W8A8 (int-quantized) with --int8, FP8-dynamic with --fp8, "
+            "W4A4 with --nvfp4/--mxfp4, W8A8 with --mxfp8.",
+        ),
+        click.option(
+            "--act-strategy",
+            type=click.Choice(["token", "tensor"]),
+            default=None,
+            help="Granularity of dynamic activations (default: token).",
+        ),
+        click.option(
+            "--optimize",
+            is_flag=True,
+            help="Search error-minimising scales per group/channel instead of plain absmax "
+            "(int8, int4, nvfp4, mxfp4).",
+        ),
+        click.option(
+            "--include",
+            multiple=True,
+            metavar="GLOB",
+            help="Also quantize tensors matching GLOB that the default rules skip (repeatable).",
+        ),
+        click.option(
+            "--exclude",
+            multiple=True,
+            metavar="GLOB",
+            help="Never touch tensors matching GLOB; wins over --include (repeatable).",
+        ),
+        click.option(
+            "--strict-group-size",
+            is_flag=True,
+            help="Leave a tensor whose columns are not a multiple of the group size dense (default: quantize "
+            "it with the largest of half, a quarter, ... of the group size, at least 32, that divides "
+            "them, in a config group of its own).",
+        ),
+        click.option(
+            "--clamp-fp16",
+            is_flag=True,
+            help="Saturate values beyond ±65504 in an fp16 cast instead of failing.",
+        ),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -138,8 +199,15 @@ def scheme_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 #: scheme flag -> the preset it selects
 SCHEME_FLAGS = {
-    "int8": "int8", "int4": "int4", "fp8": "fp8", "fp16": "fp16", "bf16": "bf16",
-    "fp8-block": "fp8-block", "nvfp4": "nvfp4a16", "mxfp4": "mxfp4a16", "mxfp8": "mxfp8a16",
+    "int8": "int8",
+    "int4": "int4",
+    "fp8": "fp8",
+    "fp16": "fp16",
+    "bf16": "bf16",
+    "fp8-block": "fp8-block",
+    "nvfp4": "nvfp4a16",
+    "mxfp4": "mxfp4a16",
+    "mxfp8": "mxfp8a16",
 }
 
 
@@ -179,29 +247,78 @@ def _scheme_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("dst", type=click.Path(path_type=str))
 @scheme_options
-@click.option("--target-bpw", type=float, default=None, metavar="BITS", callback=_finite,
-              help="Mixed precision: per tensor choose int4 g32/g64/g128, int8 or the original dtype to fit BITS "
-                   "bits per weight with the least estimated error (with --nvfp4/--mxfp4/--mxfp8/--fp8-block: "
-                   "among mxfp4, nvfp4, mxfp8, fp8-block and the original dtype).")
-@click.option("--min-sqnr", type=float, default=None, metavar="DB", callback=_finite,
-              help="Mixed precision: per tensor the smallest storage whose estimated SQNR reaches DB.")
-@click.option("--max-shard-size", default="5GB", show_default=True, metavar="SIZE",
-              help="Output shard size cap (e.g. 5GB, 500MB, 2GiB).")
-@click.option("--worker", default=None, metavar="K/N",
-              help="Process only shards i with i % N == K (split one job over N processes or machines).")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Shards processed concurrently by this process.")
-@click.option("--restart", is_flag=True, help="Discard an unfinished or finished job of other options in DST.")
-@click.option("--backend", type=click.Choice(["mmap", "pread"]), default="mmap", show_default=True,
-              help="How safetensors input is read.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="torch threads per job (1 is fastest on small shared machines).")
-@click.option("--stats", "stats", type=click.Choice(["exact", "sample", "off"]), default="exact", show_default=True,
-              help="Per-tensor error statistics during the run: measured on every row (exact: the figures and worst "
-                   "tensors 'monoquant verify --against' gives), estimated on every 8th row (sample: cheaper, may "
-                   "miss a tensor whose error sits in a few rows) or none.")
-@click.option("--overlap", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="Write and hash on a background thread while computing; auto: when a CPU core is idle.")
+@click.option(
+    "--target-bpw",
+    type=float,
+    default=None,
+    metavar="BITS",
+    callback=_finite,
+    help="Mixed precision: per tensor choose int4 g32/g64/g128, int8 or the original dtype to fit BITS "
+    "bits per weight with the least estimated error (with --nvfp4/--mxfp4/--mxfp8/--fp8-block: "
+    "among mxfp4, nvfp4, mxfp8, fp8-block and the original dtype).",
+)
+@click.option(
+    "--min-sqnr",
+    type=float,
+    default=None,
+    metavar="DB",
+    callback=_finite,
+    help="Mixed precision: per tensor the smallest storage whose estimated SQNR reaches DB.",
+)
+@click.option(
+    "--max-shard-size",
+    default="5GB",
+    show_default=True,
+    metavar="SIZE",
+    help="Output shard size cap (e.g. 5GB, 500MB, 2GiB).",
+)
+@click.option(
+    "--worker",
+    default=None,
+    metavar="K/N",
+    help="Process only shards i with i % N == K (split one job over N processes or machines).",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Shards processed concurrently by this process.",
+)
+@click.option(
+    "--restart", is_flag=True, help="Discard an unfinished or finished job of other options in DST."
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["mmap", "pread"]),
+    default="mmap",
+    show_default=True,
+    help="How safetensors input is read.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="torch threads per job (1 is fastest on small shared machines).",
+)
+@click.option(
+    "--stats",
+    "stats",
+    type=click.Choice(["exact", "sample", "off"]),
+    default="exact",
+    show_default=True,
+    help="Per-tensor error statistics during the run: measured on every row (exact: the figures and worst "
+    "tensors 'monoquant verify --against' gives), estimated on every 8th row (sample: cheaper, may "
+    "miss a tensor whose error sits in a few rows) or none.",
+)
+@click.option(
+    "--overlap",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="Write and hash on a background thread while computing; auto: when a CPU core is idle.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the plan (from headers only) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no summary (errors still go to stderr).")
@@ -246,7 +363,9 @@ def stream(src: str, dst: str, **kw: Any) -> None:
             cast = False  # the run reports the bad scheme itself
         if cast:
             opt = "--target-bpw" if common["target_bpw"] is not None else "--min-sqnr"
-            raise click.UsageError(f"{opt} chooses among int4/int8 storages; it needs --int4 or --int8, not --{scheme}")
+            raise click.UsageError(
+                f"{opt} chooses among int4/int8 storages; it needs --int4 or --int8, not --{scheme}"
+            )
     if dry:
         p = _run(verbose, lambda: pipeline.plan(src, scheme, **common, **sopts))
         if as_json:
@@ -258,8 +377,19 @@ def stream(src: str, dst: str, **kw: Any) -> None:
     report = _run(
         verbose,
         lambda: pipeline.stream(
-            src, dst, scheme, **common, **sopts, worker=kw["worker"], jobs=kw["jobs"], restart=kw["restart"],
-            backend=kw["backend"], threads=kw["threads"], stats=kw["stats"], overlap={"on": True, "off": False}.get(kw["overlap"], "auto"), on_progress=bar,
+            src,
+            dst,
+            scheme,
+            **common,
+            **sopts,
+            worker=kw["worker"],
+            jobs=kw["jobs"],
+            restart=kw["restart"],
+            backend=kw["backend"],
+            threads=kw["threads"],
+            stats=kw["stats"],
+            overlap={"on": True, "off": False}.get(kw["overlap"], "auto"),
+            on_progress=bar,
         ),
     )
     bar.close()
@@ -271,25 +401,66 @@ def stream(src: str, dst: str, **kw: Any) -> None:
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=str))
-@click.option("--against", type=click.Path(path_type=str), default=None, metavar="IN",
-              help="The input checkpoint: dequantize every tensor and report its error.")
-@click.option("--min-sqnr", type=float, default=None, metavar="DB", callback=_finite,
-              help="Exit with code 3 when any tensor's SQNR is below DB (a CI gate; needs --against).")
-@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="Worst tensors to list.")
-@click.option("--engine", type=click.Choice(["vllm", "transformers"]), default=None,
-              help="Deployability gate: load OUT and IN in this installed engine, run fixed texts, compare "
-                   "(needs --against).")
-@click.option("--max-ppl-ratio", type=float, default=None, metavar="R",
-              help="With --engine, causal LMs: highest perplexity(OUT)/perplexity(IN) [default: 1.5].")
-@click.option("--min-top1", type=float, default=None, metavar="F",
-              help="With --engine, causal LMs: lowest top-1 token agreement with IN [default: 0.75].")
-@click.option("--min-cosine", type=float, default=None, metavar="C",
-              help="With --engine, other models: lowest embedding cosine with IN [default: 0.9].")
+@click.option(
+    "--against",
+    type=click.Path(path_type=str),
+    default=None,
+    metavar="IN",
+    help="The input checkpoint: dequantize every tensor and report its error.",
+)
+@click.option(
+    "--min-sqnr",
+    type=float,
+    default=None,
+    metavar="DB",
+    callback=_finite,
+    help="Exit with code 3 when any tensor's SQNR is below DB (a CI gate; needs --against).",
+)
+@click.option(
+    "--top", type=click.IntRange(min=0), default=10, show_default=True, help="Worst tensors to list."
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["vllm", "transformers"]),
+    default=None,
+    help="Deployability gate: load OUT and IN in this installed engine, run fixed texts, compare "
+    "(needs --against).",
+)
+@click.option(
+    "--max-ppl-ratio",
+    type=float,
+    default=None,
+    metavar="R",
+    help="With --engine, causal LMs: highest perplexity(OUT)/perplexity(IN) [default: 1.5].",
+)
+@click.option(
+    "--min-top1",
+    type=float,
+    default=None,
+    metavar="F",
+    help="With --engine, causal LMs: lowest top-1 token agreement with IN [default: 0.75].",
+)
+@click.option(
+    "--min-cosine",
+    type=float,
+    default=None,
+    metavar="C",
+    help="With --engine, other models: lowest embedding cosine with IN [default: 0.9].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON report on stdout.")
 @click.option("-v", "--verbose", count=True, help="Show tracebacks of errors.")
-def verify(out: str, against: str | None, min_sqnr: float | None, top: int, engine: str | None,
-           max_ppl_ratio: float | None, min_top1: float | None, min_cosine: float | None,
-           as_json: bool, verbose: int) -> None:
+def verify(
+    out: str,
+    against: str | None,
+    min_sqnr: float | None,
+    top: int,
+    engine: str | None,
+    max_ppl_ratio: float | None,
+    min_top1: float | None,
+    min_cosine: float | None,
+    as_json: bool,
+    verbose: int,
+) -> None:
     """Check the output directory OUT; with --against IN, measure its error.
 
     Checks that the index, shard headers, sizes, quantized tensor parts and config.json agree.
@@ -326,8 +497,15 @@ def verify(out: str, against: str | None, min_sqnr: float | None, top: int, engi
     if engine is not None and not r.problems:
         from . import deploy
 
-        limits = {k: v for k, v in (("max_ppl_ratio", max_ppl_ratio), ("min_top1", min_top1),
-                                    ("min_cosine_sim", min_cosine)) if v is not None}
+        limits = {
+            k: v
+            for k, v in (
+                ("max_ppl_ratio", max_ppl_ratio),
+                ("min_top1", min_top1),
+                ("min_cosine_sim", min_cosine),
+            )
+            if v is not None
+        }
         deploy_report = _run(verbose, lambda: deploy.check_deploy(out, against, engine=engine, **limits))  # type: ignore[arg-type]
     if as_json:
         js = r.to_json()
@@ -343,11 +521,15 @@ def verify(out: str, against: str | None, min_sqnr: float | None, top: int, engi
             js = r.to_json()
             from .remote import scrub
 
-            click.echo(f"verify: {out}: {what}; {r.compared} compared with {scrub(against)}; mean SQNR "
-                       + (f"{js['mean_sqnr_db']:.2f} dB" if js["mean_sqnr_db"] is not None else "n/a"))
+            click.echo(
+                f"verify: {out}: {what}; {r.compared} compared with {scrub(against)}; mean SQNR "
+                + (f"{js['mean_sqnr_db']:.2f} dB" if js["mean_sqnr_db"] is not None else "n/a")
+            )
             for name, st in r.worst(top):
                 mark = "  BELOW" if name in r.below else ""
-                click.echo(f"  {st.sqnr_db:7.2f} dB  rel {st.rel_err:.2e}  max {st.max_abs_err:.3e}  {name}{mark}")
+                click.echo(
+                    f"  {st.sqnr_db:7.2f} dB  rel {st.rel_err:.2e}  max {st.max_abs_err:.3e}  {name}{mark}"
+                )
             for name, why in r.failed.items():
                 click.echo(f"  FAILED  {name}: {why}")
         else:
@@ -389,17 +571,23 @@ def inspect(path: str, as_json: bool, verbose: int) -> None:
     for t in info["tensors"]:
         kind = t["scheme"] if t["state"] == "quantized" else "dense"
         bpw = f"{t['bits_per_weight']:.2f} bpw" if t.get("bits_per_weight") else ""
-        click.echo(f"{t['name']:<{width}}  {kind:<14} {t['dtype']:<9} {str(t['shape']):<16} {human_bytes(t['bytes']):>10}  {bpw}")
+        click.echo(
+            f"{t['name']:<{width}}  {kind:<14} {t['dtype']:<9} {t['shape']!s:<16} {human_bytes(t['bytes']):>10}  {bpw}"
+        )
     for name, f in info["files"].items():
         click.echo(f"file {name}: {human_bytes(f['bytes'])}, {f['tensors']} tensors")
     tot = info["totals"]
     bpw = f", {tot['bits_per_weight']:.3f} bits per quantized weight" if tot["bits_per_weight"] else ""
     kinds = ", ".join(f"{k} {human_bytes(v)}" for k, v in tot["bytes_by_kind"].items())
-    click.echo(f"total: {tot['tensors']} tensors ({tot['quantized']} quantized), {human_bytes(tot['bytes'])}{bpw} [{kinds}]")
+    click.echo(
+        f"total: {tot['tensors']} tensors ({tot['quantized']} quantized), {human_bytes(tot['bytes'])}{bpw} [{kinds}]"
+    )
     if info["quantization_config"]:
         qc = info["quantization_config"]
-        click.echo(f"config.json: quant_method {qc.get('quant_method')}, format {qc.get('format')}, "
-                   f"status {qc.get('quantization_status')}, {len(qc.get('config_groups') or {})} group(s)")
+        click.echo(
+            f"config.json: quant_method {qc.get('quant_method')}, format {qc.get('format')}, "
+            f"status {qc.get('quantization_status')}, {len(qc.get('config_groups') or {})} group(s)"
+        )
 
 
 MIXED_NOTE = (
@@ -425,8 +613,15 @@ class _Progress:
             if self.tty:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=ev.bytes_total, unit="B", unit_scale=True, unit_divisor=1024,
-                                desc="monoquant", dynamic_ncols=True, file=sys.stderr)
+                self.bar = tqdm(
+                    total=ev.bytes_total,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc="monoquant",
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                )
             self.started = time.monotonic()
             return
         if ev.kind in ("tensor", "shard_skipped", "shard_busy", "shard_done"):
@@ -443,7 +638,9 @@ class _Progress:
                     self.last_frac, self.last_line = frac, now
                     elapsed = now - getattr(self, "started", now)
                     eta = elapsed * (1 - frac) / frac if frac > 0 else math.nan
-                    what = {"shard_skipped": " (already done)", "shard_busy": " (another worker)"}.get(ev.kind, "")
+                    what = {"shard_skipped": " (already done)", "shard_busy": " (another worker)"}.get(
+                        ev.kind, ""
+                    )
                     click.echo(
                         f"monoquant: {frac:5.1%} {human_bytes(ev.bytes_done)}/{human_bytes(ev.bytes_total)} "
                         f"shards {ev.shards_done}/{ev.shards_total}{what}"
@@ -489,7 +686,11 @@ def _print_plan(p: Any) -> None:
     for s in p.shards:
         click.echo(f"shard {s.filename}: {human_bytes(s.file_size)}, {len(s.tensors)} tensors")
     tot = p.totals()
-    bpw = f"{tot['bits_per_weight']:.3f} bits per quantized weight" if tot["bits_per_weight"] else "no tensor quantized"
+    bpw = (
+        f"{tot['bits_per_weight']:.3f} bits per quantized weight"
+        if tot["bits_per_weight"]
+        else "no tensor quantized"
+    )
     click.echo(
         f"total: {tot['tensors']} tensors ({tot['quantized']} quantized, {tot['cast']} cast, {tot['copied']} copied), "
         f"{human_bytes(tot['bytes_in'])} -> {human_bytes(tot['bytes_out'])} ({tot['ratio']:.1%}), {bpw}, "
@@ -500,8 +701,10 @@ def _print_plan(p: Any) -> None:
     if "mixed" in tot:
         m = tot["mixed"]
         choices = ", ".join(f"{k} x{v}" for k, v in m["choices"].items())
-        click.echo(f"mixed precision: {choices}; estimated SQNR {m['est_sqnr_db']} dB"
-                   + ("" if m["feasible"] else " (target not reachable: smallest storage everywhere)"))
+        click.echo(
+            f"mixed precision: {choices}; estimated SQNR {m['est_sqnr_db']} dB"
+            + ("" if m["feasible"] else " (target not reachable: smallest storage everywhere)")
+        )
         if len(p.schemes_used()) > 1:
             click.echo(f"note: {MIXED_NOTE}")
     for s in p.schemes_used().values():
@@ -539,7 +742,11 @@ def _print_report(r: Any) -> None:
     m = r.mean_sqnr()
     if m is not None:
         worst = ", ".join(f"{n} {s.sqnr_db:.1f} dB" for n, s in r.worst(3))
-        how = "" if r.settings.get("stats") == "exact" else " (estimated on sampled rows; exact: monoquant verify --against SRC)"
+        how = (
+            ""
+            if r.settings.get("stats") == "exact"
+            else " (estimated on sampled rows; exact: monoquant verify --against SRC)"
+        )
         click.echo(f"  error{how}: mean SQNR {m:.2f} dB over {len(r.stats)} tensors; worst: {worst}")
     for line in warning_lines(pl.get("warning_summary", [])):
         click.echo(f"  warning: {line}")

@@ -42,7 +42,9 @@ def is_inside(path: Path, root: Path) -> bool:
     (index entries with ``..`` are refused before this, by :func:`index_entry`)."""
     if not isinstance(path, Path):  # a RemotePath (monoquant.remote)
         key, prefix = str(getattr(path, "path", "")), str(getattr(root, "path", ""))
-        return getattr(path, "fs", None) is getattr(root, "fs", None) and (key == prefix or key.startswith(prefix.rstrip("/") + "/"))
+        return getattr(path, "fs", None) is getattr(root, "fs", None) and (
+            key == prefix or key.startswith(prefix.rstrip("/") + "/")
+        )
     real = path.resolve()
     return any(real == r or r in real.parents for r in allowed_roots(root))
 

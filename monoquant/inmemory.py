@@ -104,7 +104,9 @@ def quantize(
     out = QuantizedStateDict()
     out.decisions, out.schemes, out.stats = {}, {}, {}
     if not isinstance(sd, Mapping):
-        raise TensorValueError(f"quantize() takes an nn.Module or a mapping of names to tensors, not a {type(sd).__name__}")
+        raise TensorValueError(
+            f"quantize() takes an nn.Module or a mapping of names to tensors, not a {type(sd).__name__}"
+        )
     for name, t in sd.items():
         _check_entry(name, t)
     shared = _shared_amax(sd, sch, rules)
@@ -136,13 +138,19 @@ def quantize(
 def _check_entry(name: object, t: object) -> None:
     """A state dict entry monoquant can convert: a str name and a dense tensor with data."""
     if not isinstance(name, str):
-        raise TensorValueError(f"state dict key {name!r} is a {type(name).__name__}; tensor names must be str")
+        raise TensorValueError(
+            f"state dict key {name!r} is a {type(name).__name__}; tensor names must be str"
+        )
     if not isinstance(t, torch.Tensor):
-        raise TensorValueError(f"{name!r} is a {type(t).__name__}, not a tensor; pass a state dict of tensors only")
+        raise TensorValueError(
+            f"{name!r} is a {type(t).__name__}, not a tensor; pass a state dict of tensors only"
+        )
     if t.layout != torch.strided:
         raise TensorValueError(f"tensor {name!r} is {t.layout} (sparse); convert it with .to_dense() first")
     if t.is_meta:
-        raise TensorValueError(f"tensor {name!r} is on the meta device (no data); load the real weights first")
+        raise TensorValueError(
+            f"tensor {name!r} is on the meta device (no data); load the real weights first"
+        )
 
 
 def _shared_amax(sd: Mapping[str, torch.Tensor], sch: Scheme, rules: Rules) -> dict[str, float]:
@@ -199,7 +207,10 @@ def _order(qsd: Mapping[str, torch.Tensor], out: Mapping[str, torch.Tensor]) -> 
     seen: list[str] = []
     done: set[str] = set()
     for name in qsd:
-        for cand in (name, *(name[: -len(s)] for s in ("_packed", "_scale", "_shape", "_zero_point") if name.endswith(s))):
+        for cand in (
+            name,
+            *(name[: -len(s)] for s in ("_packed", "_scale", "_shape", "_zero_point") if name.endswith(s)),
+        ):
             if cand in out and cand not in done:
                 seen.append(cand)
                 done.add(cand)

@@ -33,26 +33,36 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         q_numel += numel
         q_bytes += nbytes
         first = min(e.parts.values(), key=lambda r: (r.file.name, r.offset))
-        tensors.append({
-            "name": base,
-            "state": "quantized",
-            "scheme": e.scheme.name,
-            "format": e.scheme.format,
-            "shape": list(e.shape),
-            # the original dtype (classic schemes store scales in it); NVFP4/MX scales are fp8/e8m0
-            "dtype": "-" if e.scheme.kind in MICROSCALE_KINDS else dtype_name(e.parts["_scale"].dtype),
-            "bytes": nbytes,
-            "bits_per_weight": round(8 * nbytes / numel, 4) if numel else None,
-            "file": first.file.name,
-            "parts": {r.name: {"dtype": dtype_name(r.dtype), "shape": list(r.shape)} for r in e.parts.values()},
-        })
+        tensors.append(
+            {
+                "name": base,
+                "state": "quantized",
+                "scheme": e.scheme.name,
+                "format": e.scheme.format,
+                "shape": list(e.shape),
+                # the original dtype (classic schemes store scales in it); NVFP4/MX scales are fp8/e8m0
+                "dtype": "-" if e.scheme.kind in MICROSCALE_KINDS else dtype_name(e.parts["_scale"].dtype),
+                "bytes": nbytes,
+                "bits_per_weight": round(8 * nbytes / numel, 4) if numel else None,
+                "file": first.file.name,
+                "parts": {
+                    r.name: {"dtype": dtype_name(r.dtype), "shape": list(r.shape)} for r in e.parts.values()
+                },
+            }
+        )
     for r in ckpt.tensors:
         if r.name in in_group:
             continue
-        tensors.append({
-            "name": r.name, "state": "dense", "dtype": dtype_name(r.dtype), "shape": list(r.shape),
-            "bytes": r.nbytes, "file": r.file.name,
-        })
+        tensors.append(
+            {
+                "name": r.name,
+                "state": "dense",
+                "dtype": dtype_name(r.dtype),
+                "shape": list(r.shape),
+                "bytes": r.nbytes,
+                "file": r.file.name,
+            }
+        )
     files = {}
     for f in ckpt.files:
         files[f.name] = {"bytes": f.stat().st_size, "tensors": sum(1 for r in ckpt.tensors if r.file == f)}

@@ -327,8 +327,12 @@ class Kernel:
         half = FP8_MAX if self.scheme.kind == "float" else (self.scheme.qmax - self.scheme.qmin) / 2
         sdt = scale_dtype_for(dtype)
         if amax > torch.finfo(sdt).max:
-            raise DecodeOverflowError(f"|x| reaches {amax:.6g}, beyond the {dtype_label(sdt)} scales of {self.scheme.name}")
-        return stored_scale(torch.tensor([amax], dtype=torch.float32) / half, sdt, code_magnitude(self.scheme))
+            raise DecodeOverflowError(
+                f"|x| reaches {amax:.6g}, beyond the {dtype_label(sdt)} scales of {self.scheme.name}"
+            )
+        return stored_scale(
+            torch.tensor([amax], dtype=torch.float32) / half, sdt, code_magnitude(self.scheme)
+        )
 
     def constants(self, shape: tuple[int, ...], tensor_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Outputs computed once per tensor (``weight_shape``, a per-tensor scale)."""
@@ -527,7 +531,9 @@ class Kernel:
         tscale = None
         if self.needs_absmax:
             tscale = self.tensor_scale(absmax(x), x.dtype)
-        block = self.quantize_block(x, tensor_scale=tscale, ws=Workspace(), stats=stats, clamp_fp16=clamp_fp16)
+        block = self.quantize_block(
+            x, tensor_scale=tscale, ws=Workspace(), stats=stats, clamp_fp16=clamp_fp16
+        )
         parts = dict(block)
         parts.update(self.constants(shape, tscale))
         specs = self.out_specs(shape, w.dtype)
@@ -567,7 +573,9 @@ def _check_scale_range(scale: torch.Tensor, scheme: Scheme) -> None:
     """A scale that rounded up to ``inf`` (float64 weights beyond float32, whose scales are
     float32) cannot be written."""
     if not bool(torch.isfinite(scale).all()):
-        raise DecodeOverflowError(f"its range does not fit the {dtype_label(scale.dtype)} scales of {scheme.name}")
+        raise DecodeOverflowError(
+            f"its range does not fit the {dtype_label(scale.dtype)} scales of {scheme.name}"
+        )
 
 
 def _check_finite(t: torch.Tensor) -> None:

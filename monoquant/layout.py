@@ -99,7 +99,9 @@ def infer_scheme(parts: Mapping[str, torch.Tensor], original_shape: tuple[int, .
     rows, cols = as_rows(shape)
     strategy, group = _strategy(scale, rows, cols)
     if q.dtype == torch.int8:
-        return Scheme(kind="int", bits=8, strategy=strategy, group_size=group, dynamic=True, act_strategy="token")
+        return Scheme(
+            kind="int", bits=8, strategy=strategy, group_size=group, dynamic=True, act_strategy="token"
+        )
     if q.dtype == torch.float8_e4m3fn:
         return Scheme(kind="float", bits=8, strategy=strategy, dtype=torch.float8_e4m3fn)
     raise MonoquantError(f"cannot tell the scheme of a {q.dtype} tensor with a scale")

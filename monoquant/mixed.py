@@ -136,9 +136,13 @@ class MixedChooser:
             return decision
         what = ", ".join(f"{k} {v}" for k, v in self._target.items() if k in ("target_bpw", "min_sqnr"))
         if opt.scheme is None:
-            return Decision("copy", f"mixed precision ({what}): kept in {dtype_name(ref.dtype)}", eligible=True)
+            return Decision(
+                "copy", f"mixed precision ({what}): kept in {dtype_name(ref.dtype)}", eligible=True
+            )
         est = f"est. {opt.sqnr_db:.1f} dB"
-        return Decision("quantize", f"mixed precision ({what}): {opt.label}, {est}", opt.scheme, eligible=True)
+        return Decision(
+            "quantize", f"mixed precision ({what}): {opt.label}, {est}", opt.scheme, eligible=True
+        )
 
 
 def candidate_schemes(base: Scheme) -> list[Scheme]:
@@ -393,11 +397,19 @@ def _fused_items(
         seen.update(members)
         refs = [by_name[m] for m in members]
         numel = sum(x.numel for x in refs)
-        labels = [o.label for o in options[members[0]] if all(any(p.label == o.label for p in options[m]) for m in members)]
+        labels = [
+            o.label
+            for o in options[members[0]]
+            if all(any(p.label == o.label for p in options[m]) for m in members)
+        ]
         opts = []
         for label in labels:
             parts = [next(p for p in options[x.name] if p.label == label) for x in refs]
-            nsr = max(p.nsr for p in parts) if worst else sum(p.nsr * x.numel for p, x in zip(parts, refs)) / numel
+            nsr = (
+                max(p.nsr for p in parts)
+                if worst
+                else sum(p.nsr * x.numel for p, x in zip(parts, refs)) / numel
+            )
             opts.append(Option(label, parts[0].scheme, sum(p.bits for p in parts), nsr))
         if not opts:  # no storage all of them have: chosen one by one
             items.extend(refs)

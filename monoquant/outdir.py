@@ -43,22 +43,35 @@ def check_paths(src: Path, dst: Path) -> None:
     d = dst.resolve()
     if s.is_file():
         if d == s or d == s.parent or d in s.parents:
-            raise OutputError(f"{dst}: the output directory holds the input file {src}; choose a new directory")
+            raise OutputError(
+                f"{dst}: the output directory holds the input file {src}; choose a new directory"
+            )
         return
     if d == s:
         raise OutputError(f"{dst}: the output directory is the input; choose a new directory")
     if s in d.parents:
-        raise OutputError(f"{dst}: the output directory is inside the input {src}; choose a directory outside it")
+        raise OutputError(
+            f"{dst}: the output directory is inside the input {src}; choose a directory outside it"
+        )
     if d in s.parents:
-        raise OutputError(f"{dst}: the output directory contains the input {src}; choose a directory beside it")
+        raise OutputError(
+            f"{dst}: the output directory contains the input {src}; choose a directory beside it"
+        )
 
 
 #: keys of ``quantization_config`` both compressed-tensors 0.17 and 0.20 know (the
 #: ``QuantizationConfig`` fields plus the writer's ``sparsity_config``/``transform_config``);
 #: a test validates the written config against the installed compressed-tensors and vLLM
 CONFIG_KEYS = (
-    "quant_method", "format", "quantization_status", "config_groups", "ignore", "kv_cache_scheme",
-    "global_compression_ratio", "sparsity_config", "transform_config",
+    "quant_method",
+    "format",
+    "quantization_status",
+    "config_groups",
+    "ignore",
+    "kv_cache_scheme",
+    "global_compression_ratio",
+    "sparsity_config",
+    "transform_config",
 )
 
 
@@ -77,12 +90,16 @@ def quantization_config(plan: Plan) -> dict[str, Any] | None:
     # every dense 2-D weight's module is listed in ``ignore``: the class target ``Linear`` would
     # otherwise claim it (e.g. one left dense by --exclude or a group-size mismatch)
     qnames = {t.ref.name for t in quantized}
-    dense = sorted({
-        module_of(t.ref.name)
-        for t in plan.tensors
-        if t.ref.name not in qnames and t.ref.name.endswith(".weight") and len(t.ref.shape) == 2
-        and t.ref.dtype.is_floating_point
-    })
+    dense = sorted(
+        {
+            module_of(t.ref.name)
+            for t in plan.tensors
+            if t.ref.name not in qnames
+            and t.ref.name.endswith(".weight")
+            and len(t.ref.shape) == 2
+            and t.ref.dtype.is_floating_point
+        }
+    )
     targets, ignore = config_targets(by_scheme, dense, modules)
     config_groups = {}
     for i, name in enumerate(sorted(by_scheme)):
@@ -187,7 +204,11 @@ def index_json(plan: Plan) -> dict[str, Any]:
         for o in t.outputs:
             weight_map[o.name] = plan.shards[t.shard].filename
     total = sum(s.data_size for s in plan.shards)
-    tensors = {t.ref.name: t.decision.scheme.name for t in plan.tensors if t.decision.action == "quantize" and t.decision.scheme}
+    tensors = {
+        t.ref.name: t.decision.scheme.name
+        for t in plan.tensors
+        if t.decision.action == "quantize" and t.decision.scheme
+    }
     schemes = {s.name: s.to_dict() for s in plan.schemes_used().values()}
     return {
         "metadata": {
@@ -223,13 +244,16 @@ def output_config(plan: Plan, config: dict[str, Any] | None) -> dict[str, Any] |
     return cfg
 
 
-def finalize(out_dir: Path, plan: Plan, side_files: list[Path], src_root: Path, config: dict[str, Any] | None) -> None:
+def finalize(
+    out_dir: Path, plan: Plan, side_files: list[Path], src_root: Path, config: dict[str, Any] | None
+) -> None:
     """Copy side files, write ``config.json``, then the index (last, atomically). The index lists
     the side files (``metadata.monoquant.files``): a later ``--restart`` deletes exactly those."""
     scratch = out_dir / STATE_DIR  # removed with the job state: no temp file outlives a kill
     tmp: Path | None = None
     written = []
     from .remote import copy_file  # side files of a remote checkpoint are read by ranges too
+
     try:
         for p in side_files:
             rel = p.relative_to(src_root)

@@ -129,6 +129,7 @@ def spare_core(window: float = 0.1) -> bool:
     """True when at least ~3/4 of a CPU core sat idle over the last ``window`` seconds (from
     ``/proc/stat``); False when unknown. The writer thread only pays where a core is free: on
     two busy cores it made runs slower (see docs/benchmarks.md)."""
+
     def sample() -> tuple[int, int]:
         with open("/proc/stat") as f:
             fields = [int(v) for v in f.readline().split()[1:]]

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from .errors import MonoquantError, OptionError, OutputError, SchemeError
-from .inmemory import decode_overflow_error, fp16_overflow_error, nonfinite_error
 from .formats import shared_absmax
+from .inmemory import decode_overflow_error, fp16_overflow_error, nonfinite_error
 from .journal import JobState, check_writable
 from .kernels import (
     DecodeOverflowError,
@@ -38,11 +38,21 @@ from .kernels import (
     as_rows,
     get_kernel,
 )
-from .overlap import SyncSink, ThreadSink, WorkspacePool, spare_core
 from .memwatch import MemWatch
 from .outdir import check_paths, completed_fingerprint, finalize
+from .overlap import SyncSink, ThreadSink, WorkspacePool, spare_core
 from .ownership import check_state_dir, finished_files, planned_files, present_files, refuse_foreign
-from .plan import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_SHARD, INDEX_NAME, Plan, PlannedOutput, PlannedTensor, ShardPlan, block_rows_for, make_plan
+from .plan import (
+    DEFAULT_BLOCK_BYTES,
+    DEFAULT_MAX_SHARD,
+    INDEX_NAME,
+    Plan,
+    PlannedOutput,
+    PlannedTensor,
+    ShardPlan,
+    block_rows_for,
+    make_plan,
+)
 from .reader import Backend, RowReader, open_checkpoint
 from .remote import is_remote, pin_inputs, refuse_remote_output
 from .rules import Rules
@@ -186,8 +196,15 @@ def process_tensor(
     try:
         if row_bytes > 2 * block_bytes and chunkable(d.scheme):  # type: ignore[arg-type]
             process_wide_rows(
-                pt, reader, pool, sink, block_bytes=block_bytes, clamp_fp16=clamp_fp16, stats=stats,
-                stats_every=stats_every, done=done,
+                pt,
+                reader,
+                pool,
+                sink,
+                block_bytes=block_bytes,
+                clamp_fp16=clamp_fp16,
+                stats=stats,
+                stats_every=stats_every,
+                done=done,
             )
             return
         tscale = None
@@ -212,7 +229,9 @@ def process_tensor(
                 pool.release(ws)
                 raise
             del x
-            items = [(outs[k], (a // outs[k].spec.row_div) * outs[k].spec.row_bytes, t) for k, t in res.items()]  # type: ignore[operator]
+            items = [
+                (outs[k], (a // outs[k].spec.row_div) * outs[k].spec.row_bytes, t) for k, t in res.items()
+            ]  # type: ignore[operator]
             sink.submit(items, done(ws, a * row_bytes, b * row_bytes))
         consts = kernel.constants(ref.shape, tscale)
         sink.submit([(outs[k], 0, t) for k, t in consts.items()], None)
@@ -220,7 +239,9 @@ def process_tensor(
         sink.drain()
         count = _count_nonfinite(pt, reader, br)
         if count == 0:  # finite in float64, beyond float32 once computed
-            raise decode_overflow_error(ref.name, "its values exceed the float32 range the kernels compute in", where) from None
+            raise decode_overflow_error(
+                ref.name, "its values exceed the float32 range the kernels compute in", where
+            ) from None
         raise nonfinite_error(ref.name, count, where) from None
     except Fp16OverflowError as e:
         raise fp16_overflow_error(ref.name, str(e), where) from None
@@ -256,8 +277,15 @@ def plan(
     From headers only, except with ``target_bpw``/``min_sqnr``: mixed precision estimates each
     tensor's error on sampled rows first (bounded memory)."""
     return _make_plan(
-        open_checkpoint(src), scheme, Rules.of(include, exclude, strict_group_size), max_shard_size, clamp_fp16, target_bpw, min_sqnr,
-        block_bytes, scheme_options,
+        open_checkpoint(src),
+        scheme,
+        Rules.of(include, exclude, strict_group_size),
+        max_shard_size,
+        clamp_fp16,
+        target_bpw,
+        min_sqnr,
+        block_bytes,
+        scheme_options,
     )
 
 
@@ -288,11 +316,20 @@ def _make_plan(
                 "needs an int scheme (--int4 or --int8), not a cast"
             )
 
-        chooser = budget_chooser(ckpt, get_scheme(scheme, **scheme_options), rules, target_bpw=target_bpw, min_sqnr=min_sqnr)
+        chooser = budget_chooser(
+            ckpt, get_scheme(scheme, **scheme_options), rules, target_bpw=target_bpw, min_sqnr=min_sqnr
+        )
         extra = {"mixed": chooser.summary["options"]}
     p = make_plan(
-        ckpt, scheme, rules=rules, max_shard_size=max_shard_size, clamp_fp16=clamp_fp16, chooser=chooser,
-        block_bytes=block_bytes, extra=extra, **scheme_options,
+        ckpt,
+        scheme,
+        rules=rules,
+        max_shard_size=max_shard_size,
+        clamp_fp16=clamp_fp16,
+        chooser=chooser,
+        block_bytes=block_bytes,
+        extra=extra,
+        **scheme_options,
     )
     if chooser is not None:
         p.extra["mixed_summary"] = chooser.summary
@@ -320,15 +357,23 @@ def iter_quantized(
         ...     print(name, t.dtype, tuple(t.shape))
     """
     p = plan(
-        src, scheme, include=include, exclude=exclude, clamp_fp16=clamp_fp16, block_bytes=block_bytes,
-        strict_group_size=strict_group_size, **scheme_options,
+        src,
+        scheme,
+        include=include,
+        exclude=exclude,
+        clamp_fp16=clamp_fp16,
+        block_bytes=block_bytes,
+        strict_group_size=strict_group_size,
+        **scheme_options,
     )
     pool = WorkspacePool(1)
     with RowReader(backend) as reader:
         for pt in p.tensors:
             bufs = {o.name: torch.empty(o.nbytes, dtype=torch.uint8) for o in pt.outputs}
 
-            def write(o: PlannedOutput, off: int, t: torch.Tensor, bufs: dict[str, torch.Tensor] = bufs) -> None:
+            def write(
+                o: PlannedOutput, off: int, t: torch.Tensor, bufs: dict[str, torch.Tensor] = bufs
+            ) -> None:
                 flat = t.contiguous().reshape(-1).view(torch.uint8)
                 bufs[o.name][off : off + flat.numel()].copy_(flat)
 
@@ -348,7 +393,9 @@ def parse_worker(worker: str | tuple[int, int] | None) -> tuple[int, int]:
             ks, ns = str(worker).split("/")
             k, n = int(ks), int(ns)
         except ValueError:
-            raise OutputError(f"--worker {worker!r}: write K/N, e.g. 0/4 for the first of four workers") from None
+            raise OutputError(
+                f"--worker {worker!r}: write K/N, e.g. 0/4 for the first of four workers"
+            ) from None
     if not (n >= 1 and 0 <= k < n):
         raise OutputError(f"--worker {k}/{n}: K must be in 0..N-1")
     return k, n
@@ -446,15 +493,27 @@ def stream(
     if not is_remote(src):
         check_paths(Path(src), dst_p)
     p = _make_plan(
-        ckpt, scheme, Rules.of(include, exclude, strict_group_size), max_shard_size, clamp_fp16, target_bpw, min_sqnr, block_bytes,
+        ckpt,
+        scheme,
+        Rules.of(include, exclude, strict_group_size),
+        max_shard_size,
+        clamp_fp16,
+        target_bpw,
+        min_sqnr,
+        block_bytes,
         scheme_options,
     )
     k, n = parse_worker(worker)
     report = Report(str(dst_p), p.fingerprint, p.scheme.name, False, p.totals())
     report.notes = list(getattr(ckpt, "notes", []))
     report.settings = {
-        "overlap": overlap, "stats": stats if isinstance(stats, str) else ("exact" if stats else "off"),
-        "backend": backend, "threads": threads, "jobs": jobs, "block_bytes": block_bytes, "worker": f"{k}/{n}",
+        "overlap": overlap,
+        "stats": stats if isinstance(stats, str) else ("exact" if stats else "off"),
+        "backend": backend,
+        "threads": threads,
+        "jobs": jobs,
+        "block_bytes": block_bytes,
+        "worker": f"{k}/{n}",
     }
     lock = threading.Lock()
 
@@ -474,7 +533,18 @@ def stream(
             pin_inputs(state.dir, ckpt.files)
             mine = [s for s in p.shards if s.index % n == k]
             _check_space(dst_p, mine, state, ckpt)
-            _run_shards(p, mine, state, dst_p, report, emit, jobs=jobs, backend=backend, stats_every=stats_every, overlap=overlap)
+            _run_shards(
+                p,
+                mine,
+                state,
+                dst_p,
+                report,
+                emit,
+                jobs=jobs,
+                backend=backend,
+                stats_every=stats_every,
+                overlap=overlap,
+            )
             report.complete = _maybe_finalize(p, state, ckpt, dst_p)
             if report.complete:
                 emit(ProgressEvent("finalized", name=INDEX_NAME))
@@ -624,7 +694,9 @@ def _run_shards(
                         advance(shard_in, "shard_skipped", shard.filename, True)
                         continue
                     try:
-                        _write_shard(p, shard, state, dst, reader, pool, report, plock, advance, stats_every, overlap)
+                        _write_shard(
+                            p, shard, state, dst, reader, pool, report, plock, advance, stats_every, overlap
+                        )
                     except BaseException as e:
                         failure.append(e)
                         return
@@ -681,7 +753,14 @@ def _write_shard(
             # a cast's error is small and uniform, and its kernel is cheap: sample it more thinly
             every = stats_every * 2 if (stats_every > 1 and pt.decision.action == "cast") else stats_every
             process_tensor(
-                pt, reader, pool, sink, block_bytes=p.block_bytes, clamp_fp16=p.clamp_fp16, stats=st, stats_every=every
+                pt,
+                reader,
+                pool,
+                sink,
+                block_bytes=p.block_bytes,
+                clamp_fp16=p.clamp_fp16,
+                stats=st,
+                stats_every=every,
             )
             nxt = shard.tensors[k + 1] if k + 1 < len(shard.tensors) else None
             if nxt is None or p.tensors[nxt].ref.file != pt.ref.file:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .dtypes import dtype_name, itemsize, to_st
-from .errors import CheckpointError, OptionError, OutputError
+from .errors import CheckpointError, OptionError
 from .formats import output_name, shared_scales
 from .kernels import OutSpec, as_rows, get_kernel
 from .reader import Checkpoint, TensorRef
@@ -168,7 +168,12 @@ class Plan:
                     "shard": self.shards[t.shard].filename,
                     "bytes_out": t.out_bytes,
                     "outputs": [
-                        {"name": o.name, "dtype": dtype_name(o.spec.dtype), "shape": list(o.spec.shape), "bytes": o.nbytes}
+                        {
+                            "name": o.name,
+                            "dtype": dtype_name(o.spec.dtype),
+                            "shape": list(o.spec.shape),
+                            "bytes": o.nbytes,
+                        }
                         for o in t.outputs
                     ],
                 }
@@ -310,14 +315,20 @@ def make_plan(
         header_obj: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         for _neg, _o, ti, name, sp in entries:
             outs[ti].append(PlannedOutput(name, sp, offset))
-            header_obj[name] = {"dtype": to_st(sp.dtype), "shape": list(sp.shape), "data_offsets": [offset, offset + sp.nbytes]}
+            header_obj[name] = {
+                "dtype": to_st(sp.dtype),
+                "shape": list(sp.shape),
+                "data_offsets": [offset, offset + sp.nbytes],
+            }
             offset += sp.nbytes
         header = json.dumps(header_obj, separators=(",", ":")).encode()
         header += b" " * (-(8 + len(header)) % 8)  # data section starts 8-byte aligned
         for ti in members:
             ref, d, specs = decided[ti]
             by_suffix = {o.spec.suffix: o for o in outs[ti]}
-            tensors[ti] = PlannedTensor(ref, d, tuple(by_suffix[s.suffix] for s in specs), si, shared.get(ref.name, ()))
+            tensors[ti] = PlannedTensor(
+                ref, d, tuple(by_suffix[s.suffix] for s in specs), si, shared.get(ref.name, ())
+            )
         shards.append(ShardPlan(si, filename, tuple(members), header, offset))
 
     final = tuple(t for t in tensors if t is not None)
@@ -376,8 +387,15 @@ def fingerprint(
     h.update(json.dumps(head, sort_keys=True).encode())
     for t in tensors:
         s = t.decision.scheme
-        row = [t.ref.name, t.ref.file.name, dtype_name(t.ref.dtype), list(t.ref.shape), t.ref.nbytes,
-               t.decision.action, s.name if s else None]
+        row = [
+            t.ref.name,
+            t.ref.file.name,
+            dtype_name(t.ref.dtype),
+            list(t.ref.shape),
+            t.ref.nbytes,
+            t.decision.action,
+            s.name if s else None,
+        ]
         h.update(json.dumps(row).encode())
     cfg = ckpt.root / "config.json" if ckpt.root.is_dir() else None
     if cfg is not None and cfg.exists():
@@ -397,4 +415,3 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"  # pragma: no cover
-

@@ -40,8 +40,8 @@ from .containment import check_inside, index_entry
 from .dtypes import from_st, itemsize
 from .errors import CheckpointError
 from .kernels import Workspace, as_rows
-from .weightfiles import select_weight_files
 from .remote import RangeReader, RemotePath, is_remote
+from .weightfiles import select_weight_files
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -112,10 +112,14 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         with path.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header); re-download it")
+                raise CheckpointError(
+                    f"{path}: truncated safetensors file ({size} bytes, no header); re-download it"
+                )
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER:
-                raise CheckpointError(f"{path}: header length {n} is implausible (> 100 MB); the file is corrupt")
+                raise CheckpointError(
+                    f"{path}: header length {n} is implausible (> 100 MB); the file is corrupt"
+                )
             if 8 + n > size:
                 raise CheckpointError(
                     f"{path}: header length {n} runs beyond the file ({size} bytes); the file is truncated or corrupt"
@@ -135,7 +139,9 @@ def parse_header(raw: bytes, data_len: int, *, where: str = "") -> dict[str, Any
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
-        raise CheckpointError(f"{where}header is not valid JSON; the file is corrupt or not safetensors") from None
+        raise CheckpointError(
+            f"{where}header is not valid JSON; the file is corrupt or not safetensors"
+        ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{where}header is not a JSON object; the file is corrupt or not safetensors")
     out: dict[str, Any] = {}
@@ -149,7 +155,9 @@ def parse_header(raw: bytes, data_len: int, *, where: str = "") -> dict[str, Any
         shape = info.get("shape")
         offs = info.get("data_offsets")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise CheckpointError(f"{where}tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+            raise CheckpointError(
+                f"{where}tensor {name!r}: shape {shape!r} is not a list of non-negative integers"
+            )
         if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)):
             raise CheckpointError(f"{where}tensor {name!r}: data_offsets {offs!r} is not [begin, end]")
         begin, end = offs
@@ -171,7 +179,9 @@ def parse_header(raw: bytes, data_len: int, *, where: str = "") -> dict[str, Any
     spans.sort()
     for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise CheckpointError(f"{where}tensors {n0!r} and {n1!r} overlap in the file; the header is corrupt")
+            raise CheckpointError(
+                f"{where}tensors {n0!r} and {n1!r} overlap in the file; the header is corrupt"
+            )
     return out
 
 
@@ -191,7 +201,9 @@ def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
             "torch.save(...) (torch >= 1.6) or convert it to safetensors"
         )
     try:
-        with warnings.catch_warnings():  # torch's deprecation chatter on odd tensors: the library never prints
+        with (
+            warnings.catch_warnings()
+        ):  # torch's deprecation chatter on odd tensors: the library never prints
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -202,17 +214,26 @@ def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot load torch checkpoint ({msg}); the file is truncated or corrupt") from None
+        raise CheckpointError(
+            f"{path}: cannot load torch checkpoint ({msg}); the file is truncated or corrupt"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
     for k, v in obj.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; save a plain state dict")
+            raise CheckpointError(
+                f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; save a plain state dict"
+            )
         if v.layout != torch.strided or v.is_meta or v.is_quantized:
-            kind = "on the meta device (no data)" if v.is_meta else f"a {v.layout} tensor" if v.layout != torch.strided \
+            kind = (
+                "on the meta device (no data)"
+                if v.is_meta
+                else f"a {v.layout} tensor"
+                if v.layout != torch.strided
                 else f"a torch-quantized {v.dtype} tensor"
+            )
             raise CheckpointError(
                 f"{path}: tensor {k!r} is {kind}; save dense tensors with data (.to_dense(), .dequantize())"
             )
@@ -300,7 +321,9 @@ def _check_unique(refs: list[TensorRef]) -> None:
 
 def _check_not_empty(where: Path, refs: list[TensorRef]) -> None:
     if not refs:
-        raise CheckpointError(f"{where}: holds no tensors; nothing to quantize (is this the right checkpoint?)")
+        raise CheckpointError(
+            f"{where}: holds no tensors; nothing to quantize (is this the right checkpoint?)"
+        )
 
 
 def _open_indexed(root: Path, index_path: Path) -> Checkpoint:
@@ -310,7 +333,9 @@ def _open_indexed(root: Path, index_path: Path) -> Checkpoint:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{index_path}: not valid JSON ({e}); re-download the index") from None
     wmap = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
+    if not isinstance(wmap, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()
+    ):
         raise CheckpointError(f"{index_path}: no valid 'weight_map' object; the index is corrupt")
     shards = sorted(set(wmap.values()))
     files = []
@@ -318,9 +343,13 @@ def _open_indexed(root: Path, index_path: Path) -> Checkpoint:
     for s in shards:
         p = index_entry(root, s, index_path.name)
         if not p.is_file():
-            raise CheckpointError(f"{index_path.name} names shard {s!r}, which is missing from {root}; download it")
+            raise CheckpointError(
+                f"{index_path.name} names shard {s!r}, which is missing from {root}; download it"
+            )
         if p in entry_of:
-            raise CheckpointError(f"{index_path.name} names one shard file twice ({entry_of[p]!r}, {s!r}); the index is corrupt")
+            raise CheckpointError(
+                f"{index_path.name} names one shard file twice ({entry_of[p]!r}, {s!r}); the index is corrupt"
+            )
         files.append(p)
         entry_of[p] = s
     refs: list[TensorRef] = []
@@ -334,7 +363,9 @@ def _open_indexed(root: Path, index_path: Path) -> Checkpoint:
         owners.setdefault(r.name, []).append(r.file.name)
     for name, fs in owners.items():
         if len(fs) > 1:
-            raise CheckpointError(f"tensor {name!r} is in two shards ({', '.join(fs)}); the checkpoint is inconsistent")
+            raise CheckpointError(
+                f"tensor {name!r} is in two shards ({', '.join(fs)}); the checkpoint is inconsistent"
+            )
     for name, shard in wmap.items():
         if name not in by_file[shard]:
             raise CheckpointError(
@@ -448,7 +479,9 @@ class RowReader:
             try:
                 t = torch.frombuffer(self._mm, dtype=ref.dtype, count=n, offset=off)
             except (ValueError, RuntimeError) as e:
-                raise CheckpointError(f"{ref.file}: tensor {ref.name!r} lies beyond the end of the file ({e})") from None
+                raise CheckpointError(
+                    f"{ref.file}: tensor {ref.name!r} lies beyond the end of the file ({e})"
+                ) from None
             return t.view(stop - start, cols)
         buf = (ws or self.ws).get("read", nbytes, torch.uint8)
         _read_into(self, buf, off, ref)
@@ -501,7 +534,9 @@ class RowReader:
 def _read_into(reader: RowReader, buf: torch.Tensor, offset: int, ref: TensorRef) -> None:
     if reader._remote is not None:
         if buf.numel():
-            reader._remote.read_into(memoryview((ctypes.c_char * buf.numel()).from_address(buf.data_ptr())).cast("B"), offset)
+            reader._remote.read_into(
+                memoryview((ctypes.c_char * buf.numel()).from_address(buf.data_ptr())).cast("B"), offset
+            )
         return
     _pread_into(reader._fd, buf, offset, ref)
 
@@ -513,7 +548,9 @@ def _pread_into(fd: int, buf: torch.Tensor, offset: int, ref: TensorRef) -> None
     while done < len(mv):
         got = os.preadv(fd, [mv[done:]], offset + done)
         if got <= 0:
-            raise CheckpointError(f"{ref.file}: tensor {ref.name!r} is cut short (file truncated); re-download it")
+            raise CheckpointError(
+                f"{ref.file}: tensor {ref.name!r} is cut short (file truncated); re-download it"
+            )
         done += got
 
 

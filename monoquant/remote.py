@@ -127,7 +127,9 @@ def permanent_error(e: BaseException, url: str) -> CheckpointError | None:
     if _is_changed(e):
         return changed_error(url)
     if isinstance(e, FileNotFoundError):
-        return MissingObjectError(f"{url}: no such object; check the URL, and that the credentials in use may list it")
+        return MissingObjectError(
+            f"{url}: no such object; check the URL, and that the credentials in use may list it"
+        )
     if isinstance(e, PermissionError):
         return CheckpointError(
             f"{url}: access denied; check the credentials for this backend (for S3: AWS_ACCESS_KEY_ID / "
@@ -179,7 +181,9 @@ def _filesystem(url: str) -> tuple[Any, str]:
     try:
         import fsspec
     except ImportError:
-        raise CheckpointError(f"{shown}: reading from object storage needs the remote extra: {EXTRA_HINT}") from None
+        raise CheckpointError(
+            f"{shown}: reading from object storage needs the remote extra: {EXTRA_HINT}"
+        ) from None
     try:
         fs, path = fsspec.core.url_to_fs(url)
     except ImportError as e:
@@ -214,7 +218,17 @@ class _Stat(NamedTuple):
 def identity_of(info: dict[str, Any]) -> str | None:
     """The version tag of an object's listing entry: ETag (S3, HTTP), generation (GCS), blob id
     (Hugging Face), ...; ``None`` when the backend gives none (then size alone identifies it)."""
-    for key in ("ETag", "etag", "generation", "blob_id", "md5Hash", "VersionId", "mtime", "LastModified", "last_modified"):
+    for key in (
+        "ETag",
+        "etag",
+        "generation",
+        "blob_id",
+        "md5Hash",
+        "VersionId",
+        "mtime",
+        "LastModified",
+        "last_modified",
+    ):
         v = info.get(key)
         if v not in (None, ""):
             return str(v)
@@ -286,7 +300,9 @@ class RemotePath:
 
     def __truediv__(self, name: str) -> RemotePath:
         if name.startswith("/") or ".." in name.split("/") or "://" in name:
-            raise CheckpointError(f"{self}: {name!r} points outside the checkpoint; the index is corrupt or malicious")
+            raise CheckpointError(
+                f"{self}: {name!r} points outside the checkpoint; the index is corrupt or malicious"
+            )
         return RemotePath(self.fs, f"{self._key}/{name}")
 
     def relative_to(self, other: RemotePath) -> PurePosixPath:
@@ -340,7 +356,9 @@ class RemotePath:
         """Every object below this prefix whose name matches ``pattern``."""
         found = with_retries(lambda: self.fs.find(self.path, withdirs=False, detail=True), self.url)
         return sorted(
-            RemotePath(self.fs, str(d["name"]), d) for d in found.values() if fnmatch.fnmatchcase(str(d["name"]).rsplit("/", 1)[-1], pattern)
+            RemotePath(self.fs, str(d["name"]), d)
+            for d in found.values()
+            if fnmatch.fnmatchcase(str(d["name"]).rsplit("/", 1)[-1], pattern)
         )
 
     # -- small reads
@@ -428,7 +446,10 @@ class RangeReader:
     def _file(self) -> Any:
         f = getattr(self._local, "f", None)
         if f is None:
-            f = with_retries(lambda: self.rp.fs.open(self.rp.path, "rb", cache_type="none", block_size=self.chunk), self.rp.url)
+            f = with_retries(
+                lambda: self.rp.fs.open(self.rp.path, "rb", cache_type="none", block_size=self.chunk),
+                self.rp.url,
+            )
             seen = identity_of(getattr(f, "details", None) or {})
             if self.pinned is not None and seen is not None and seen != self.pinned:
                 f.close()

@@ -75,13 +75,23 @@ Action = Literal["quantize", "cast", "copy"]
 #: lower-cased name, what such a tensor is). See the module docstring.
 DEFAULT_DENSE: tuple[tuple[str, str, str], ...] = (
     ("*embed*", r"embed", "embedding"),
-    ("wte|wpe|shared|relative_attention_bias", r"(?:^|\.)(?:wte|wpe|shared|relative_attention_bias)\.weight$", "embedding"),
+    (
+        "wte|wpe|shared|relative_attention_bias",
+        r"(?:^|\.)(?:wte|wpe|shared|relative_attention_bias)\.weight$",
+        "embedding",
+    ),
     ("*lm_head*", r"lm_head", "output head"),
     ("*norm*", r"norm", "normalisation weight"),
-    ("*.gate|*_gate|*router*", r"(?:^|\.|_)gate\.weight$|router",
-     "MoE router (built unquantized by the engines; the most sensitive weight)"),
-    ("c_attn|c_fc|c_proj|q_attn", r"(?:^|\.)(?:c_attn|c_fc|c_proj|q_attn)\.weight$",
-     "GPT-2 Conv1D (weight stored [in, out]; not a Linear in the loaders)"),
+    (
+        "*.gate|*_gate|*router*",
+        r"(?:^|\.|_)gate\.weight$|router",
+        "MoE router (built unquantized by the engines; the most sensitive weight)",
+    ),
+    (
+        "c_attn|c_fc|c_proj|q_attn",
+        r"(?:^|\.)(?:c_attn|c_fc|c_proj|q_attn)\.weight$",
+        "GPT-2 Conv1D (weight stored [in, out]; not a Linear in the loaders)",
+    ),
 )
 #: Kept for callers of earlier versions: the display patterns of :data:`DEFAULT_DENSE`.
 DEFAULT_SKIP = tuple(p for p, _r, _w in DEFAULT_DENSE)
@@ -197,7 +207,9 @@ def fallback_group_size(cols: int, group_size: int) -> int | None:
     return None
 
 
-def decide(name: str, dtype: torch.dtype, shape: tuple[int, ...], scheme: Scheme, rules: Rules = Rules()) -> Decision:
+def decide(
+    name: str, dtype: torch.dtype, shape: tuple[int, ...], scheme: Scheme, rules: Rules = Rules()
+) -> Decision:
     """Decide the fate of one tensor from its name, dtype and shape."""
     excluded = _first_match(name, rules.exclude)
     if excluded is not None:
@@ -217,10 +229,14 @@ def decide(name: str, dtype: torch.dtype, shape: tuple[int, ...], scheme: Scheme
         return Decision("copy", why)
     if included is None:
         if len(shape) != 2:
-            return Decision("copy", f"{len(shape)}-D tensor (only 2-D weights by default; --include to quantize)")
+            return Decision(
+                "copy", f"{len(shape)}-D tensor (only 2-D weights by default; --include to quantize)"
+            )
         hit = dense_by_name(name)
         if hit is not None:
-            return Decision("copy", f"name matches {hit[0]!r}: {hit[1]} (kept dense by default; --include to quantize)")
+            return Decision(
+                "copy", f"name matches {hit[0]!r}: {hit[1]} (kept dense by default; --include to quantize)"
+            )
     kernel = get_kernel(scheme)
     problem = kernel.check_shape(tuple(shape))
     if problem is not None:

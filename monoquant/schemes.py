@@ -217,9 +217,16 @@ def _ct_microscale_args(s: Scheme, activations: bool) -> dict[str, Any]:
     compressed-tensors presets ``FP8_BLOCK``, ``NVFP4A16``/``NVFP4``, ``MXFP4A16``/``MXFP4``,
     ``MXFP8A16``/``MXFP8`` serialize them."""
     d: dict[str, Any] = {
-        "num_bits": s.bits, "type": "float", "symmetric": True, "group_size": s.group_size,
-        "strategy": s.strategy, "block_structure": None, "dynamic": False, "actorder": None,
-        "observer": "minmax", "observer_kwargs": {},
+        "num_bits": s.bits,
+        "type": "float",
+        "symmetric": True,
+        "group_size": s.group_size,
+        "strategy": s.strategy,
+        "block_structure": None,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+        "observer_kwargs": {},
     }
     if s.kind == "nvfp4":
         d["scale_dtype"] = "torch.float8_e4m3fn"
@@ -323,8 +330,15 @@ def _validate_microscale(s: Scheme) -> None:
 def _micro(kind: str, dynamic: bool = False) -> Scheme:
     bits, strategy, group, dtype = _MICRO[kind]
     act = ("tensor_group" if kind == "nvfp4" else "group") if dynamic else None
-    return Scheme(kind=kind, bits=bits, strategy=strategy, group_size=group, dtype=dtype,  # type: ignore[arg-type]
-                  dynamic=dynamic, act_strategy=act)  # type: ignore[arg-type]
+    return Scheme(
+        kind=kind,
+        bits=bits,
+        strategy=strategy,
+        group_size=group,
+        dtype=dtype,  # type: ignore[arg-type]
+        dynamic=dynamic,
+        act_strategy=act,
+    )  # type: ignore[arg-type]
 
 
 def _int(bits: int, strategy: Strategy, group: int | None = None, **kw: Any) -> Scheme:
@@ -412,7 +426,9 @@ def get_scheme(
             )
         base = found
     if base.kind in MICROSCALE_KINDS or base.strategy == "block":
-        return _micro_options(base, group_size, per_tensor, per_channel, asymmetric, dynamic, act_strategy, optimize)
+        return _micro_options(
+            base, group_size, per_tensor, per_channel, asymmetric, dynamic, act_strategy, optimize
+        )
     given = sum(bool(x) for x in (group_size is not None, per_tensor, per_channel))
     if given > 1:
         raise SchemeError("choose one of --group-size, --per-tensor and --per-channel")
@@ -438,8 +454,14 @@ def get_scheme(
 
 
 def _micro_options(
-    base: Scheme, group_size: int | None, per_tensor: bool, per_channel: bool, asymmetric: bool, dynamic: bool,
-    act_strategy: str | None, optimize: bool,
+    base: Scheme,
+    group_size: int | None,
+    per_tensor: bool,
+    per_channel: bool,
+    asymmetric: bool,
+    dynamic: bool,
+    act_strategy: str | None,
+    optimize: bool,
 ) -> Scheme:
     """Options on an FP8-block/NVFP4/MX scheme: only ``dynamic`` (W4A4/W8A8) and ``optimize``."""
     if group_size is not None or per_tensor or per_channel or asymmetric or act_strategy is not None:

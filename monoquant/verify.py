@@ -69,7 +69,9 @@ class VerifyReport:
 
     def worst(self, n: int = 10) -> list[tuple[str, ErrorStats]]:
         """The ``n`` tensors with the lowest SQNR (exact ones left out; failed ones first)."""
-        return sorted(((k, v) for k, v in self.stats.items() if not _exact(v)), key=lambda kv: kv[1].sqnr_db)[:n]
+        return sorted(((k, v) for k, v in self.stats.items() if not _exact(v)), key=lambda kv: kv[1].sqnr_db)[
+            :n
+        ]
 
     def to_json(self) -> dict[str, Any]:
         vals = [s.sqnr_db for s in self.stats.values() if not _exact(s) and math.isfinite(s.sqnr_db)]
@@ -133,13 +135,17 @@ def _check_entry(e: QuantizedEntry) -> list[str]:
         if ref is None:
             probs.append(f"{e.base}{suffix}: missing")
         elif ref.shape != sp.shape or ref.dtype != sp.dtype:
-            probs.append(f"{e.base}{suffix}: {ref.dtype} {list(ref.shape)}, expected {sp.dtype} {list(sp.shape)}")
+            probs.append(
+                f"{e.base}{suffix}: {ref.dtype} {list(ref.shape)}, expected {sp.dtype} {list(sp.shape)}"
+            )
     for s in sorted(set(e.parts) - set(specs)):
         probs.append(f"{e.base}{s}: unexpected for scheme {e.scheme.name}")
     return probs
 
 
-def _check_config(root: Path, entries: dict[str, QuantizedEntry], plain: dict[str, TensorRef] | None = None) -> list[str]:
+def _check_config(
+    root: Path, entries: dict[str, QuantizedEntry], plain: dict[str, TensorRef] | None = None
+) -> list[str]:
     cfg_path = root / "config.json"
     if not cfg_path.exists():
         return []
@@ -168,9 +174,14 @@ def _check_config(root: Path, entries: dict[str, QuantizedEntry], plain: dict[st
     # (embeddings hold 2-D weights too but are not Linear; compressed-tensors' own writer does
     # not ignore them)
     plain = plain or {}
-    dense = sorted(module_of(n) for n, r in plain.items()
-                   if n.endswith(".weight") and len(r.shape) == 2 and r.dtype.is_floating_point
-                   and "embed" not in n.lower())
+    dense = sorted(
+        module_of(n)
+        for n, r in plain.items()
+        if n.endswith(".weight")
+        and len(r.shape) == 2
+        and r.dtype.is_floating_point
+        and "embed" not in n.lower()
+    )
     paths = set(modules) | {module_of(n) for n in plain}
     ignore = {t: {} for t in qc.get("ignore") or []}
     # name and regex targets win over class targets, as in compressed-tensors and vLLM
@@ -183,7 +194,9 @@ def _check_config(root: Path, entries: dict[str, QuantizedEntry], plain: dict[st
             continue
         w = g.get("weights") or {}
         if g.get("format") != e.scheme.format or w.get("num_bits") != e.scheme.bits:
-            probs.append(f"config.json: module {mod!r} is {e.scheme.name} but its group says {g.get('format')}/{w.get('num_bits')} bits")
+            probs.append(
+                f"config.json: module {mod!r} is {e.scheme.name} but its group says {g.get('format')}/{w.get('num_bits')} bits"
+            )
     for t, g in named.items():
         if not any(_match({t: g}, mod) is not None for mod in modules):
             probs.append(f"config.json: target {t!r} names a module that is not quantized")
@@ -193,7 +206,9 @@ def _check_config(root: Path, entries: dict[str, QuantizedEntry], plain: dict[st
             probs.append(f"config.json: ignore entry {t!r} matches the quantized module {hit[0]!r}")
     for mod in dense:
         if (classes or _match(named, mod) is not None) and _match(ignore, mod) is None:
-            probs.append(f"config.json: dense module {mod!r} is targeted and not in ignore (loaders would expect quantized tensors)")
+            probs.append(
+                f"config.json: dense module {mod!r} is targeted and not in ignore (loaders would expect quantized tensors)"
+            )
     return probs
 
 
@@ -224,7 +239,11 @@ def _compare_quantized(
     br = max(ws_rows // mult, 1) * mult
     for a in range(0, rows, br):
         b = min(a + br, rows)
-        parts = {s: _row_slice(e.parts[s], out_reader, a, b, specs[s].row_div).clone() for s in specs if s != "_shape"}
+        parts = {
+            s: _row_slice(e.parts[s], out_reader, a, b, specs[s].row_div).clone()
+            for s in specs
+            if s != "_shape"
+        }
         block_shape = (b - a, cols)
         # decoded in the stored dtype (the scale's), as the loaders do: an fp16 weight whose
         # code * scale overflows fp16 is inf there, and must be inf here
@@ -236,7 +255,11 @@ def _compare_quantized(
 def _check_scales(e: QuantizedEntry, reader: RowReader, block_bytes: int) -> list[str]:
     """Every stored scale, NVFP4's global scale included, is finite and positive (a NaN scale
     decodes every value to NaN; a negative global scale flips every sign)."""
-    return [p for sfx in ("_scale", "_global_scale") for p in _check_scale_part(e.parts.get(sfx), reader, block_bytes)]
+    return [
+        p
+        for sfx in ("_scale", "_global_scale")
+        for p in _check_scale_part(e.parts.get(sfx), reader, block_bytes)
+    ]
 
 
 def _check_scale_part(ref: TensorRef | None, reader: RowReader, block_bytes: int) -> list[str]:
@@ -275,7 +298,9 @@ def verify(
     root = Path(path)
     report = VerifyReport(str(root), min_sqnr=min_sqnr)
     if root.is_dir() and not (root / INDEX_NAME).exists():
-        raise VerifyError(f"{root}: no {INDEX_NAME}; the job is unfinished (rerun it) or this is not a monoquant output")
+        raise VerifyError(
+            f"{root}: no {INDEX_NAME}; the job is unfinished (rerun it) or this is not a monoquant output"
+        )
     try:
         out = open_checkpoint(root)
     except CheckpointError as e:
@@ -296,7 +321,9 @@ def verify(
         report.quantized = len(entries)
         if against is not None:
             _compare(report, open_checkpoint(against), entries, plain, oreader, block_bytes)
-    report.failed = {n: why for n, s in report.stats.items() if isinstance(s, ExactStats) and (why := s.failure())}
+    report.failed = {
+        n: why for n, s in report.stats.items() if isinstance(s, ExactStats) and (why := s.failure())
+    }
     if min_sqnr is not None:
         report.below = [n for n, s in report.stats.items() if not _exact(s) and not s.sqnr_db >= min_sqnr]
     return report
@@ -321,13 +348,17 @@ def _compare(
                 if ref.name in entries:
                     e = entries[ref.name]
                     if tuple(e.shape) != tuple(ref.shape):
-                        report.problems.append(f"{ref.name}: output shape {list(e.shape)} != input {list(ref.shape)}")
+                        report.problems.append(
+                            f"{ref.name}: output shape {list(e.shape)} != input {list(ref.shape)}"
+                        )
                         continue
                     report.stats[ref.name] = _compare_quantized(e, ref, oreader, ireader, br)
                 elif ref.name in plain:
                     o = plain[ref.name]
                     if o.shape != ref.shape:
-                        report.problems.append(f"{ref.name}: output shape {list(o.shape)} != input {list(ref.shape)}")
+                        report.problems.append(
+                            f"{ref.name}: output shape {list(o.shape)} != input {list(ref.shape)}"
+                        )
                         continue
                     if o.dtype == ref.dtype:
                         if not _same_bytes(ref, o, ireader, oreader, block_bytes):
@@ -355,4 +386,3 @@ def _same_bytes(a: TensorRef, b: TensorRef, ra: RowReader, rb: RowReader, step: 
         if not torch.equal(ra.raw(a, off, n), rb.raw(b, off, n)):
             return False
     return True
-

@@ -40,7 +40,11 @@ def series_key(name: str) -> str:
 def select_weight_files(root: Path, files: list[Path]) -> tuple[list[Path], list[str]]:
     """Filter candidate weight files of ``root`` (see the module rules); returns the files and
     notes about what was ignored."""
-    notes = [f"ignored {p.name} (training state, not model weights)" for p in files if TRAINING_STATE.fullmatch(p.name)]
+    notes = [
+        f"ignored {p.name} (training state, not model weights)"
+        for p in files
+        if TRAINING_STATE.fullmatch(p.name)
+    ]
     keep = [p for p in files if not TRAINING_STATE.fullmatch(p.name)]
     families: dict[str, list[str]] = {}
     for p in keep:

@@ -78,7 +78,9 @@ def process_wide_rows(
     outs = {o.spec.suffix: o for o in pt.outputs}
 
     def chunk(a: int, c0: int, c1: int, ws: Workspace | None = None) -> Any:
-        return reader.raw(ref, a * row_bytes + c0 * isz, (c1 - c0) * isz, ws=ws).view(ref.dtype).view(1, c1 - c0)
+        return (
+            reader.raw(ref, a * row_bytes + c0 * isz, (c1 - c0) * isz, ws=ws).view(ref.dtype).view(1, c1 - c0)
+        )
 
     def row_absmax(a: int) -> float:
         m = 0.0

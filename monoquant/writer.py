@@ -63,7 +63,9 @@ def os_error(e: OSError, path: Path, what: str) -> OutputError:
             "same command: finished shards are kept"
         )
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return OutputError(f"{path}: not writable ({e.strerror}); fix the permissions or choose another output directory")
+        return OutputError(
+            f"{path}: not writable ({e.strerror}); fix the permissions or choose another output directory"
+        )
     return OutputError(f"{path}: {e.strerror or e} while {what}")
 
 
@@ -154,7 +156,13 @@ class ShardWriter:
         except OSError as e:
             self.abort()
             raise os_error(e, self.final, "finishing the shard") from None
-        digest = _combine(self.shard.header, [self._hash[o.name].digest() if o.nbytes else _EMPTY for o in sorted(outputs, key=lambda o: o.offset)])
+        digest = _combine(
+            self.shard.header,
+            [
+                self._hash[o.name].digest() if o.nbytes else _EMPTY
+                for o in sorted(outputs, key=lambda o: o.offset)
+            ],
+        )
         return self.shard.file_size, digest
 
     def abort(self) -> None:
@@ -181,7 +189,9 @@ def _combine(header: bytes, digests: list[bytes]) -> str:
     return h.hexdigest()
 
 
-def shard_digest(path: Path, shard: ShardPlan, outputs: list[PlannedOutput], chunk: int = 16 * 1024 * 1024) -> str:
+def shard_digest(
+    path: Path, shard: ShardPlan, outputs: list[PlannedOutput], chunk: int = 16 * 1024 * 1024
+) -> str:
     """Recompute a written shard's digest from disk (used to check journaled shards on resume)."""
     start = 8 + len(shard.header)
     digests = []

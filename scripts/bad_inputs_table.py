@@ -73,7 +73,9 @@ def main() -> int:
                 root = tmp / case.id
                 o = run_case(z, case, root)
                 err = o.plain.stderr.strip().splitlines()
-                msg = next((ln for ln in err if ln.startswith("monoquant: error:")), err[-1] if err else "(nothing)")
+                msg = next(
+                    (ln for ln in err if ln.startswith("monoquant: error:")), err[-1] if err else "(nothing)"
+                )
                 names = [n.format(src=o.src, dst=o.dst) for n in case.names]
                 st = status_of(o.plain, names, allow_progress=case.mid_run)
                 if st == "ok" and o.after != o.before:
@@ -81,7 +83,9 @@ def main() -> int:
                 note = " (after progress lines: found mid-run)" if len(err) > 1 and case.mid_run else ""
                 if len(err) > 1 and not case.mid_run:
                     note = f" (after {len(err) - 1} progress lines)"
-                rows.append(f"| {i} | {case.what} | {o.plain.returncode} | `{shorten(msg, root)}`{note} | {st} |")
+                rows.append(
+                    f"| {i} | {case.what} | {o.plain.returncode} | `{shorten(msg, root)}`{note} | {st} |"
+                )
             rows.extend(mount_rows(z, tmp, len(rows)))
             other = other_rows(z, tmp / "other")
         finally:
@@ -100,7 +104,9 @@ def main() -> int:
 def mount_rows(z: Zygote, tmp: Path, n0: int) -> list[str]:
     """Read-only output, disk full mid-run, not enough space: need a tmpfs (root)."""
     rows: list[str] = []
-    src = write_sharded(tmp / "m" / "in", tiny_llama_sd(layers=2, hidden=256, inter=512, vocab=1000), shards=2)
+    src = write_sharded(
+        tmp / "m" / "in", tiny_llama_sd(layers=2, hidden=256, inter=512, vocab=1000), shards=2
+    )
     base = tmp / "m"
 
     def row(what: str, run, names, mnt: Path, *, progress: bool = False) -> None:
@@ -113,20 +119,32 @@ def mount_rows(z: Zygote, tmp: Path, n0: int) -> list[str]:
 
     try:
         with tmpfs(tmp / "ro", "1m", ro=True) as mnt:
-            row("output on a read-only filesystem (root ignores permission bits)",
-                z.run("stream", src, mnt / "out", "--int8"), [str(mnt / "out")], mnt)
+            row(
+                "output on a read-only filesystem (root ignores permission bits)",
+                z.run("stream", src, mnt / "out", "--int8"),
+                [str(mnt / "out")],
+                mnt,
+            )
         ref = tmp / "ref"
         assert z.run("stream", src, ref, "--int8", "--max-shard-size", "300KB", "-q").returncode == 0
         size = sum(len(b) for b in read_dir_bytes(ref).values())
         with tmpfs(tmp / "full", str(size + (3 << 20))) as mnt:
             hooks = {"events": [{"kind": "shard_done", "fill": str(mnt / "filler")}]}
             run = z.run("stream", src, mnt / "out", "--int8", "--max-shard-size", "300KB", hooks=hooks)
-            row("disk full after the first shard (filled by another process)", run, ["disk full"], mnt, progress=True)
+            row(
+                "disk full after the first shard (filled by another process)",
+                run,
+                ["disk full"],
+                mnt,
+                progress=True,
+            )
         with tmpfs(tmp / "tiny", "256k") as mnt:
             run = z.run("stream", src, mnt / "out", "--int8", "--max-shard-size", "300KB")
             row("not enough free space for the output (checked before writing)", run, [str(mnt / "out")], mnt)
     except pytest.skip.Exception as e:
-        rows.append(f"| {n0 + len(rows) + 1} | read-only output, disk full, too little space | | not run here: {e} | |")
+        rows.append(
+            f"| {n0 + len(rows) + 1} | read-only output, disk full, too little space | | not run here: {e} | |"
+        )
     return rows
 
 
@@ -160,13 +178,25 @@ def other_rows(z: Zygote, tmp: Path) -> list[str]:
         lines = (run.stderr + run.stdout).strip().splitlines()
         line = next((ln for ln in lines if pick in ln), lines[-1] if lines else "(nothing)")
         cmd = " ".join(shorten(str(a), cwd_root) for a in args)
-        st = "ok" if run.returncode == want and pick in line else f"open: exit {run.returncode}, expected {want}"
-        rows.append(f"| {len(rows) + 1} | {what} | `monoquant {cmd}` | {run.returncode} | `{shorten(line, cwd_root)}` | {st} |")
+        st = (
+            "ok"
+            if run.returncode == want and pick in line
+            else f"open: exit {run.returncode}, expected {want}"
+        )
+        rows.append(
+            f"| {len(rows) + 1} | {what} | `monoquant {cmd}` | {run.returncode} | `{shorten(line, cwd_root)}` | {st} |"
+        )
 
     add("two scheme flags", ["stream", src, tmp / "o1", "--int8", "--int4"], 2, "Error:")
-    add("a cast with mixed precision", ["stream", src, tmp / "o2", "--fp16", "--target-bpw", "5"], 2, "Error:")
-    add("`--int4 --min-sqnr 30` (everything becomes int8)", ["stream", src, tmp / "o3", "--int4", "--min-sqnr", "30"],
-        0, "monoquant: complete")
+    add(
+        "a cast with mixed precision", ["stream", src, tmp / "o2", "--fp16", "--target-bpw", "5"], 2, "Error:"
+    )
+    add(
+        "`--int4 --min-sqnr 30` (everything becomes int8)",
+        ["stream", src, tmp / "o3", "--int4", "--min-sqnr", "30"],
+        0,
+        "monoquant: complete",
+    )
 
     def fp8_out(name: str, edit) -> Path:
         d = tmp / name
@@ -202,17 +232,32 @@ def other_rows(z: Zygote, tmp: Path) -> list[str]:
     w = torch.randn(64, 256).half()
     w[0, 0], w[1, 1] = 65504, -65504
     save_file({"l.weight": w}, str(d / "model.safetensors"))
-    add("fp16 weights at ±65504 with `--fp8` (scale capped: decodes finite)", ["stream", d, d.parent / "out", "--fp8", "-q"],
-        0, "", d.parent)
-    add("... and its gate (decoded in fp16, as the loaders do)", ["verify", d.parent / "out", "--against", d, "--min-sqnr", "20"],
-        0, "verify:", d.parent)
+    add(
+        "fp16 weights at ±65504 with `--fp8` (scale capped: decodes finite)",
+        ["stream", d, d.parent / "out", "--fp8", "-q"],
+        0,
+        "",
+        d.parent,
+    )
+    add(
+        "... and its gate (decoded in fp16, as the loaders do)",
+        ["verify", d.parent / "out", "--against", d, "--min-sqnr", "20"],
+        0,
+        "verify:",
+        d.parent,
+    )
     d = tmp / "asym" / "in"
     d.mkdir(parents=True)
     w = torch.zeros(4, 128).half()
     w[0, 0], w[0, 1] = 65504, -65393
     save_file({"l.weight": w}, str(d / "model.safetensors"))
-    add("fp16 weights whose asymmetric int8 decode overflows", ["stream", d, d.parent / "out", "--int8", "--asymmetric",
-        "--group-size", "128"], 1, "monoquant: error:", d.parent)
+    add(
+        "fp16 weights whose asymmetric int8 decode overflows",
+        ["stream", d, d.parent / "out", "--int8", "--asymmetric", "--group-size", "128"],
+        1,
+        "monoquant: error:",
+        d.parent,
+    )
     d = tmp / "checkpoint-500"
     d.mkdir()
     torch.save({"l.weight": torch.randn(64, 256)}, d / "pytorch_model.bin")
@@ -220,15 +265,25 @@ def other_rows(z: Zygote, tmp: Path) -> list[str]:
     torch.save({"last_epoch": 3}, d / "scheduler.pt")
     torch.save({"cpu": torch.get_rng_state()}, d / "rng_state.pth")
     (d / "training_args.bin").write_bytes(b"not a zip")
-    add("an HF Trainer checkpoint folder", ["stream", d, tmp / "o4", "--int8"], 0, "note: ignored optimizer.pt")
+    add(
+        "an HF Trainer checkpoint folder",
+        ["stream", d, tmp / "o4", "--int8"],
+        0,
+        "note: ignored optimizer.pt",
+    )
     d = tmp / "models--org--m"
     (d / "blobs").mkdir(parents=True)
     (d / "snapshots" / "rev").mkdir(parents=True)
     for f in src.iterdir():
         (d / "blobs" / f.name).write_bytes(f.read_bytes())
         (d / "snapshots" / "rev" / f.name).symlink_to(Path("../../blobs") / f.name)
-    add("an HF hub cache snapshot (symlinks into `blobs/`)", ["stream", d / "snapshots" / "rev", tmp / "o5", "--int8",
-        "-q"], 0, "", tmp)
+    add(
+        "an HF hub cache snapshot (symlinks into `blobs/`)",
+        ["stream", d / "snapshots" / "rev", tmp / "o5", "--int8", "-q"],
+        0,
+        "",
+        tmp,
+    )
     _ = _json
     return rows
 

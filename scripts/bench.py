@@ -168,11 +168,23 @@ class Tool:
         if self.tool == "mqpy":
             return [sys.executable, "-c", PY_STREAM, str(src), str(dst), self.scheme, json.dumps(self.kwargs)]
         if self.tool == "cmd":
-            return ["sh", "-c", self.argv[0].format(src=shlex.quote(str(src)), dst=shlex.quote(str(dst)),
-                                                    python=shlex.quote(sys.executable))]
+            return [
+                "sh",
+                "-c",
+                self.argv[0].format(
+                    src=shlex.quote(str(src)), dst=shlex.quote(str(dst)), python=shlex.quote(sys.executable)
+                ),
+            ]
         if self.tool == "naive":
-            return [sys.executable, str(HERE / "naive_quant.py"), str(src), str(dst), "--scheme", self.scheme,
-                    *self.argv]
+            return [
+                sys.executable,
+                str(HERE / "naive_quant.py"),
+                str(src),
+                str(dst),
+                "--scheme",
+                self.scheme,
+                *self.argv,
+            ]
         raise ValueError(self.tool)
 
 
@@ -248,7 +260,7 @@ def run_one(tool: Tool, src: Path, work: Path, args: argparse.Namespace, meta: d
     stderr = se.read_text(errors="replace")
     if tool.tool in ("mq", "mqpy", "naive", "cmd"):
         try:
-            j = json.loads(stdout[stdout.index("{"):])
+            j = json.loads(stdout[stdout.index("{") :])
             if tool.tool in ("mq", "mqpy", "cmd"):
                 mem = j.get("memory") or {}
                 rec["self"] = {
@@ -260,8 +272,11 @@ def run_one(tool: Tool, src: Path, work: Path, args: argparse.Namespace, meta: d
                     "mean_sqnr_db": j.get("mean_sqnr_db"),
                 }
             else:
-                rec["self"] = {"seconds": j.get("seconds"), "peak_rss_mib": _mib(j.get("peak_rss")),
-                               "peak_anon_mib": _mib(j.get("peak_anon"))}
+                rec["self"] = {
+                    "seconds": j.get("seconds"),
+                    "peak_rss_mib": _mib(j.get("peak_rss")),
+                    "peak_anon_mib": _mib(j.get("peak_anon")),
+                }
         except (ValueError, AttributeError):
             rec["self"] = None
     if capped:
@@ -288,8 +303,12 @@ def med(xs: list[float]) -> dict | None:
     xs = [x for x in xs if x is not None]
     if not xs:
         return None
-    return {"median": round(statistics.median(xs), 3), "min": round(min(xs), 3), "max": round(max(xs), 3),
-            "n": len(xs)}
+    return {
+        "median": round(statistics.median(xs), 3),
+        "min": round(min(xs), 3),
+        "max": round(max(xs), 3),
+        "n": len(xs),
+    }
 
 
 def summarize(recs: list[dict], tools: list[Tool], meta: dict) -> dict:
@@ -346,8 +365,9 @@ def summarize(recs: list[dict], tools: list[Tool], meta: dict) -> dict:
         if t.tool == "naive" and f"mq/{t.scheme}" in keys:
             ratios[f"{t.key} / mq/{t.scheme}"] = ratio(t.key, f"mq/{t.scheme}")
             ratios[f"{t.key} / mq/{t.scheme} peak_rss"] = ratio(t.key, f"mq/{t.scheme}", "peak_rss_mib")
-            ratios[f"{t.key} / mq/{t.scheme} peak_anon"] = ratio(t.key, f"mq/{t.scheme}",
-                                                                  "self.peak_anon_mib")
+            ratios[f"{t.key} / mq/{t.scheme} peak_anon"] = ratio(
+                t.key, f"mq/{t.scheme}", "self.peak_anon_mib"
+            )
         if t.tool == "cmd":
             base = next((k for k in keys if k.startswith(("mq/", "mqpy/")) and k.count("/") == 1), None)
             if base:
@@ -369,10 +389,12 @@ def code_version() -> str:
     """git HEAD of the monoquant checkout, with ``+dirty`` when monoquant/ has local changes."""
     root = HERE.parent
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "monoquant"],
-                               capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "monoquant"], capture_output=True, text=True
+        ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
@@ -407,8 +429,11 @@ def categorize(stack: list[str], main: bool = True) -> tuple[str, str]:
     frames = [_frame(f) for f in stack]
     in_stream = not main or any(fn == "stream" and p.endswith("monoquant/pipeline.py") for fn, p, _ in frames)
     if not any(_is_mq(p) for _, p, _ in frames):
-        return ("startup: imports" if main and any(fn == "_find_and_load" for fn, _, _ in frames) else
-                "other (no monoquant frame)"), (frames[-1][0] if frames else "")
+        return (
+            "startup: imports"
+            if main and any(fn == "_find_and_load" for fn, _, _ in frames)
+            else "other (no monoquant frame)"
+        ), (frames[-1][0] if frames else "")
     mq = [(fn, p, ln) for fn, p, ln in frames if _is_mq(p)]
     if not in_stream:
         if any(fn in ("_find_and_load", "_call_with_frames_removed") for fn, _, _ in frames):
@@ -484,14 +509,36 @@ def profile(args: argparse.Namespace, tools: list[Tool], sink: list) -> None:
         os.sync()
         drop_caches(args.ckpt) if args.cold else warm(args.ckpt)
         raw = outdir / (t.key.replace("/", "_") + ".txt")
-        cmd = [spy, "record", "--idle", "--threads", "-r", str(rate), "-f", "raw", "-o", str(raw), "--",
-               *t.command(args.ckpt, dst)]
+        cmd = [
+            spy,
+            "record",
+            "--idle",
+            "--threads",
+            "-r",
+            str(rate),
+            "-f",
+            "raw",
+            "-o",
+            str(raw),
+            "--",
+            *t.command(args.ckpt, dst),
+        ]
         t0 = time.perf_counter()
         p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wall = time.perf_counter() - t0
         cache = "cold" if args.cold else "warm"
-        log({"profile": True, "tool": t.key, "cache": cache, "wall_s": round(wall, 2), "code": code_version(),
-             "rc": p.returncode, **analyze_raw(raw, rate)}, sink)
+        log(
+            {
+                "profile": True,
+                "tool": t.key,
+                "cache": cache,
+                "wall_s": round(wall, 2),
+                "code": code_version(),
+                "rc": p.returncode,
+                **analyze_raw(raw, rate),
+            },
+            sink,
+        )
         if dst.exists():
             shutil.rmtree(dst)
 
@@ -527,7 +574,9 @@ def analyze_raw(raw: Path, rate: int = 200) -> dict:
         return round(n / rate, 2)
 
     return {
-        "main_thread_sampled_s": sec(total), "rate_hz": rate, "raw": str(raw),
+        "main_thread_sampled_s": sec(total),
+        "rate_hz": rate,
+        "raw": str(raw),
         "categories_s": {k: sec(v) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
         "top_lines_s": {k: sec(v) for k, v in sorted(lines.items(), key=lambda kv: -kv[1])[:30]},
     }
@@ -568,18 +617,27 @@ def micro(args: argparse.Namespace, sink: list) -> None:
                 def run(k=k, br=br, stats=stats, ws=ws) -> None:
                     st = ErrorStats() if stats else None
                     for a in range(0, rows, br):
-                        k.quantize_block(x[a:a + br], ws=ws, stats=st)
+                        k.quantize_block(x[a : a + br], ws=ws, stats=st)
 
                 t = best(run)
-                log({"micro": "kernel", "scheme": scheme, "block_mib": mib, "stats": stats,
-                     "gb_per_s": round(nbytes / t / GB, 3), "s_per_gb": round(t / (nbytes / GB), 3)}, sink)
+                log(
+                    {
+                        "micro": "kernel",
+                        "scheme": scheme,
+                        "block_mib": mib,
+                        "stats": stats,
+                        "gb_per_s": round(nbytes / t / GB, 3),
+                        "s_per_gb": round(t / (nbytes / GB), 3),
+                    },
+                    sink,
+                )
     buf = memoryview(x.view(torch.uint8).numpy())
     chunk = 4 * MiB
 
     def sha() -> None:
         h = hashlib.sha256()
         for a in range(0, nbytes, chunk):
-            h.update(buf[a:a + chunk])
+            h.update(buf[a : a + chunk])
 
     def rate(t: float) -> dict:
         return {"gb_per_s": round(nbytes / t / GB, 3), "s_per_gb": round(t / (nbytes / GB), 3)}
@@ -590,14 +648,14 @@ def micro(args: argparse.Namespace, sink: list) -> None:
     def crc() -> None:
         c = 0
         for a in range(0, nbytes, chunk):
-            c = zlib.crc32(buf[a:a + chunk], c)
+            c = zlib.crc32(buf[a : a + chunk], c)
 
     log({"micro": "crc32 (zlib)", **rate(best(crc))}, sink)
 
     def blake() -> None:
         h = hashlib.blake2b()
         for a in range(0, nbytes, chunk):
-            h.update(buf[a:a + chunk])
+            h.update(buf[a : a + chunk])
 
     log({"micro": "blake2b", **rate(best(blake))}, sink)
     work = Path(args.workdir)
@@ -609,7 +667,7 @@ def micro(args: argparse.Namespace, sink: list) -> None:
         try:
             t0 = time.perf_counter()
             for a in range(0, nbytes, chunk):
-                os.pwrite(fd, buf[a:a + chunk], a)
+                os.pwrite(fd, buf[a : a + chunk], a)
                 if fadvise and a % (32 * MiB) == 0:
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             return time.perf_counter() - t0
@@ -620,14 +678,27 @@ def micro(args: argparse.Namespace, sink: list) -> None:
 
     for fadvise in (False, True):
         t = min(pw(fadvise) for _ in range(max(args.repeats, 1)))
-        log({"micro": "pwrite to page cache" + (" + fadvise DONTNEED every 32 MiB" if fadvise else ""),
-             "gb_per_s": round(nbytes / t / GB, 3), "s_per_gb": round(t / (nbytes / GB), 3)}, sink)
+        log(
+            {
+                "micro": "pwrite to page cache" + (" + fadvise DONTNEED every 32 MiB" if fadvise else ""),
+                "gb_per_s": round(nbytes / t / GB, 3),
+                "s_per_gb": round(t / (nbytes / GB), 3),
+            },
+            sink,
+        )
     if hasattr(dtypes, "itemsize"):
         n = 100000
         t = min(timeit.repeat(lambda: dtypes.itemsize(torch.bfloat16), number=n, repeat=3)) / n
-        log({"micro": "dtypes.itemsize per call", "us": round(t * 1e6, 2),
-             "torch_dtype_itemsize_us": round(min(timeit.repeat(lambda: torch.bfloat16.itemsize, number=n,
-                                                                 repeat=3)) / n * 1e6, 3)}, sink)
+        log(
+            {
+                "micro": "dtypes.itemsize per call",
+                "us": round(t * 1e6, 2),
+                "torch_dtype_itemsize_us": round(
+                    min(timeit.repeat(lambda: torch.bfloat16.itemsize, number=n, repeat=3)) / n * 1e6, 3
+                ),
+            },
+            sink,
+        )
 
 
 def bench_checkpoint(
@@ -644,7 +715,7 @@ def bench_checkpoint(
         if cp is not None and args.pair_cp:
             # each tool right next to its own cp run: (cp, X) on even rounds, (X, cp) on odd ones
             sched = []
-            for t in (others if rd % 2 == 0 else list(reversed(others))):
+            for t in others if rd % 2 == 0 else list(reversed(others)):
                 pair = [(cp, t.key), (t, None)]
                 sched += pair if rd % 2 == 0 else pair[::-1]
             if not others:
@@ -657,16 +728,27 @@ def bench_checkpoint(
             rec = run_one(t, ckpt, work, args, {**meta, **extra_meta})
             recs.append(rec)
             log(rec, sink)
-    summ = summarize(recs, tools, {**meta, "code": code_version(), "cache": "cold" if args.cold else "warm",
-                                   "repeats": args.repeats,
-                                   "memcap": args.memcap or None})
+    summ = summarize(
+        recs,
+        tools,
+        {
+            **meta,
+            "code": code_version(),
+            "cache": "cold" if args.cold else "warm",
+            "repeats": args.repeats,
+            "memcap": args.memcap or None,
+        },
+    )
     log(summ, sink)
     return summ
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--micro", action="store_true", help="in-process component throughputs (no checkpoint)")
     src.add_argument("--analyze", nargs="+", metavar="RAW", help="only summarize py-spy raw files")
@@ -677,21 +759,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="rounds (each tool once per round)")
     ap.add_argument("--cold", action="store_true", help="drop page cache before each run")
     ap.add_argument("--jobs", type=int, default=1, help="also run monoquant with --jobs N (N > 1)")
-    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
-                    help="also run monoquant with extra ARGS (repeatable), compared with the plain run")
-    ap.add_argument("--py-variant", action="append", default=[], metavar="LABEL=K=V[,K=V]",
-                    help="also run monoquant.stream() in a fresh python with these keyword arguments (e.g. "
-                         "nooverlap=overlap=False, blk1m=block_bytes=1048576), compared with a plain API run")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=ARGS",
+        help="also run monoquant with extra ARGS (repeatable), compared with the plain run",
+    )
+    ap.add_argument(
+        "--py-variant",
+        action="append",
+        default=[],
+        metavar="LABEL=K=V[,K=V]",
+        help="also run monoquant.stream() in a fresh python with these keyword arguments (e.g. "
+        "nooverlap=overlap=False, blk1m=block_bytes=1048576), compared with a plain API run",
+    )
     ap.add_argument("--py-kwargs", default="", metavar="K=V[,K=V]", help="kwargs for every API run")
-    ap.add_argument("--cmd", action="append", default=[], metavar="LABEL=SHELL",
-                    help="also time a shell command ({src}, {dst}, {python} substituted), e.g. a patched "
-                         "monoquant for an experiment; compared with cp and the first plain monoquant run")
+    ap.add_argument(
+        "--cmd",
+        action="append",
+        default=[],
+        metavar="LABEL=SHELL",
+        help="also time a shell command ({src}, {dst}, {python} substituted), e.g. a patched "
+        "monoquant for an experiment; compared with cp and the first plain monoquant run",
+    )
     ap.add_argument("--mq-args", default="", help="extra arguments for every monoquant run")
     ap.add_argument("--naive-args", default="", help="extra arguments for naive_quant.py")
     ap.add_argument("--memcap", default="", metavar="LIMIT", help="run mq/naive under memcap LIMIT (512M)")
     ap.add_argument("--memcap-cp", action="store_true", help="with --memcap: cap cp too")
-    ap.add_argument("--no-pair", dest="pair_cp", action="store_false",
-                    help="run cp once per round instead of right next to every other tool")
+    ap.add_argument(
+        "--no-pair",
+        dest="pair_cp",
+        action="store_false",
+        help="run cp once per round instead of right next to every other tool",
+    )
     ap.add_argument("--nice", type=int, default=0, help="nice level of every timed command")
     ap.add_argument("--env", action="append", default=[], metavar="K=V", help="environment for the runs")
     ap.add_argument("--workdir", default="/tmp/mqbench/work", help="where outputs go (input's disk)")
@@ -724,8 +825,18 @@ def main(argv: list[str] | None = None) -> int:
         ck = Path(args.workdir).parent / f"scale-{gb:g}gb"
         made = False
         if not ck.exists():
-            subprocess.run([sys.executable, str(HERE / "make_checkpoint.py"), str(ck), "--size-gb", str(gb),
-                            *shlex.split(args.make_args)], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(HERE / "make_checkpoint.py"),
+                    str(ck),
+                    "--size-gb",
+                    str(gb),
+                    *shlex.split(args.make_args),
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             made = True
         try:
             s = bench_checkpoint(ck, args, tools, sink, {"size_gb": gb})
@@ -739,7 +850,8 @@ def main(argv: list[str] | None = None) -> int:
         gb = s["input_bytes"] / GB
         scal[f"{s['size_gb']:g}"] = {
             k: {"wall_s": v["wall_s"]["median"], "s_per_gb": round(v["wall_s"]["median"] / gb, 3)}
-            for k, v in s["per_tool"].items() if v["wall_s"]
+            for k, v in s["per_tool"].items()
+            if v["wall_s"]
         }
         scal[f"{s['size_gb']:g}"]["ratios"] = {k: v["median"] for k, v in s["ratios"].items() if v}
     log({"scaling": True, "by_size": scal}, sink)

@@ -33,7 +33,9 @@ from safetensors.torch import save_file
 import monoquant
 
 
-def make(dst: Path, names_shapes: list[tuple[str, tuple[int, int]]], seed: int = 0, per_file: int = 1 << 28) -> None:
+def make(
+    dst: Path, names_shapes: list[tuple[str, tuple[int, int]]], seed: int = 0, per_file: int = 1 << 28
+) -> None:
     """Write bf16 N(0, 0.02) tensors into shards of about ``per_file`` bytes (bounded memory)."""
     dst.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
@@ -54,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tensors", type=int, default=16384, help="small tensors in the 'many' layout")
     ap.add_argument("--small", default="128x256", help="shape of each small tensor, RxC")
-    ap.add_argument("--large-rows", type=int, default=8192, help="rows of each large tensor (same columns as --small x 2)")
+    ap.add_argument(
+        "--large-rows", type=int, default=8192, help="rows of each large tensor (same columns as --small x 2)"
+    )
     ap.add_argument("--scheme", action="append", default=None, help="repeatable (default: int8 and int4)")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
@@ -63,8 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     total = args.tensors * r * c
     lc = c * 2
     n_large = max(1, total // (args.large_rows * lc))
-    many = [(f"model.layers.{i // 384}.mlp.experts.{(i // 3) % 128}.{('gate_proj', 'up_proj', 'down_proj')[i % 3]}.weight", (r, c))
-            for i in range(args.tensors)]
+    many = [
+        (
+            f"model.layers.{i // 384}.mlp.experts.{(i // 3) % 128}.{('gate_proj', 'up_proj', 'down_proj')[i % 3]}.weight",
+            (r, c),
+        )
+        for i in range(args.tensors)
+    ]
     large = [(f"model.layers.{i}.mlp.up_proj.weight", (args.large_rows, lc)) for i in range(n_large)]
     work = args.dir or Path(tempfile.mkdtemp(prefix="monoquant-many-"))
     try:
@@ -80,18 +89,36 @@ def main(argv: list[str] | None = None) -> int:
                     rp = monoquant.stream(work / layout, out, scheme, threads=1, overlap=False)
                     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
                     results.setdefault((scheme, layout), []).append(cpu)
-                    print(json.dumps({
-                        "layout": layout, "scheme": scheme, "repeat": rep, "tensors": n, "bytes_in": rp.bytes_in,
-                        "seconds": round(dt, 3), "cpu_s": round(cpu, 3), "mb_per_cpu_s": round(rp.bytes_in / cpu / 1e6, 1),
-                        "quantized": rp.plan["quantized"],
-                    }), flush=True)
+                    print(
+                        json.dumps(
+                            {
+                                "layout": layout,
+                                "scheme": scheme,
+                                "repeat": rep,
+                                "tensors": n,
+                                "bytes_in": rp.bytes_in,
+                                "seconds": round(dt, 3),
+                                "cpu_s": round(cpu, 3),
+                                "mb_per_cpu_s": round(rp.bytes_in / cpu / 1e6, 1),
+                                "quantized": rp.plan["quantized"],
+                            }
+                        ),
+                        flush=True,
+                    )
             tl, tm = min(results[(scheme, "large")]), min(results[(scheme, "many")])
-            print(json.dumps({
-                "summary": scheme, "best_large_cpu_s": round(tl, 3), "best_many_cpu_s": round(tm, 3),
-                "many_over_large": round(tm / tl, 3),
-                "overhead_ms_per_tensor": round(1000 * (tm - tl) / (args.tensors - n_large), 4),
-                "median_many_cpu_s": round(statistics.median(results[(scheme, "many")]), 3),
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "summary": scheme,
+                        "best_large_cpu_s": round(tl, 3),
+                        "best_many_cpu_s": round(tm, 3),
+                        "many_over_large": round(tm / tl, 3),
+                        "overhead_ms_per_tensor": round(1000 * (tm - tl) / (args.tensors - n_large), 4),
+                        "median_many_cpu_s": round(statistics.median(results[(scheme, "many")]), 3),
+                    }
+                ),
+                flush=True,
+            )
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)

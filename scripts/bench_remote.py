@@ -69,7 +69,10 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int, 
         for line in stream:
             sink.append(line)
 
-    ts = [threading.Thread(target=pump, args=(p.stdout, out_chunks)), threading.Thread(target=pump, args=(p.stderr, err_chunks))]
+    ts = [
+        threading.Thread(target=pump, args=(p.stdout, out_chunks)),
+        threading.Thread(target=pump, args=(p.stderr, err_chunks)),
+    ]
     for t in ts:
         t.start()
     _, status, ru = os.wait4(p.pid, 0)
@@ -105,7 +108,9 @@ print(json.dumps({"bytes": n, "seconds": time.perf_counter() - t0, "requests": r
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=1.0, help="checkpoint size (made by make_checkpoint.py)")
-    ap.add_argument("--ckpt", type=Path, default=None, help="use this checkpoint directory instead of making one")
+    ap.add_argument(
+        "--ckpt", type=Path, default=None, help="use this checkpoint directory instead of making one"
+    )
     ap.add_argument("--shard-size-gb", type=float, default=0.064, help="input shard (object) size")
     ap.add_argument("--schemes", default="int8")
     ap.add_argument("--windows", default="8M:4,2M:4,8M:0,32M:4", help="CHUNK:AHEAD read windows to try")
@@ -120,9 +125,21 @@ def main() -> None:
     if ckpt is None:
         ckpt = a.workdir / f"ckpt-{a.size_gb:g}-{a.shard_size_gb:g}"
         if not (ckpt / "model.safetensors.index.json").exists():
-            subprocess.run([sys.executable, str(ROOT / "scripts" / "make_checkpoint.py"), str(ckpt), "--size-gb",
-                            str(a.size_gb), "--vocab", "32000", "--shard-size-gb", str(a.shard_size_gb)], check=True,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(ROOT / "scripts" / "make_checkpoint.py"),
+                    str(ckpt),
+                    "--size-gb",
+                    str(a.size_gb),
+                    "--vocab",
+                    "32000",
+                    "--shard-size-gb",
+                    str(a.shard_size_gb),
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
     in_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     mq = [sys.executable, "-m", "monoquant"]
     base_env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -146,8 +163,26 @@ def main() -> None:
                 cases: list[tuple[str, str, dict[str, str]]] = [("local", "-", {})]
                 for w in a.windows.split(","):
                     chunk, ahead = w.split(":")
-                    cases.append(("s3", w, {"MONOQUANT_REMOTE_CHUNK": str(parse_size(chunk)), "MONOQUANT_REMOTE_AHEAD": ahead}))
-                    cases.append(("read-only", w, {"MONOQUANT_REMOTE_CHUNK": str(parse_size(chunk)), "MONOQUANT_REMOTE_AHEAD": ahead}))
+                    cases.append(
+                        (
+                            "s3",
+                            w,
+                            {
+                                "MONOQUANT_REMOTE_CHUNK": str(parse_size(chunk)),
+                                "MONOQUANT_REMOTE_AHEAD": ahead,
+                            },
+                        )
+                    )
+                    cases.append(
+                        (
+                            "read-only",
+                            w,
+                            {
+                                "MONOQUANT_REMOTE_CHUNK": str(parse_size(chunk)),
+                                "MONOQUANT_REMOTE_AHEAD": ahead,
+                            },
+                        )
+                    )
                 for case, window, extra in cases:
                     out = a.workdir / "out"
                     shutil.rmtree(out, ignore_errors=True)
@@ -155,29 +190,50 @@ def main() -> None:
                     if case == "read-only":
                         wall, rc, rss, so, se = run_measured([sys.executable, "-c", READ_ONLY, url], env)
                         info = json.loads(so) if rc == 0 else {}
-                        emit({"case": case, "scheme": "-", "window": window, "repeat": rep, "rc": rc,
-                              "wall_s": round(wall, 2), "in_gb_per_s": round(in_bytes / info.get("seconds", wall) / 1e9, 3),
-                              "requests": info.get("requests"), "peak_rss_mib": round(rss / 2**20, 1),
-                              **({"stderr": se.strip().splitlines()[-1]} if rc else {})})
+                        emit(
+                            {
+                                "case": case,
+                                "scheme": "-",
+                                "window": window,
+                                "repeat": rep,
+                                "rc": rc,
+                                "wall_s": round(wall, 2),
+                                "in_gb_per_s": round(in_bytes / info.get("seconds", wall) / 1e9, 3),
+                                "requests": info.get("requests"),
+                                "peak_rss_mib": round(rss / 2**20, 1),
+                                **({"stderr": se.strip().splitlines()[-1]} if rc else {}),
+                            }
+                        )
                         continue
                     src = str(ckpt) if case == "local" else url
-                    wall, rc, rss, so, se = run_measured([*mq, "stream", src, str(out), f"--{scheme}", "--json", "-q"], env)
+                    wall, rc, rss, so, se = run_measured(
+                        [*mq, "stream", src, str(out), f"--{scheme}", "--json", "-q"], env
+                    )
                     rep_json = json.loads(so) if rc == 0 else {}
                     digest = digest_dir(out) if rc == 0 else None
                     if case == "local":
                         ref_digest = digest
                     mem = rep_json.get("memory", {})
-                    emit({
-                        "case": case, "scheme": scheme, "window": window, "repeat": rep, "rc": rc,
-                        "wall_s": round(wall, 2), "in_gb_per_s": round(in_bytes / wall / 1e9, 3),
-                        "run_s": rep_json.get("seconds"), "run_gb_per_s": rep_json.get("gb_per_s"),
-                        "peak_rss_mib": round(rss / 2**20, 1),
-                        "self_peak_rss_mib": round((mem.get("peak_rss") or 0) / 2**20, 1),
-                        "self_peak_anon_mib": round((mem.get("peak_anon") or 0) / 2**20, 1),
-                        "identical_to_local": digest == ref_digest if case != "local" else None,
-                        "in_bytes": in_bytes, "load1": round(os.getloadavg()[0], 2),
-                        **({"stderr": se.strip().splitlines()[-1]} if rc else {}),
-                    })
+                    emit(
+                        {
+                            "case": case,
+                            "scheme": scheme,
+                            "window": window,
+                            "repeat": rep,
+                            "rc": rc,
+                            "wall_s": round(wall, 2),
+                            "in_gb_per_s": round(in_bytes / wall / 1e9, 3),
+                            "run_s": rep_json.get("seconds"),
+                            "run_gb_per_s": rep_json.get("gb_per_s"),
+                            "peak_rss_mib": round(rss / 2**20, 1),
+                            "self_peak_rss_mib": round((mem.get("peak_rss") or 0) / 2**20, 1),
+                            "self_peak_anon_mib": round((mem.get("peak_anon") or 0) / 2**20, 1),
+                            "identical_to_local": digest == ref_digest if case != "local" else None,
+                            "in_bytes": in_bytes,
+                            "load1": round(os.getloadavg()[0], 2),
+                            **({"stderr": se.strip().splitlines()[-1]} if rc else {}),
+                        }
+                    )
                     shutil.rmtree(out, ignore_errors=True)
 
 

@@ -187,14 +187,19 @@ def write_all(fd: int, mv: memoryview) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("out", type=Path, help="output directory (created; must not exist or be empty)")
     ap.add_argument("--size-gb", type=float, required=True, help="approximate total size in GB (1e9 bytes)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--shard-size-gb", type=float, default=1.0, help="shard size cap in GB (default 1)")
-    ap.add_argument("--big-tensor-gb", type=float, default=0.0,
-                    help="make embed_tokens and lm_head at least this many GB each (vocabulary grows)")
+    ap.add_argument(
+        "--big-tensor-gb",
+        type=float,
+        default=0.0,
+        help="make embed_tokens and lm_head at least this many GB each (vocabulary grows)",
+    )
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--ffn", type=int, default=8192)
@@ -247,20 +252,27 @@ def main(argv: list[str] | None = None) -> int:
     gen = {"bos_token_id": 1, "eos_token_id": 2}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     biggest = max(shapes, key=lambda s: math.prod(s[1]))
-    print(json.dumps({
-        "out": str(out),
-        "shards": n,
-        "tensors": len(shapes),
-        "layers": config["num_hidden_layers"],
-        "vocab": config["vocab_size"],
-        "bytes": total,
-        "gb": round(total / 1e9, 3),
-        "largest_tensor": {"name": biggest[0], "shape": list(biggest[1]),
-                           "bytes": math.prod(biggest[1]) * itemsize},
-        "shard_bytes": [os.path.getsize(out / f) for f in files],
-        "seconds": round(time.perf_counter() - t0, 2),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "out": str(out),
+                "shards": n,
+                "tensors": len(shapes),
+                "layers": config["num_hidden_layers"],
+                "vocab": config["vocab_size"],
+                "bytes": total,
+                "gb": round(total / 1e9, 3),
+                "largest_tensor": {
+                    "name": biggest[0],
+                    "shape": list(biggest[1]),
+                    "bytes": math.prod(biggest[1]) * itemsize,
+                },
+                "shard_bytes": [os.path.getsize(out / f) for f in files],
+                "seconds": round(time.perf_counter() - t0, 2),
+                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            }
+        )
+    )
     return 0
 
 

@@ -77,7 +77,9 @@ def textbook_quantize(sd: dict[str, torch.Tensor], scheme: str) -> dict[str, tor
     for name, w in sd.items():
         low = name.lower()
         quantize = (
-            w.dim() == 2 and name.endswith("weight") and w.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            w.dim() == 2
+            and name.endswith("weight")
+            and w.dtype in (torch.bfloat16, torch.float16, torch.float32)
             and not any(p in low for p in ("embed", "lm_head", "norm"))
         )
         if scheme == "fp16":
@@ -94,7 +96,10 @@ def textbook_quantize(sd: dict[str, torch.Tensor], scheme: str) -> dict[str, tor
         else:  # int4, groups of 128
             g = x.view(x.shape[0], -1, 128)
             scale = (g.abs().amax(dim=2) / 7.5).to(w.dtype)
-            q = torch.clamp(torch.round(g / scale.float().unsqueeze(2)), -8, 7).to(torch.int32).view(x.shape) + 8
+            q = (
+                torch.clamp(torch.round(g / scale.float().unsqueeze(2)), -8, 7).to(torch.int32).view(x.shape)
+                + 8
+            )
             words = q[:, 0::8]
             for j in range(1, 8):
                 words = words | (q[:, j::8] << (4 * j))
@@ -119,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scheme", default="int8", help="int8, int4 or fp16 (any monoquant preset)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
     ap.add_argument("--whole", action="store_true", help="load every shard first, then quantize and save")
-    ap.add_argument("--kernel", choices=["mq", "textbook"], default="mq",
-                    help="monoquant.quantize (default) or tutorial-style per-tensor torch code")
+    ap.add_argument(
+        "--kernel",
+        choices=["mq", "textbook"],
+        default="mq",
+        help="monoquant.quantize (default) or tutorial-style per-tensor torch code",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,12 +188,22 @@ def main(argv: list[str] | None = None) -> int:
             fsync_path(p)
         fsync_path(dst)
     secs = time.perf_counter() - t0
-    print(json.dumps({
-        "tool": "naive", "mode": "whole" if args.whole else "shard", "scheme": args.scheme,
-        "threads": torch.get_num_threads(), "seconds": round(secs, 3), "bytes_in": bytes_in,
-        "bytes_out": sum(p.stat().st_size for p in written), "gb_per_s": round(bytes_in / secs / 1e9, 4),
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_anon": anon.peak,
-    }))
+    print(
+        json.dumps(
+            {
+                "tool": "naive",
+                "mode": "whole" if args.whole else "shard",
+                "scheme": args.scheme,
+                "threads": torch.get_num_threads(),
+                "seconds": round(secs, 3),
+                "bytes_in": bytes_in,
+                "bytes_out": sum(p.stat().st_size for p in written),
+                "gb_per_s": round(bytes_in / secs / 1e9, 4),
+                "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "peak_anon": anon.peak,
+            }
+        )
+    )
     return 0
 
 

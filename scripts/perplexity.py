@@ -45,10 +45,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from smollm2_checkpoint import fixed_text, smollm2_checkpoint  # noqa: E402
+from smollm2_checkpoint import fixed_text, smollm2_checkpoint
 
-import monoquant  # noqa: E402
-from monoquant.schemes import get_scheme  # noqa: E402
+import monoquant
+from monoquant.schemes import get_scheme
 
 DEFAULT_VARIANTS = [
     "source",
@@ -126,7 +126,7 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
         return "source", "", {}
     kind = "monoquant"
     if text.startswith("ref-rtn:"):
-        kind, text = "ref-rtn", text[len("ref-rtn:"):]
+        kind, text = "ref-rtn", text[len("ref-rtn:") :]
     name, *opts = text.split("+")
     options: dict[str, Any] = {}
     for o in opts:
@@ -159,7 +159,9 @@ def fake_quantized(
         for t in plan.tensors:
             if t.decision.action == "quantize":
                 one = monoquant.quantize({t.ref.name: sd[t.ref.name]}, t.decision.scheme, include="*")
-                out[t.ref.name] = monoquant.dequantize(one, torch.float32)[t.ref.name].to(sd[t.ref.name].dtype)
+                out[t.ref.name] = monoquant.dequantize(one, torch.float32)[t.ref.name].to(
+                    sd[t.ref.name].dtype
+                )
                 n += 1
             if t.decision.action == "quantize" or t.decision.eligible:
                 q_bits += 8 * t.out_bytes
@@ -173,17 +175,26 @@ def fake_quantized(
         if d.action == "quantize":
             out[name] = deq[name].to(sd[name].dtype)
             numel += sd[name].numel()
-            bits += 8 * sum(v.numel() * v.element_size() for k, v in q.items() if k.startswith(name) and k != name)
+            bits += 8 * sum(
+                v.numel() * v.element_size() for k, v in q.items() if k.startswith(name) and k != name
+            )
             n += 1
     return out, (bits / numel if numel else None), n
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, default=None, help="causal LM checkpoint dir (default: SmolLM2-135M-Instruct bf16)")
+    ap.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="causal LM checkpoint dir (default: SmolLM2-135M-Instruct bf16)",
+    )
     ap.add_argument("--windows", type=int, default=12)
     ap.add_argument("--tokens", type=int, default=512)
-    ap.add_argument("--variant", action="append", default=None, help="repeatable; default: the table of docs/fidelity.md")
+    ap.add_argument(
+        "--variant", action="append", default=None, help="repeatable; default: the table of docs/fidelity.md"
+    )
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -207,9 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "source":
             base = ppl
         row = {
-            "variant": v, "ppl": round(ppl, 4), "rel": round(ppl / base - 1, 5) if base else None,
-            "bits_per_weight": round(bpw, 4) if bpw else None, "tensors": n,
-            "windows": args.windows, "tokens": args.tokens, "seconds": round(time.perf_counter() - t0, 2),
+            "variant": v,
+            "ppl": round(ppl, 4),
+            "rel": round(ppl / base - 1, 5) if base else None,
+            "bits_per_weight": round(bpw, 4) if bpw else None,
+            "tensors": n,
+            "windows": args.windows,
+            "tokens": args.tokens,
+            "seconds": round(time.perf_counter() - t0, 2),
         }
         print(json.dumps(row), flush=True)
     return 0

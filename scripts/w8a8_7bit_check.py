@@ -51,7 +51,9 @@ def main(work: Path, engines: list[str]) -> None:
         ref = deploy.causal_scores(src, ids, engine)
         for out in (w8, w7):
             r = deploy.compare_causal(deploy.causal_scores(out, ids, engine), ref)
-            print(f"{engine:12} {out.name:10} ppl {r['ppl']:.2f} ratio {r['ppl_ratio']:.3f} top-1 {r['top1_agreement']:.3f}")
+            print(
+                f"{engine:12} {out.name:10} ppl {r['ppl']:.2f} ratio {r['ppl_ratio']:.3f} top-1 {r['top1_agreement']:.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -41,15 +41,24 @@ def cli() -> list[str]:
 
 def run_cli(*args: object, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*cli(), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV,
+        [*cli(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
         stdin=subprocess.DEVNULL,
     )
 
 
 def popen_cli(*args: object, **kw: object) -> subprocess.Popen[str]:
     return subprocess.Popen(  # type: ignore[call-overload]
-        [*cli(), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-        stdin=subprocess.DEVNULL, **kw,
+        [*cli(), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        **kw,
     )
 
 
@@ -90,8 +99,10 @@ class Zygote:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("cli_zygote.py"))], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, env=ENV,
+            [sys.executable, str(Path(__file__).with_name("cli_zygote.py"))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=ENV,
         )
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
@@ -119,8 +130,13 @@ class Zygote:
         run = Run(self, rid, self.dir / f"{rid}.out", self.dir / f"{rid}.err")
         run.out.write_bytes(b"")
         run.err.write_bytes(b"")  # there even if the child is killed before it opens them
-        req = {"id": rid, "argv": [str(a) for a in args], "hooks": hooks or {}, "stdout": str(run.out),
-               "stderr": str(run.err)}
+        req = {
+            "id": rid,
+            "argv": [str(a) for a in args],
+            "hooks": hooks or {},
+            "stdout": str(run.out),
+            "stderr": str(run.err),
+        }
         assert self.proc.stdin is not None
         self.proc.stdin.write((json.dumps(req) + "\n").encode())
         self.proc.stdin.flush()
@@ -213,8 +229,9 @@ def tmpfs(path: Path, size: str, *, ro: bool = False) -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)
     opts = f"size={size}" + (",ro" if ro else "")
     try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True,
-                           text=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True
+        )
     except FileNotFoundError:
         pytest.skip("no mount(8) here: cannot create a small or read-only filesystem for this test")
     if r.returncode != 0:
@@ -239,7 +256,9 @@ def check_after_kill(out: Path, ref: dict[str, bytes], where: str) -> None:
         return
     for p in out.glob("model-*-of-*.safetensors"):
         assert p.name in ref, f"{where}: a shard {p.name} that the uninterrupted run does not have"
-        assert p.read_bytes() == ref[p.name], f"{where}: finished shard {p.name} differs from an uninterrupted run"
+        assert p.read_bytes() == ref[p.name], (
+            f"{where}: finished shard {p.name} differs from an uninterrupted run"
+        )
     if (out / INDEX_NAME).exists():
         for n in [*shard_names(ref), "config.json", "tokenizer.json", INDEX_NAME]:
             assert (out / n).exists(), f"{where}: an index is there but {n} is missing"
@@ -248,7 +267,9 @@ def check_after_kill(out: Path, ref: dict[str, bytes], where: str) -> None:
 
 def assert_complete(out: Path, ref: dict[str, bytes], where: str) -> None:
     if (out / STATE).exists():
-        raise AssertionError(f"{where}: the finished job left {STATE}/ behind: {sorted(read_dir_bytes(out / STATE))}")
+        raise AssertionError(
+            f"{where}: the finished job left {STATE}/ behind: {sorted(read_dir_bytes(out / STATE))}"
+        )
     got = read_dir_bytes(out)
     extra, missing = sorted(set(got) - set(ref)), sorted(set(ref) - set(got))
     assert not extra and not missing, f"{where}: extra files {extra}, missing files {missing}"

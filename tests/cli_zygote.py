@@ -239,7 +239,7 @@ def main() -> None:
     import torch
 
     import monoquant.cli
-    import monoquant.pipeline  # noqa: F401  (warm the imports the children use)
+    import monoquant.pipeline
 
     torch.set_num_threads(1)
     del monoquant

@@ -17,7 +17,9 @@ def minilm_dir() -> Path | None:
     return d if (d / "model.safetensors").exists() else None
 
 
-def det_weight(rows: int, cols: int, dtype: torch.dtype = torch.float32, seed: int = 0, outliers: bool = False) -> torch.Tensor:
+def det_weight(
+    rows: int, cols: int, dtype: torch.dtype = torch.float32, seed: int = 0, outliers: bool = False
+) -> torch.Tensor:
     """Deterministic, torch-RNG-independent weights: smooth trig pattern, per-row gain, optional
     outlier columns. Same values on every machine and torch version."""
     i = torch.arange(rows, dtype=torch.float64).unsqueeze(1)
@@ -35,7 +37,14 @@ def sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:
     return math.inf if e == 0 else 10 * math.log10(r.pow(2).sum().item() / e)
 
 
-def tiny_llama_sd(layers: int = 2, hidden: int = 256, inter: int = 512, vocab: int = 1000, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> dict[str, torch.Tensor]:
+def tiny_llama_sd(
+    layers: int = 2,
+    hidden: int = 256,
+    inter: int = 512,
+    vocab: int = 1000,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """A Llama-shaped state dict with deterministic random weights (names as transformers writes)."""
     g = torch.Generator().manual_seed(seed)
     kv = hidden // 2
@@ -60,7 +69,15 @@ def tiny_llama_sd(layers: int = 2, hidden: int = 256, inter: int = 512, vocab: i
     return sd
 
 
-def write_sharded(root: Path, sd: dict[str, torch.Tensor], shards: int = 3, *, index: bool = True, fmt: str = "safetensors", config: dict | None = None) -> Path:
+def write_sharded(
+    root: Path,
+    sd: dict[str, torch.Tensor],
+    shards: int = 3,
+    *,
+    index: bool = True,
+    fmt: str = "safetensors",
+    config: dict | None = None,
+) -> Path:
     """Write ``sd`` as a transformers-style sharded checkpoint (safetensors or torch .bin)."""
     import json
 
@@ -96,7 +113,13 @@ def read_dir_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def write_streamed_checkpoint(path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype = torch.bfloat16, seed: int = 0, chunk_bytes: int = 32 << 20) -> int:
+def write_streamed_checkpoint(
+    path: Path,
+    tensors: list[tuple[str, tuple[int, ...]]],
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    chunk_bytes: int = 32 << 20,
+) -> int:
     """Write one safetensors file tensor by tensor in row chunks (bounded memory, any size).
 
     Values are N(0, 1/cols), deterministic per (seed, tensor index, chunk). Returns the file size.

@@ -66,7 +66,10 @@ class S3Server:
             env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(_SETUP_ACTIONS)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
         )
         t0 = time.monotonic()
         while True:
@@ -89,15 +92,24 @@ class S3Server:
     def _make_user(self) -> None:
         import boto3
 
-        iam = boto3.client("iam", endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id="setup",
-                           aws_secret_access_key="setup")
+        iam = boto3.client(
+            "iam",
+            endpoint_url=self.endpoint,
+            region_name=REGION,
+            aws_access_key_id="setup",
+            aws_secret_access_key="setup",
+        )
         iam.create_user(UserName="monoquant")
         key = iam.create_access_key(UserName="monoquant")["AccessKey"]
         policy = {
             "Version": "2012-10-17",
             "Statement": [
                 {"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
-                {"Effect": "Deny", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{self.bucket}/denied/*"},
+                {
+                    "Effect": "Deny",
+                    "Action": "s3:GetObject",
+                    "Resource": f"arn:aws:s3:::{self.bucket}/denied/*",
+                },
             ],
         }
         iam.put_user_policy(UserName="monoquant", PolicyName="monoquant", PolicyDocument=json.dumps(policy))
@@ -108,9 +120,17 @@ class S3Server:
         from botocore.config import Config
 
         # plain PUTs without streamed checksums: moto decodes aws-chunked bodies slowly
-        cfg = Config(request_checksum_calculation="when_required", response_checksum_validation="when_required")
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id=self.key_id,
-                            aws_secret_access_key=self.secret, config=cfg)
+        cfg = Config(
+            request_checksum_calculation="when_required", response_checksum_validation="when_required"
+        )
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=REGION,
+            aws_access_key_id=self.key_id,
+            aws_secret_access_key=self.secret,
+            config=cfg,
+        )
 
     def url(self, prefix: str) -> str:
         return f"s3://{self.bucket}/{prefix}"
@@ -121,7 +141,9 @@ class S3Server:
         for p in sorted(local.rglob("*")):
             if p.is_file():
                 with open(p, "rb") as f:  # one PUT per file (moto assembles multipart uploads slowly)
-                    c.put_object(Bucket=self.bucket, Key=f"{prefix}/{p.relative_to(local).as_posix()}", Body=f)
+                    c.put_object(
+                        Bucket=self.bucket, Key=f"{prefix}/{p.relative_to(local).as_posix()}", Body=f
+                    )
         return self.url(prefix)
 
     def put(self, key: str, data: bytes) -> None:
@@ -142,4 +164,3 @@ class S3Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-

@@ -403,77 +403,179 @@ def _foreign_shard_name(d: Path) -> tuple[Path, Path]:
 
 
 CASES = [
-    Case("truncated-data", "a shard cut short inside its data", _truncated(lambda n, size: size - 1000),
-         (SHARD2, "truncated")),
-    Case("truncated-header", "a shard cut short inside its header", _truncated(lambda n, size: 8 + n // 2),
-         (SHARD2,)),
+    Case(
+        "truncated-data",
+        "a shard cut short inside its data",
+        _truncated(lambda n, size: size - 1000),
+        (SHARD2, "truncated"),
+    ),
+    Case(
+        "truncated-header",
+        "a shard cut short inside its header",
+        _truncated(lambda n, size: 8 + n // 2),
+        (SHARD2,),
+    ),
     Case("truncated-4-bytes", "a shard of 4 bytes", _truncated(lambda n, size: 4), (SHARD2,)),
-    Case("header-beyond-file", "header length field larger than the file", _mutate(_header_beyond), (SHARD2,)),
+    Case(
+        "header-beyond-file", "header length field larger than the file", _mutate(_header_beyond), (SHARD2,)
+    ),
     Case("header-implausible", "header length field of 1 TiB", _mutate(_header_implausible), (SHARD2,)),
     Case("header-not-json", "header bytes are not JSON", _mutate(_header_not_json), (SHARD2, "JSON")),
-    Case("header-not-object", "header is JSON but not an object (`[1, 2, 3]`)", _mutate(_header_not_object),
-         (SHARD2,)),
-    Case("unknown-dtype", "a tensor with dtype `F4_E2M1X`", _mutate(_unknown_dtype), (SHARD2, T2, "F4_E2M1X")),
+    Case(
+        "header-not-object",
+        "header is JSON but not an object (`[1, 2, 3]`)",
+        _mutate(_header_not_object),
+        (SHARD2,),
+    ),
+    Case(
+        "unknown-dtype", "a tensor with dtype `F4_E2M1X`", _mutate(_unknown_dtype), (SHARD2, T2, "F4_E2M1X")
+    ),
     Case("shape-vs-bytes", "shape × dtype size ≠ data_offsets span", _mutate(_shape_mismatch), (SHARD2, T2)),
-    Case("overlapping-offsets", "two tensors whose byte ranges overlap", _mutate(_overlap),
-         (SHARD2, "overlap")),
+    Case(
+        "overlapping-offsets", "two tensors whose byte ranges overlap", _mutate(_overlap), (SHARD2, "overlap")
+    ),
     Case("offsets-beyond-file", "data_offsets past the end of the file", _mutate(_out_of_file), (SHARD2,)),
     Case("offsets-not-list", "data_offsets is a string", _mutate(_bad_offsets_type), (SHARD2, T2)),
-    Case("index-missing-shard", "the index names a shard file that is absent", _edit_index(_index_missing_shard),
-         ("model-00009-of-00009.safetensors",)),
-    Case("index-tensor-not-in-shard", "the index puts a tensor in a shard that does not hold it",
-         _edit_index(_index_wrong_shard), (T2, "model-00001-of-00003.safetensors")),
-    Case("index-tensor-unlisted", "a shard holds a tensor the index does not list", _edit_index(_index_unlisted),
-         (T2,)),
+    Case(
+        "index-missing-shard",
+        "the index names a shard file that is absent",
+        _edit_index(_index_missing_shard),
+        ("model-00009-of-00009.safetensors",),
+    ),
+    Case(
+        "index-tensor-not-in-shard",
+        "the index puts a tensor in a shard that does not hold it",
+        _edit_index(_index_wrong_shard),
+        (T2, "model-00001-of-00003.safetensors"),
+    ),
+    Case(
+        "index-tensor-unlisted",
+        "a shard holds a tensor the index does not list",
+        _edit_index(_index_unlisted),
+        (T2,),
+    ),
     Case("index-not-json", "the index file is not JSON", _index_not_json, ("model.safetensors.index.json",)),
     Case("tensor-in-two-shards", "the same tensor in two shards (with index)", _dup_indexed, (T2,)),
     Case("tensor-in-two-files", "the same tensor in two shards (no index)", _dup_no_index, (T2,)),
-    Case("bin-pickle-runs-code", "a .bin whose pickle would call `open()` on load", _bin_evil,
-         ("pytorch_model.bin", "io.open", "arbitrary code")),
-    Case("bin-custom-class", "a .bin holding an object of a custom class (not weights-only)", _bin_custom,
-         ("pytorch_model.bin", "Custom")),
-    Case("bin-legacy-format", "a .bin in the legacy (non-zip) torch format", _bin_legacy,
-         ("pytorch_model.bin",)),
+    Case(
+        "bin-pickle-runs-code",
+        "a .bin whose pickle would call `open()` on load",
+        _bin_evil,
+        ("pytorch_model.bin", "io.open", "arbitrary code"),
+    ),
+    Case(
+        "bin-custom-class",
+        "a .bin holding an object of a custom class (not weights-only)",
+        _bin_custom,
+        ("pytorch_model.bin", "Custom"),
+    ),
+    Case(
+        "bin-legacy-format",
+        "a .bin in the legacy (non-zip) torch format",
+        _bin_legacy,
+        ("pytorch_model.bin",),
+    ),
     Case("bin-not-a-dict", "a .bin holding a list of tensors", _bin_list, ("pytorch_model.bin",)),
-    Case("bin-non-tensor-entry", "a .bin state dict with an int entry", _bin_non_tensor,
-         ("pytorch_model.bin", "step")),
-    Case("bin-sparse-tensor", "a .bin holding a sparse tensor", _bin_odd_tensor(lambda: torch.ones(4, 8).to_sparse()),
-         ("pytorch_model.bin", "odd.weight", "sparse")),
-    Case("bin-meta-tensor", "a .bin holding a meta tensor (no data)",
-         _bin_odd_tensor(lambda: torch.empty(4, 8, device="meta")), ("pytorch_model.bin", "odd.weight", "meta")),
+    Case(
+        "bin-non-tensor-entry",
+        "a .bin state dict with an int entry",
+        _bin_non_tensor,
+        ("pytorch_model.bin", "step"),
+    ),
+    Case(
+        "bin-sparse-tensor",
+        "a .bin holding a sparse tensor",
+        _bin_odd_tensor(lambda: torch.ones(4, 8).to_sparse()),
+        ("pytorch_model.bin", "odd.weight", "sparse"),
+    ),
+    Case(
+        "bin-meta-tensor",
+        "a .bin holding a meta tensor (no data)",
+        _bin_odd_tensor(lambda: torch.empty(4, 8, device="meta")),
+        ("pytorch_model.bin", "odd.weight", "meta"),
+    ),
     Case("bin-truncated", "a .bin cut in half", _bin_truncated, ("pytorch_model-00001-of-00001.bin",)),
     Case("empty-dir", "a directory without weights", _empty_dir, ("{src}",)),
     Case("missing-input", "an input path that does not exist", _missing_input, ("{src}",)),
     Case("no-tensors", "a safetensors file with no tensors", _no_tensors, ("{src}",)),
     Case("config-not-json", "config.json is not valid JSON", _bad_config, ("config.json",)),
-    Case("nan-weight", "a NaN in a weight that is quantized (found mid-run)", _nan_weight, (T2,), mid_run=True),
+    Case(
+        "nan-weight", "a NaN in a weight that is quantized (found mid-run)", _nan_weight, (T2,), mid_run=True
+    ),
     Case("out-is-input", "output directory = input directory", _out_same, ("{dst}", "input")),
     Case("out-inside-input", "output directory inside the input", _out_inside, ("{dst}", "inside")),
     Case("out-contains-input", "output directory contains the input", _out_contains, ("{dst}", "contains")),
-    Case("out-holds-input-file", "single-file input, output = its directory", _out_holds_file,
-         ("{dst}", "input")),
+    Case(
+        "out-holds-input-file",
+        "single-file input, output = its directory",
+        _out_holds_file,
+        ("{dst}", "input"),
+    ),
     Case("out-is-a-file", "output path is an existing regular file", _out_is_file, ("{dst}",)),
     Case("out-not-empty", "output directory holds unrelated files", _out_foreign, ("{dst}", "notes.txt")),
     Case("bad-worker", "`--worker 3/2`", _bad_worker, ("3/2",), extra=("--worker", "3/2")),
-    Case("index-entry-parent", "an index entry `../secret/model-….safetensors`",
-         _index_entry(lambda d: f"../secret/{SHARD2}"), (f"../secret/{SHARD2}", "outside")),
-    Case("index-entry-absolute", "an index entry that is an absolute path",
-         _index_entry(lambda d: str(d / "secret" / SHARD2)), ("outside",)),
-    Case("index-entry-symlinked-dir", "an index entry `sub/…` where `sub` is a symlink to another directory",
-         _index_entry(_symlinked_subdir), (f"sub/{SHARD2}", "outside")),
-    Case("side-file-symlink", "a side file (`tokenizer.json`) that is a symlink to a file outside the input",
-         _side_symlink, ("tokenizer.json", "outside")),
-    Case("weight-file-symlink", "a weight file that is a symlink to a file outside the input", _weight_symlink,
-         ("model-00001-of-00001.safetensors", "outside")),
-    Case("two-layouts", "`pytorch_model.bin` and `consolidated.00.pth` side by side", _two_layouts,
-         ("pytorch_model.bin", "consolidated.00.pth")),
-    Case("max-shard-size-1e400", "`--max-shard-size 1e400`", _bad_worker, ("1e400",),
-         extra=("--max-shard-size", "1e400")),
-    Case("max-shard-size-0", "`--max-shard-size 0`", _bad_worker, ("0", "positive"), extra=("--max-shard-size", "0")),
-    Case("state-dir-symlink", "`OUT/.monoquant` is a symlink to another directory", _symlinked_state,
-         (".monoquant", "symlink")),
-    Case("out-foreign-shard-name", "output holds a file named like a shard of another model", _foreign_shard_name,
-         ("model-00007-of-00009.safetensors",)),
+    Case(
+        "index-entry-parent",
+        "an index entry `../secret/model-….safetensors`",
+        _index_entry(lambda d: f"../secret/{SHARD2}"),
+        (f"../secret/{SHARD2}", "outside"),
+    ),
+    Case(
+        "index-entry-absolute",
+        "an index entry that is an absolute path",
+        _index_entry(lambda d: str(d / "secret" / SHARD2)),
+        ("outside",),
+    ),
+    Case(
+        "index-entry-symlinked-dir",
+        "an index entry `sub/…` where `sub` is a symlink to another directory",
+        _index_entry(_symlinked_subdir),
+        (f"sub/{SHARD2}", "outside"),
+    ),
+    Case(
+        "side-file-symlink",
+        "a side file (`tokenizer.json`) that is a symlink to a file outside the input",
+        _side_symlink,
+        ("tokenizer.json", "outside"),
+    ),
+    Case(
+        "weight-file-symlink",
+        "a weight file that is a symlink to a file outside the input",
+        _weight_symlink,
+        ("model-00001-of-00001.safetensors", "outside"),
+    ),
+    Case(
+        "two-layouts",
+        "`pytorch_model.bin` and `consolidated.00.pth` side by side",
+        _two_layouts,
+        ("pytorch_model.bin", "consolidated.00.pth"),
+    ),
+    Case(
+        "max-shard-size-1e400",
+        "`--max-shard-size 1e400`",
+        _bad_worker,
+        ("1e400",),
+        extra=("--max-shard-size", "1e400"),
+    ),
+    Case(
+        "max-shard-size-0",
+        "`--max-shard-size 0`",
+        _bad_worker,
+        ("0", "positive"),
+        extra=("--max-shard-size", "0"),
+    ),
+    Case(
+        "state-dir-symlink",
+        "`OUT/.monoquant` is a symlink to another directory",
+        _symlinked_state,
+        (".monoquant", "symlink"),
+    ),
+    Case(
+        "out-foreign-shard-name",
+        "output holds a file named like a shard of another model",
+        _foreign_shard_name,
+        ("model-00007-of-00009.safetensors",),
+    ),
 ]
 BY_ID = {c.id: c for c in CASES}
 
@@ -562,7 +664,9 @@ def test_bad_input_found_before_any_shard_is_written(outcomes: dict[str, Outcome
         assert not shards, f"{cid}: shards written before the error was found: {shards}"
 
 
-def test_nan_run_keeps_finished_shards_intact(zyg: Zygote, outcomes: dict[str, Outcome], tmp_path: Path) -> None:
+def test_nan_run_keeps_finished_shards_intact(
+    zyg: Zygote, outcomes: dict[str, Outcome], tmp_path: Path
+) -> None:
     o = outcomes["nan-weight"]
     ref = tmp_path / "ref"
     clean = write_sharded(tmp_path / "in", small_sd(), shards=3)

@@ -68,8 +68,19 @@ def test_stream_json_and_summary(src, tmp_path):
 
 def test_progress_lines_when_not_a_tty(src, tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "monoquant", "stream", str(src), str(tmp_path / "o"), "--int4", "--max-shard-size", "100KB"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "monoquant",
+            "stream",
+            str(src),
+            str(tmp_path / "o"),
+            "--int4",
+            "--max-shard-size",
+            "100KB",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr
     prog = [ln for ln in out.stderr.splitlines() if ln.startswith("monoquant:") and "%" in ln]
@@ -98,7 +109,11 @@ def test_errors_are_one_line_exit_1_no_traceback(src, tmp_path, args, needle):
 
 
 def test_verbose_shows_the_traceback(src):
-    out = subprocess.run([sys.executable, "-m", "monoquant", "stream", str(src), str(src), "-v"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "monoquant", "stream", str(src), str(src), "-v"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 1 and "Traceback" in out.stderr and "monoquant: error:" in out.stderr
 
 
@@ -110,7 +125,9 @@ def test_usage_errors_exit_2(src, tmp_path):
 def test_version_and_help():
     assert run("--version").exit_code == 0
     res = run("--help")
-    assert res.exit_code == 0 and "stream" in res.stdout and "verify" in res.stdout and "inspect" in res.stdout
+    assert (
+        res.exit_code == 0 and "stream" in res.stdout and "verify" in res.stdout and "inspect" in res.stdout
+    )
 
 
 def test_sigterm_stops_cleanly_and_the_rerun_completes(tmp_path):
@@ -122,7 +139,17 @@ def test_sigterm_stops_cleanly_and_the_rerun_completes(tmp_path):
     src.mkdir()
     write_streamed_checkpoint(src / "model.safetensors", [(f"l.{i}.weight", (2048, 4096)) for i in range(12)])
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "monoquant", "stream", str(src), str(out), "--int4", "--max-shard-size", "5MB"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monoquant",
+        "stream",
+        str(src),
+        str(out),
+        "--int4",
+        "--max-shard-size",
+        "5MB",
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     for line in proc.stderr:  # wait until the job is under way
         if line.startswith("monoquant:") and "%" in line:

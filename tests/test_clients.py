@@ -58,13 +58,13 @@ pytestmark = pytest.mark.clients
 
 # transformers warns when a CompressedTensorsConfig is passed for a checkpoint that already has
 # a quantization_config ("only the loading attributes are taken over"): expected, REPORT §4.
-IGNORE_CT_CONFIG_WARNING = pytest.mark.filterwarnings(
-    "ignore:You passed `quantization_config`:UserWarning"
-)
+IGNORE_CT_CONFIG_WARNING = pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
 
 # 16 fixed token ids for the Llama (vocab 1000) and a batch of two BERT sequences (vocab 500).
 LLAMA_IDS = torch.tensor([[1, 15, 27, 300, 999, 42, 7, 512, 128, 64, 3, 88, 901, 450, 11, 2]])
-BERT_IDS = torch.tensor([[2, 17, 99, 250, 3, 41, 400, 7, 123, 55, 301, 9], [2, 8, 460, 31, 77, 5, 190, 12, 3, 0, 0, 0]])
+BERT_IDS = torch.tensor(
+    [[2, 17, 99, 250, 3, 41, 400, 7, 123, 55, 301, 9], [2, 8, 460, 31, 77, 5, 190, 12, 3, 0, 0, 0]]
+)
 BERT_MASK = (torch.arange(12) < torch.tensor([[12], [9]])).long()
 
 DEQ = {"quantization_config": CompressedTensorsConfig(dequantize=True)}
@@ -114,7 +114,15 @@ CASES = [
     # the same for CT's own W4A16_ASYM, REPORT §4), so only dequantize=True is checked, plus a
     # strict xfail that tells us when the default path starts working. CT: 0.9797 / 0.246 (dequantize);
     # measured 0.9816 / 0.248.
-    Case("int4-asym", "int4", "pack-quantized", cos=0.93, max_err=0.8, opts={"asymmetric": True}, default_loads=False),
+    Case(
+        "int4-asym",
+        "int4",
+        "pack-quantized",
+        cos=0.93,
+        max_err=0.8,
+        opts={"asymmetric": True},
+        default_loads=False,
+    ),
     # fp8 e4m3 per channel, weight-only (naive-quantized): 3 mantissa bits. CT: 0.99856 / 0.071;
     # measured 0.99852 / 0.062.
     Case("fp8", "fp8", "naive-quantized", cos=0.995, max_err=0.2),
@@ -162,7 +170,9 @@ def no_loading_problems(info: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in info.items() if v}
 
 
-def weight_mismatches(model: torch.nn.Module, expected: Mapping[str, torch.Tensor], modules: list[str]) -> list[str]:
+def weight_mismatches(
+    model: torch.nn.Module, expected: Mapping[str, torch.Tensor], modules: list[str]
+) -> list[str]:
     """Quantized modules whose loaded dense weight differs (at all) from ``expected``."""
     bad = []
     for m in modules:
@@ -191,7 +201,10 @@ def fake_quant_tokens(kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def dense_reference(
-    template: torch.nn.Module, state: Mapping[str, torch.Tensor], act: str | None = None, modules: list[str] = ()
+    template: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    act: str | None = None,
+    modules: list[str] = (),
 ) -> torch.nn.Module:
     """A plain fp32 copy of ``template`` holding ``state`` (monoquant's dequantization); with
     ``act``, the declared dynamic activation quantization is emulated on ``modules``' inputs."""
@@ -218,7 +231,9 @@ def ct_decompress(out: Path) -> dict[str, torch.Tensor]:
     """Decompress every quantized module with compressed-tensors' compressor for the format the
     config declares (group ``format``, else top-level), choosing the config group whose targets
     match the module; returns ``{module.weight: dense}`` in the scale dtype (CT's convention)."""
-    qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    qc = QuantizationConfig.model_validate(
+        json.loads((out / "config.json").read_text())["quantization_config"]
+    )
     raw = monoquant.load(out, dequantize=False)
     by_target = {t: g for g in qc.config_groups.values() for t in g.targets}
     dense = {}
@@ -231,7 +246,10 @@ def ct_decompress(out: Path) -> dict[str, torch.Tensor]:
         names = comp.compression_param_names(scheme)
         local = {n: raw[f"{m}.{n}"] for n in names if f"{m}.{n}" in raw}
         # every tensor the compressor expects is there, except the zero point of symmetric schemes
-        assert set(names) - set(local) <= ({"weight_zero_point"} if scheme.weights.symmetric else set()), (m, names)
+        assert set(names) - set(local) <= ({"weight_zero_point"} if scheme.weights.symmetric else set()), (
+            m,
+            names,
+        )
         dense[m + ".weight"] = comp.decompress(local, scheme)["weight"]
     return dense
 
@@ -258,8 +276,12 @@ def llama_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random bf16 LlamaForCausalLM saved by transformers, sharded with an index (REPORT §1)."""
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
     )
     d = tmp_path_factory.mktemp("llama") / "orig"
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d, max_shard_size="1MB")
@@ -289,8 +311,13 @@ def bert_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     torch.manual_seed(0)
     cfg = BertConfig(
-        vocab_size=500, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=512, max_position_embeddings=64, initializer_range=0.1,
+        vocab_size=500,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=512,
+        max_position_embeddings=64,
+        initializer_range=0.1,
     )
     d = tmp_path_factory.mktemp("bert") / "orig"
     BertModel(cfg).save_pretrained(d)
@@ -304,7 +331,9 @@ def bert_orig(bert_src: Path) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory: pytest.TempPathFactory, llama_src: Path, bert_src: Path) -> Callable[[str, str], Path]:
+def quantized(
+    tmp_path_factory: pytest.TempPathFactory, llama_src: Path, bert_src: Path
+) -> Callable[[str, str], Path]:
     """``quantized(model, case_id)``: the monoquant.stream output for that model and case (cached)."""
     root = tmp_path_factory.mktemp("out")
     srcs = {"llama": llama_src, "bert": bert_src}
@@ -347,11 +376,13 @@ def test_config_targets_exactly_the_quantized_linears(quantized, llama_orig, cas
     modules = quantized_modules(out)
     # 2 layers x 7 projections (mixed precision may keep some dense); embed_tokens, lm_head and
     # the norms stay dense
-    assert (len(modules) <= 14 if case.mixed else len(modules) == 14)
+    assert len(modules) <= 14 if case.mixed else len(modules) == 14
     assert not any("embed" in m or "lm_head" in m for m in modules)
     # every Linear of the model is either targeted or ignored (vLLM refuses anything else)
     targets = [t for g in qc["config_groups"].values() for t in g["targets"]]
-    targeted = sorted(name for name, mod in llama_orig.named_modules() if is_match(name, mod, targets, qc["ignore"]))
+    targeted = sorted(
+        name for name, mod in llama_orig.named_modules() if is_match(name, mod, targets, qc["ignore"])
+    )
     assert targeted == modules
     # every other tensor (embed_tokens, lm_head, norms) is the original bf16 tensor, unchanged
     stored = monoquant.load(out, dequantize=False)
@@ -369,7 +400,12 @@ def test_config_has_only_keys_compressed_tensors_declares(quantized, case):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     qc = json.loads((quantized("llama", case.id) / "config.json").read_text())["quantization_config"]
-    writer = {"version", "quant_method", "sparsity_config", "transform_config"}  # ModelCompressor.update_config
+    writer = {
+        "version",
+        "quant_method",
+        "sparsity_config",
+        "transform_config",
+    }  # ModelCompressor.update_config
     assert set(qc) - set(QuantizationConfig.model_fields) - writer == set()
     for g in qc["config_groups"].values():
         assert set(g) <= set(QuantizationScheme.model_fields)
@@ -382,7 +418,9 @@ def test_tensor_names_dtypes_shapes(quantized, case):
     """Per quantized Linear, exactly the tensors REPORT §3.3 lists for the format."""
     out = quantized("llama", case.id)
     stored = monoquant.load(out, dequantize=False)
-    per_tensor = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["monoquant"]["quantized"]
+    per_tensor = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["monoquant"][
+        "quantized"
+    ]
     for m in quantized_modules(out):
         s = monoquant.get_scheme(per_tensor[m + ".weight"])
         if not case.mixed:
@@ -446,33 +484,45 @@ def test_llama_transformers_default(quantized, llama_orig, llama_ref_logits, cas
     assert cos >= case.cos and err <= case.max_err, (cos, err)
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True, reason=(
-    "transformers' default path cannot load packed asymmetric int4 zero points "
-    "([out/8, G] on disk vs [out, G] in the module), also for compressed-tensors' own W4A16_ASYM "
-    "(REPORT §4); if this starts passing, move int4-asym into DEFAULT_CASES"
-))
+@pytest.mark.xfail(
+    raises=RuntimeError,
+    strict=True,
+    reason=(
+        "transformers' default path cannot load packed asymmetric int4 zero points "
+        "([out/8, G] on disk vs [out, G] in the module), also for compressed-tensors' own W4A16_ASYM "
+        "(REPORT §4); if this starts passing, move int4-asym into DEFAULT_CASES"
+    ),
+)
 def test_llama_int4_asym_default_path_is_a_known_client_limitation(quantized):
     AutoModelForCausalLM.from_pretrained(quantized("llama", "int4-asym"), dtype=torch.float32)
 
 
 # ---- transformers: dequantize=True ---------------------------------------------------------------
-MIXED_DEQUANTIZE_XFAIL = pytest.mark.xfail(raises=AssertionError, strict=True, reason=(
-    "transformers 5.24's dequantize=True path decompresses every dense layer with ONE config "
-    "group's scheme (integrations/compressed_tensors.get_dense_scheme), so the layers of the other "
-    "groups of a mixed-precision output come out wrong; the default path loads them correctly"
-))
+MIXED_DEQUANTIZE_XFAIL = pytest.mark.xfail(
+    raises=AssertionError,
+    strict=True,
+    reason=(
+        "transformers 5.24's dequantize=True path decompresses every dense layer with ONE config "
+        "group's scheme (integrations/compressed_tensors.get_dense_scheme), so the layers of the other "
+        "groups of a mixed-precision output come out wrong; the default path loads them correctly"
+    ),
+)
 
 
 @IGNORE_CT_CONFIG_WARNING
 @pytest.mark.parametrize(
-    "case", [pytest.param(c, marks=MIXED_DEQUANTIZE_XFAIL) if c.mixed else c for c in CASES], ids=lambda c: c.id
+    "case",
+    [pytest.param(c, marks=MIXED_DEQUANTIZE_XFAIL) if c.mixed else c for c in CASES],
+    ids=lambda c: c.id,
 )
 def test_llama_transformers_dequantize(quantized, llama_orig, llama_ref_logits, case):
     """``CompressedTensorsConfig(dequantize=True)``: plain Linears whose weights are exactly
     monoquant's dequantization in the scale dtype (bf16, CT computes ``q * scale`` there), so
     the logits equal the dense monoquant model's; and they are close to the original."""
     out = quantized("llama", case.id)
-    model, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True, **DEQ)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, output_loading_info=True, **DEQ
+    )
     assert no_loading_problems(info) == {}
     modules = quantized_modules(out)
     assert not any(hasattr(model.get_submodule(m), "quantization_scheme") for m in modules)
@@ -582,7 +632,9 @@ def test_cli_int4_output_is_the_api_output(tmp_path, llama_src, quantized):
     """``monoquant stream SRC OUT --int4`` writes byte-for-byte the directory the API wrote for
     int4-g128 (which every client test above loads), and it loads in transformers."""
     out = tmp_path / "cli"
-    res = CliRunner().invoke(cli_main, ["stream", str(llama_src), str(out), "--int4", "--max-shard-size", "1MB", "-q"])
+    res = CliRunner().invoke(
+        cli_main, ["stream", str(llama_src), str(out), "--int4", "--max-shard-size", "1MB", "-q"]
+    )
     assert res.exit_code == 0, res.output
     api = quantized("llama", "int4-g128")
     assert read_dir_bytes(out) == read_dir_bytes(api)
@@ -625,7 +677,9 @@ def test_wrong_nibble_order_is_caught(tmp_path, quantized, llama_orig, llama_ref
     assert bad and all(b.startswith("model.layers.0.self_attn.q_proj.weight:") for b in bad)
 
     every = tampered(tmp_path / "all", {m + ".weight_packed" for m in quantized_modules(good)})
-    cos, _ = cos_maxerr(llama_logits(AutoModelForCausalLM.from_pretrained(every, dtype=torch.float32)), llama_ref_logits)
+    cos, _ = cos_maxerr(
+        llama_logits(AutoModelForCausalLM.from_pretrained(every, dtype=torch.float32)), llama_ref_logits
+    )
     assert cos < CASE_BY_ID["int4-g128"].cos, cos  # REPORT §5.1: cos 0.03
 
 
@@ -642,7 +696,9 @@ def test_load_into_a_class_with_another_prefix(quantized, llama_orig, bert_orig,
             want = llama_orig.model(LLAMA_IDS).last_hidden_state
     else:
         out = quantized("bert", "int8")
-        model, info = BertForSequenceClassification.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+        model, info = BertForSequenceClassification.from_pretrained(
+            out, dtype=torch.float32, output_loading_info=True
+        )
         # the new head is not in the checkpoint; the class target ``Linear`` gives it quantized
         # parameters (classifier.weight_packed...), as for compressed-tensors' own outputs, left
         # uninitialised: decompressing them fails or gives garbage. Replace the head with a plain
@@ -651,6 +707,8 @@ def test_load_into_a_class_with_another_prefix(quantized, llama_orig, bert_orig,
         model.classifier = torch.nn.Linear(model.config.hidden_size, 2)
         assert info["unexpected_keys"] == set()
         with torch.no_grad():
-            hidden = model(input_ids=BERT_IDS, attention_mask=BERT_MASK, output_hidden_states=True).hidden_states[-1]
+            hidden = model(
+                input_ids=BERT_IDS, attention_mask=BERT_MASK, output_hidden_states=True
+            ).hidden_states[-1]
         want = bert_hidden(bert_orig)
     assert cos_maxerr(hidden, want)[0] >= 0.999

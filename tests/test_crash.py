@@ -73,7 +73,9 @@ POINTS = [
 ]
 
 
-@pytest.mark.parametrize(("point", "arg"), POINTS, ids=[f"{p}-{a}" if a is not None else p for p, a in POINTS])
+@pytest.mark.parametrize(
+    ("point", "arg"), POINTS, ids=[f"{p}-{a}" if a is not None else p for p, a in POINTS]
+)
 def test_kill_at_each_commit_step_then_one_rerun_completes(
     zyg: Zygote, small, tmp_path: Path, point: str, arg
 ) -> None:

@@ -43,7 +43,9 @@ def minilm_int8(minilm, tmp_path_factory) -> Path:
 
 
 def test_gate_passes_a_good_embedding_model(minilm, minilm_int8):
-    r = CliRunner().invoke(main, ["verify", str(minilm_int8), "--against", str(minilm), "--engine", "transformers", "--json"])
+    r = CliRunner().invoke(
+        main, ["verify", str(minilm_int8), "--against", str(minilm), "--engine", "transformers", "--json"]
+    )
     assert r.exit_code == 0, r.output
     js = json.loads(r.stdout)
     assert js["ok"] and js["engine"]["task"] == "embedding"
@@ -57,17 +59,32 @@ def test_gate_fails_a_misread_model_with_exit_3(minilm, minilm_int8, tmp_path):
     assert r.exit_code == 3, r.output
     assert "below threshold: embedding cosine" in r.stderr
     # the threshold is the user's: a low enough one lets it through
-    cos = deploy.min_cosine(deploy.embeddings(bad, deploy.TEXTS, "transformers"),
-                            deploy.embeddings(minilm, deploy.TEXTS, "transformers"))
+    cos = deploy.min_cosine(
+        deploy.embeddings(bad, deploy.TEXTS, "transformers"),
+        deploy.embeddings(minilm, deploy.TEXTS, "transformers"),
+    )
     assert cos < 0.9
-    ok = CliRunner().invoke(main, ["verify", str(bad), "--against", str(minilm), "--engine", "transformers",
-                                   "--min-cosine", str(cos - 0.01)])
+    ok = CliRunner().invoke(
+        main,
+        [
+            "verify",
+            str(bad),
+            "--against",
+            str(minilm),
+            "--engine",
+            "transformers",
+            "--min-cosine",
+            str(cos - 0.01),
+        ],
+    )
     assert ok.exit_code == 0, ok.output
 
 
 def test_engine_not_installed_is_one_line_exit_1(minilm, minilm_int8, monkeypatch):
     real = deploy.importlib.util.find_spec
-    monkeypatch.setattr(deploy.importlib.util, "find_spec", lambda n, *a: None if n == "vllm" else real(n, *a))
+    monkeypatch.setattr(
+        deploy.importlib.util, "find_spec", lambda n, *a: None if n == "vllm" else real(n, *a)
+    )
     r = CliRunner().invoke(main, ["verify", str(minilm_int8), "--against", str(minilm), "--engine", "vllm"])
     assert r.exit_code == 1
     assert r.stderr.strip().count("\n") == 0 and "engine vllm is not installed" in r.stderr

@@ -29,7 +29,8 @@ import pytest
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PAGES = sorted(p.name for p in DOCS.glob("*.md"))
 FENCE = re.compile(
-    r"^(?:<!-- docs-test: (?P<marker>[^\n]*?) -->\n)?```(?P<lang>[\w+-]*)[ \t]*\n(?P<code>.*?)^```[ \t]*$", re.M | re.S
+    r"^(?:<!-- docs-test: (?P<marker>[^\n]*?) -->\n)?```(?P<lang>[\w+-]*)[ \t]*\n(?P<code>.*?)^```[ \t]*$",
+    re.M | re.S,
 )
 SLOW = {"loading.md", "fidelity.md"}  # they load MiniLM through transformers / estimate all candidates
 
@@ -37,13 +38,19 @@ SLOW = {"loading.md", "fidelity.md"}  # they load MiniLM through transformers / 
 def blocks(page: Path) -> list[tuple[int, str, str, str]]:
     """``(first line, lang, marker, code)`` of every fenced block of ``page``."""
     text = page.read_text()
-    return [(text.count("\n", 0, m.start("code")) + 1, m.group("lang"), m.group("marker") or "", m.group("code"))
-            for m in FENCE.finditer(text)]
+    return [
+        (text.count("\n", 0, m.start("code")) + 1, m.group("lang"), m.group("marker") or "", m.group("code"))
+        for m in FENCE.finditer(text)
+    ]
 
 
 def python_blocks(page: Path) -> list[tuple[int, str]]:
     """``(first line number, code)`` of every ```python block of ``page`` that is run."""
-    return [(line, code) for line, lang, marker, code in blocks(page) if lang == "python" and not marker.startswith("skip")]
+    return [
+        (line, code)
+        for line, lang, marker, code in blocks(page)
+        if lang == "python" and not marker.startswith("skip")
+    ]
 
 
 def test_every_page_is_covered():
@@ -74,8 +81,14 @@ def test_python_examples_run(name, tmp_path, monkeypatch):
         shared.mkdir()
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
         for code in setup:
-            r = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=shared, env=env, capture_output=True,
-                               text=True, timeout=600)
+            r = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", code],
+                cwd=shared,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             assert r.returncode == 0, f"docs/{name}: setup block failed:\n{r.stderr}"
     namespace: dict[str, object] = {"__name__": f"docs.{page.stem}"}
     for i, (line, code) in enumerate(todo):

@@ -23,14 +23,19 @@ def test_no_numpy_warning_without_numpy():
     # NumPy" at import; monoquant silences exactly that warning (with numpy blocked, the bare
     # `import torch` control prints it, so this test can fail)
     block = "import sys; sys.modules['numpy'] = None\n"
-    control = subprocess.run([sys.executable, "-W", "default", "-c", block + "import torch"], capture_output=True, text=True)
+    control = subprocess.run(
+        [sys.executable, "-W", "default", "-c", block + "import torch"], capture_output=True, text=True
+    )
     assert "Failed to initialize NumPy" in control.stderr
     code = block + (
         "import monoquant, torch\n"
         "q = monoquant.quantize({'a.weight': torch.randn(8, 128)}, 'int4')\n"
         "monoquant.dequantize(q)\n"
     )
-    cli = block + "import runpy; sys.argv = ['monoquant', '--help']; runpy.run_module('monoquant', run_name='__main__')"
+    cli = (
+        block
+        + "import runpy; sys.argv = ['monoquant', '--help']; runpy.run_module('monoquant', run_name='__main__')"
+    )
     for argv in (["-c", code], ["-c", cli]):
         out = subprocess.run([sys.executable, "-W", "default", *argv], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr

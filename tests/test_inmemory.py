@@ -32,14 +32,22 @@ def test_names_follow_the_on_disk_layout():
     # untouched tensors are passed through unchanged (same objects)
     sd = tiny_sd()
     q = monoquant.quantize(sd, "int8")
-    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.position_ids", "model.mask",
-                 "model.layers.0.input_layernorm.weight", "model.layers.0.self_attn.q_proj.bias"):
+    for name in (
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.position_ids",
+        "model.mask",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.self_attn.q_proj.bias",
+    ):
         assert q[name] is sd[name]
 
 
 def test_group_mismatch_falls_back_to_the_largest_halved_group_that_divides():
     sd = tiny_sd()
-    sd["model.layers.0.mlp.down_proj.weight"] = torch.randn(64, 576, generator=torch.Generator().manual_seed(1)) * 0.05
+    sd["model.layers.0.mlp.down_proj.weight"] = (
+        torch.randn(64, 576, generator=torch.Generator().manual_seed(1)) * 0.05
+    )
     q = monoquant.quantize(sd, "int4")  # group size 128; 576 = 4.5 x 128 = 9 x 64
     name = "model.layers.0.mlp.down_proj.weight"
     d = q.decisions[name]

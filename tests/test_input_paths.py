@@ -90,7 +90,7 @@ def test_mmap_input_truncated_while_read_is_a_clear_error(tmp_path: Path) -> Non
     save_file({f"l{i}.weight": torch.randn(256, 512) for i in range(4)}, str(src / "model.safetensors"))
     code = textwrap.dedent(f"""
         import os, monoquant
-        src, out = {str(src)!r}, {str(tmp_path / 'out')!r}
+        src, out = {str(src)!r}, {str(tmp_path / "out")!r}
         def cut(ev):
             if ev.kind == "tensor":
                 os.truncate(os.path.join(src, "model.safetensors"), 4096)
@@ -102,7 +102,9 @@ def test_mmap_input_truncated_while_read_is_a_clear_error(tmp_path: Path) -> Non
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, (r.returncode, r.stderr)
-    assert r.stdout.startswith("error: ") and "shrank" in r.stdout and "model.safetensors" in r.stdout, r.stdout
+    assert r.stdout.startswith("error: ") and "shrank" in r.stdout and "model.safetensors" in r.stdout, (
+        r.stdout
+    )
     assert not list((tmp_path / "out").glob("*.partial"))
 
 
@@ -121,9 +123,14 @@ def test_ctrl_c_during_startup_is_one_line(tmp_path: Path, delay: float) -> None
 
 @pytest.mark.parametrize(
     ("kw", "match"),
-    [({"jobs": 0}, "jobs=0"), ({"threads": 0}, "threads=0"), ({"max_shard_size": 0}, "positive"),
-     ({"max_shard_size": "1e400"}, "1e400"), ({"block_bytes": 0}, "block_bytes=0"),
-     ({"jobs": 1.5}, "jobs=1.5")],
+    [
+        ({"jobs": 0}, "jobs=0"),
+        ({"threads": 0}, "threads=0"),
+        ({"max_shard_size": 0}, "positive"),
+        ({"max_shard_size": "1e400"}, "1e400"),
+        ({"block_bytes": 0}, "block_bytes=0"),
+        ({"jobs": 1.5}, "jobs=1.5"),
+    ],
 )
 def test_api_rejects_bad_counts(tmp_path: Path, kw: dict, match: str) -> None:
     src = write_sharded(tmp_path / "in", small(), shards=1)
@@ -134,9 +141,13 @@ def test_api_rejects_bad_counts(tmp_path: Path, kw: dict, match: str) -> None:
 
 @pytest.mark.parametrize(
     ("sd", "match"),
-    [({"a": 3}, "not a tensor"), ({1: torch.ones(2, 2)}, "must be str"),
-     ({"a.weight": torch.empty(4, 8, device="meta")}, "meta device"),
-     ({"a.weight": torch.ones(4, 8).to_sparse()}, "sparse"), ([torch.ones(2)], "mapping")],
+    [
+        ({"a": 3}, "not a tensor"),
+        ({1: torch.ones(2, 2)}, "must be str"),
+        ({"a.weight": torch.empty(4, 8, device="meta")}, "meta device"),
+        ({"a.weight": torch.ones(4, 8).to_sparse()}, "sparse"),
+        ([torch.ones(2)], "mapping"),
+    ],
 )
 def test_quantize_rejects_bad_state_dicts(sd: object, match: str) -> None:
     with pytest.raises(monoquant.TensorValueError, match=match):
@@ -150,8 +161,12 @@ def test_quantize_fp16_of_an_empty_tensor() -> None:
 
 @pytest.mark.parametrize(
     ("args", "needle"),
-    [(["--int8", "--int4"], "--int8 and --int4 conflict"), (["--scheme", "int4", "--fp8"], "conflict"),
-     (["--fp16", "--target-bpw", "5"], "--target-bpw"), (["--bf16", "--min-sqnr", "30"], "--min-sqnr")],
+    [
+        (["--int8", "--int4"], "--int8 and --int4 conflict"),
+        (["--scheme", "int4", "--fp8"], "conflict"),
+        (["--fp16", "--target-bpw", "5"], "--target-bpw"),
+        (["--bf16", "--min-sqnr", "30"], "--min-sqnr"),
+    ],
 )
 def test_conflicting_scheme_options_are_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None:
     src = write_sharded(tmp_path / "in", small(), shards=1)
@@ -182,9 +197,14 @@ def test_rejected_pickle_message_is_complete(tmp_path: Path) -> None:
     assert "\n" not in msg and "Custom" in msg and "arbitrary code" in msg and msg.endswith("environment")
 
 
-@pytest.mark.parametrize("args", [["verify", "OUT", "--against", "IN", "--min-sqnr", "nan"],
-                                  ["stream", "IN", "OUT", "--int4", "--min-sqnr", "nan"],
-                                  ["stream", "IN", "OUT", "--int4", "--target-bpw", "inf"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["verify", "OUT", "--against", "IN", "--min-sqnr", "nan"],
+        ["stream", "IN", "OUT", "--int4", "--min-sqnr", "nan"],
+        ["stream", "IN", "OUT", "--int4", "--target-bpw", "inf"],
+    ],
+)
 def test_non_finite_thresholds_are_usage_errors(tmp_path: Path, args: list[str]) -> None:
     src = write_sharded(tmp_path / "in", small(), shards=1)
     argv = [str(src) if a == "IN" else str(tmp_path / "out") if a == "OUT" else a for a in args]
@@ -211,8 +231,14 @@ def test_inspect_refuses_an_index_entry_outside(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("kw", "match"),
-    [({"group_size": "abc"}, "group size"), ({"group_size": 63.5}, "group size"), ({"include": 5}, "glob"),
-     ({"exclude": [None]}, "glob"), ({"target_bpw": "5"}, "must be a number"), ({"min_sqnr": "x"}, "must be a number")],
+    [
+        ({"group_size": "abc"}, "group size"),
+        ({"group_size": 63.5}, "group size"),
+        ({"include": 5}, "glob"),
+        ({"exclude": [None]}, "glob"),
+        ({"target_bpw": "5"}, "must be a number"),
+        ({"min_sqnr": "x"}, "must be a number"),
+    ],
 )
 def test_api_rejects_bad_option_types(tmp_path: Path, kw: dict, match: str) -> None:
     src = write_sharded(tmp_path / "in", small(), shards=1)

@@ -75,13 +75,19 @@ def test_out_specs_equal_real_outputs(name, rows, groups, group, extra, dtype, s
         assert parts[s.suffix].numel() * parts[s.suffix].element_size() == s.nbytes
 
 
-INT_SCHEMES = [n for n in QUANT if PRESETS[n].kind == "int"] + ["int8-g64", "int4-g64-asym", "int8-channel-asym"]
+INT_SCHEMES = [n for n in QUANT if PRESETS[n].kind == "int"] + [
+    "int8-g64",
+    "int4-g64-asym",
+    "int8-channel-asym",
+]
 
 
 @pytest.mark.parametrize("name", INT_SCHEMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_integer_error_is_at_most_half_a_step_plus_the_scale_rounding(name, dtype):
-    scheme = get_scheme(name.replace("-channel-asym", ""), asymmetric=name.endswith("asym") and "g" not in name.split("-")[1])
+    scheme = get_scheme(
+        name.replace("-channel-asym", ""), asymmetric=name.endswith("asym") and "g" not in name.split("-")[1]
+    )
     w = (torch.randn(48, 256, generator=torch.Generator().manual_seed(1)) * 0.05).to(dtype)
     w[3, 17] = 0.9  # an outlier
     k = get_kernel(scheme)
@@ -205,7 +211,9 @@ def golden_outputs() -> dict[str, dict[str, str]]:
         if scheme.strategy == "group" and scheme.group_size > 64:
             scheme = get_scheme(name, group_size=32)
         parts = get_kernel(scheme).quantize_tensor(w)
-        res[scheme.name] = {k or "weight": v.reshape(-1).view(torch.uint8).numpy().tobytes().hex() for k, v in parts.items()}
+        res[scheme.name] = {
+            k or "weight": v.reshape(-1).view(torch.uint8).numpy().tobytes().hex() for k, v in parts.items()
+        }
     return res
 
 
@@ -217,4 +225,6 @@ def test_golden_bytes(request):
     assert sorted(got) == sorted(want)
     for name in want:
         for key in want[name]:
-            assert got[name][key] == want[name][key], f"{name} {key}: bytes changed (bump FORMAT_VERSION if intended)"
+            assert got[name][key] == want[name][key], (
+                f"{name} {key}: bytes changed (bump FORMAT_VERSION if intended)"
+            )

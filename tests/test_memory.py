@@ -48,7 +48,18 @@ def evict(root):
 def test_quantizes_under_a_cap_smaller_than_the_largest_tensor(big, tmp_path, scheme):
     out = tmp_path / "out"
     evict(big)
-    cmd = [sys.executable, "-m", "monoquant", "stream", str(big), str(out), scheme, "--json", "--max-shard-size", "200MB"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monoquant",
+        "stream",
+        str(big),
+        str(out),
+        scheme,
+        "--json",
+        "--max-shard-size",
+        "200MB",
+    ]
     run = run_capped(cmd, CAP)
     assert run.returncode == 0 and not run.oom_killed, run.stderr[-2000:]
     assert run.peak <= CAP
@@ -60,7 +71,9 @@ def test_quantizes_under_a_cap_smaller_than_the_largest_tensor(big, tmp_path, sc
     # the result is right: every tensor present and the big one quantized with the expected error
     stats = report["tensors"]["model.layers.0.mlp.up_proj.weight"]
     assert stats["sqnr_db"] > (38 if scheme == "--int8" else 17)  # nvfp4 on normal weights: ~20 dB
-    verify = run_capped([sys.executable, "-m", "monoquant", "verify", str(out), "--against", str(big), "--json"], CAP)
+    verify = run_capped(
+        [sys.executable, "-m", "monoquant", "verify", str(out), "--against", str(big), "--json"], CAP
+    )
     assert verify.returncode == 0, verify.stderr[-2000:]
     v = json.loads(verify.stdout)
     assert v["ok"] and v["compared"] == 5

@@ -8,7 +8,14 @@ from tests.helpers import sqnr
 
 # mean SQNR (dB) over the 37 Linear weights; measured figures are in docs/fidelity.md and the
 # thresholds sit a little below them so a numerics regression fails.
-EXPECTED_MIN = {"int8": 41.0, "int8-tensor": 32.5, "int4": 18.2, "int4-g64": 18.7, "int4-asym": 19.3, "fp8": 30.0}
+EXPECTED_MIN = {
+    "int8": 41.0,
+    "int8-tensor": 32.5,
+    "int4": 18.2,
+    "int4-g64": 18.7,
+    "int4-asym": 19.3,
+    "fp8": 30.0,
+}
 
 
 @pytest.mark.parametrize("scheme", sorted(EXPECTED_MIN))

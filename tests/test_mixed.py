@@ -194,12 +194,14 @@ def test_sample_ranges_cover_small_tensors_and_spread_over_large_ones():
     assert mixed.sample_ranges(5, 1 << 22) == [(0, 1)]  # at least one whole row
 
 
-
-@pytest.mark.parametrize(("scheme", "opts"), [
-    ("nvfp4a16", {"target_bpw": 5.0}),
-    ("int4", {"target_bpw": 5.0}),
-    ("nvfp4a16", {"min_sqnr": 25.0}),
-])
+@pytest.mark.parametrize(
+    ("scheme", "opts"),
+    [
+        ("nvfp4a16", {"target_bpw": 5.0}),
+        ("int4", {"target_bpw": 5.0}),
+        ("nvfp4a16", {"min_sqnr": 25.0}),
+    ],
+)
 def test_fused_layers_get_one_storage(tmp_path, scheme, opts):
     """q/k/v and gate/up are one layer in vLLM, which refuses parts with different schemes: mixed
     precision chooses one storage per fused set (it used to give q nvfp4 and k/v fp8-block)."""

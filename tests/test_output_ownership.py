@@ -44,8 +44,14 @@ def test_symlinked_state_dir_is_refused_and_its_target_untouched(tmp_path: Path)
     assert (out / ".monoquant").is_symlink() and sorted(os.listdir(out)) == [".monoquant"]
 
 
-@pytest.mark.parametrize("name", ["model-00001-of-00001.safetensors", "model-00007-of-00009.safetensors",
-                                  "model-00001-of-00001.safetensors.partial"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "model-00001-of-00001.safetensors",
+        "model-00007-of-00009.safetensors",
+        "model-00001-of-00001.safetensors.partial",
+    ],
+)
 def test_files_named_like_shards_are_foreign(tmp_path: Path, name: str) -> None:
     src = _ckpt(tmp_path / "in")
     out = tmp_path / "out"
@@ -60,8 +66,10 @@ def test_restart_into_another_models_output_leaves_nothing_stale(tmp_path: Path)
     """Model A (with tokenizer, README, modules.json, a pooling config) is replaced by model B
     (no config.json, no side files): none of A's files may remain, including its config.json
     with the old quantization_config."""
-    a = _ckpt(tmp_path / "a", side={"tokenizer.json": "{}", "README.md": "A", "modules.json": "[]",
-                                    "1_Pooling/config.json": "{}"})
+    a = _ckpt(
+        tmp_path / "a",
+        side={"tokenizer.json": "{}", "README.md": "A", "modules.json": "[]", "1_Pooling/config.json": "{}"},
+    )
     b = _ckpt(tmp_path / "b", seed=1, config=False)
     out = tmp_path / "out"
     monoquant.stream(a, out, "int4", max_shard_size="100KB")
@@ -237,4 +245,6 @@ def test_links_planted_inside_the_state_dir_are_refused(tmp_path: Path, planted:
     (out / ".monoquant" / planted).symlink_to(elsewhere)
     with pytest.raises(OutputError, match="symlink"):
         monoquant.stream(src, out, "int8")
-    assert (elsewhere.is_dir() and not list(elsewhere.iterdir())) or (elsewhere.is_file() and elsewhere.read_text() == "")
+    assert (elsewhere.is_dir() and not list(elsewhere.iterdir())) or (
+        elsewhere.is_file() and elsewhere.read_text() == ""
+    )

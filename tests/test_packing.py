@@ -25,7 +25,9 @@ def test_offset_binary_not_twos_complement():
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 9), cols=st.integers(1, 70), bits=st.sampled_from([4, 8]), seed=st.integers(0, 2**16))
+@given(
+    rows=st.integers(1, 9), cols=st.integers(1, 70), bits=st.sampled_from([4, 8]), seed=st.integers(0, 2**16)
+)
 def test_pack_unpack_identity(rows, cols, bits, seed):
     g = torch.Generator().manual_seed(seed)
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1))

@@ -91,7 +91,9 @@ def _json_out(run: Any) -> dict[str, Any]:
 
 
 # ---- byte identity --------------------------------------------------------------------------------
-def test_sharded_from_s3_matches_local_run(zyg: Zygote, tmp_path: Path, ckpt: tuple[Path, str], local_ref: dict[str, bytes]) -> None:
+def test_sharded_from_s3_matches_local_run(
+    zyg: Zygote, tmp_path: Path, ckpt: tuple[Path, str], local_ref: dict[str, bytes]
+) -> None:
     _, url = ckpt
     r = zyg.run("stream", url + "/", tmp_path / "out", "--int8", "--max-shard-size", "600KB", "--json")
     assert r.returncode == 0, r.stderr
@@ -102,15 +104,20 @@ def test_sharded_from_s3_matches_local_run(zyg: Zygote, tmp_path: Path, ckpt: tu
     assert rep["complete"] and rep["shards_written"] >= 3
 
 
-@pytest.mark.parametrize(("scheme", "opts"), [
-    ("int4", {}),
-    ("fp8", {}),  # a tensor scale: every tensor is read twice
-    ("fp16", {"jobs": 2, "max_shard_size": "600KB"}),  # two readers at once
-    ("int8", {"target_bpw": 6.0}),  # mixed precision samples rows first
-    ("nvfp4a16", {}),  # q/k/v and gate/up share a global scale: the peers are read from s3:// too
-    ("mxfp4a16", {"target_bpw": 5.0}),  # mixed among the float formats (nvfp4 included)
-])
-def test_schemes_from_s3_match_local(aws_env: dict[str, str], tmp_path: Path, ckpt: tuple[Path, str], scheme: str, opts: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("scheme", "opts"),
+    [
+        ("int4", {}),
+        ("fp8", {}),  # a tensor scale: every tensor is read twice
+        ("fp16", {"jobs": 2, "max_shard_size": "600KB"}),  # two readers at once
+        ("int8", {"target_bpw": 6.0}),  # mixed precision samples rows first
+        ("nvfp4a16", {}),  # q/k/v and gate/up share a global scale: the peers are read from s3:// too
+        ("mxfp4a16", {"target_bpw": 5.0}),  # mixed among the float formats (nvfp4 included)
+    ],
+)
+def test_schemes_from_s3_match_local(
+    aws_env: dict[str, str], tmp_path: Path, ckpt: tuple[Path, str], scheme: str, opts: dict[str, Any]
+) -> None:
     root, url = ckpt
     monoquant.stream(root, tmp_path / "local", scheme, **opts)
     rep = monoquant.stream(url, tmp_path / "remote", scheme, **opts)
@@ -118,7 +125,9 @@ def test_schemes_from_s3_match_local(aws_env: dict[str, str], tmp_path: Path, ck
     assert read_dir_bytes(tmp_path / "remote") == read_dir_bytes(tmp_path / "local")
 
 
-def test_single_file_and_unindexed_dir_from_s3(aws_env: dict[str, str], srv: S3Server, tmp_path: Path) -> None:
+def test_single_file_and_unindexed_dir_from_s3(
+    aws_env: dict[str, str], srv: S3Server, tmp_path: Path
+) -> None:
     from safetensors.torch import save_file
 
     sd = tiny_llama_sd(layers=1, hidden=128, inter=256, vocab=300, seed=3)
@@ -161,7 +170,9 @@ def test_dry_run_inspect_verify_on_urls(zyg: Zygote, tmp_path: Path, ckpt: tuple
 
 # ---- resume ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("kill", "shard"), [("mid-shard", 1), ("after-record", 0)])
-def test_kill_and_rerun_from_s3(zyg: Zygote, tmp_path: Path, ckpt: tuple[Path, str], local_ref: dict[str, bytes], kill: str, shard: int) -> None:
+def test_kill_and_rerun_from_s3(
+    zyg: Zygote, tmp_path: Path, ckpt: tuple[Path, str], local_ref: dict[str, bytes], kill: str, shard: int
+) -> None:
     _, url = ckpt
     out = tmp_path / "out"
     args = ("stream", url, out, "--int8", "--max-shard-size", "600KB", "--json")
@@ -178,13 +189,17 @@ def test_kill_and_rerun_from_s3(zyg: Zygote, tmp_path: Path, ckpt: tuple[Path, s
 
 
 @pytest.mark.slow
-def test_sigkill_at_a_random_moment_then_rerun(srv: S3Server, tmp_path: Path, ckpt: tuple[Path, str], local_ref: dict[str, bytes]) -> None:
+def test_sigkill_at_a_random_moment_then_rerun(
+    srv: S3Server, tmp_path: Path, ckpt: tuple[Path, str], local_ref: dict[str, bytes]
+) -> None:
     """The real console script, killed while it reads from the bucket (slowed by a tiny read window)."""
     _, url = ckpt
     out = tmp_path / "out"
     env = {**cli_helpers.ENV, **srv.env, "MONOQUANT_REMOTE_CHUNK": "16384", "MONOQUANT_REMOTE_AHEAD": "0"}
     args = [*cli_helpers.cli(), "stream", url, str(out), "--int8", "--max-shard-size", "600KB", "-q"]
-    p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
     t0 = time.monotonic()
     while not list(out.glob("model-*.safetensors")) and p.poll() is None and time.monotonic() - t0 < 120:
         time.sleep(0.01)
@@ -196,14 +211,18 @@ def test_sigkill_at_a_random_moment_then_rerun(srv: S3Server, tmp_path: Path, ck
     for d in scratch.values():
         d.mkdir()
     env = {**env, **{k: str(d) for k, d in scratch.items()}}
-    again = subprocess.run(args, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    again = subprocess.run(
+        args, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300
+    )
     assert again.returncode == 0, again.stderr
     assert_complete(out, local_ref, "rerun after a random kill")
     written = sum(p.stat().st_size for d in scratch.values() for p in d.rglob("*") if p.is_file())
     assert written < 64 << 10, f"{written} bytes written to temp/home/cache during a remote run"
 
 
-def test_object_replaced_between_runs_is_refused(zyg: Zygote, srv: S3Server, tmp_path: Path, ckpt: tuple[Path, str]) -> None:
+def test_object_replaced_between_runs_is_refused(
+    zyg: Zygote, srv: S3Server, tmp_path: Path, ckpt: tuple[Path, str]
+) -> None:
     root, _ = ckpt
     url = srv.upload_dir(root, "models/changing")
     out = tmp_path / "out"
@@ -234,7 +253,9 @@ def test_object_replaced_between_runs_is_refused(zyg: Zygote, srv: S3Server, tmp
 
 
 # ---- permanent errors: one line, exit 1, naming the object -------------------------------------------
-def test_missing_prefix_and_missing_shard(zyg: Zygote, srv: S3Server, tmp_path: Path, ckpt: tuple[Path, str]) -> None:
+def test_missing_prefix_and_missing_shard(
+    zyg: Zygote, srv: S3Server, tmp_path: Path, ckpt: tuple[Path, str]
+) -> None:
     r = zyg.run("stream", srv.url("models/nothing-here/"), tmp_path / "o1", "--int8")
     assert_one_error_line(r, srv.url("models/nothing-here"))
     root, _ = ckpt
@@ -255,18 +276,35 @@ def test_access_denied_by_policy(zyg: Zygote, srv: S3Server, tmp_path: Path, ckp
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_credentials_denied_and_never_printed(srv: S3Server, tmp_path: Path, ckpt: tuple[Path, str]) -> None:
+def test_unknown_credentials_denied_and_never_printed(
+    srv: S3Server, tmp_path: Path, ckpt: tuple[Path, str]
+) -> None:
     _, url = ckpt
-    env = {**cli_helpers.ENV, **srv.env, "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG1", "AWS_SECRET_ACCESS_KEY": "s3cr3t-must-not-leak"}
+    env = {
+        **cli_helpers.ENV,
+        **srv.env,
+        "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG1",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t-must-not-leak",
+    }
     args = ("stream", url, str(tmp_path / "out"), "--int8")
-    p = subprocess.run([*cli_helpers.cli(), *args], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    p = subprocess.run(
+        [*cli_helpers.cli(), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
     assert "access denied" in assert_one_error_line(p, url)
     assert "s3cr3t-must-not-leak" not in p.stdout + p.stderr
     assert "AKIAWRONGWRONGWRONG1" not in p.stdout + p.stderr
 
 
 def test_tokens_in_urls_are_scrubbed(zyg: Zygote, srv: S3Server, tmp_path: Path) -> None:
-    assert scrub("https://u:pw@h.example:8443/a/b.safetensors?sig=XYZ#frag") == "https://h.example:8443/a/b.safetensors"
+    assert (
+        scrub("https://u:pw@h.example:8443/a/b.safetensors?sig=XYZ#frag")
+        == "https://h.example:8443/a/b.safetensors"
+    )
     url = f"http://user:pa55word-leak@127.0.0.1:{srv.port}/{srv.bucket}/nowhere/model.safetensors?X-Amz-Signature=sig-leak"
     r = zyg.run("stream", url, tmp_path / "out", "--int8")
     msg = assert_one_error_line(r, f"http://127.0.0.1:{srv.port}/{srv.bucket}/nowhere/model.safetensors")
@@ -283,13 +321,22 @@ def test_truncated_object(zyg: Zygote, srv: S3Server, tmp_path: Path, ckpt: tupl
     assert "truncated" in msg
 
 
-def test_object_replaced_while_read(zyg: Zygote, srv: S3Server, tmp_path: Path, ckpt: tuple[Path, str]) -> None:
+def test_object_replaced_while_read(
+    zyg: Zygote, srv: S3Server, tmp_path: Path, ckpt: tuple[Path, str]
+) -> None:
     """Replaced after the first tensor was read: the next range request (If-Match) fails."""
     root, _ = ckpt
     url = srv.upload_dir(root, "models/moving")
     sig, go = tmp_path / "sig", tmp_path / "go"
-    r = zyg.start("stream", url, tmp_path / "out", "--int8", "--max-shard-size", "600KB",
-                  hooks={"events": [{"kind": "tensor", "signal": str(sig), "wait": str(go)}]})
+    r = zyg.start(
+        "stream",
+        url,
+        tmp_path / "out",
+        "--int8",
+        "--max-shard-size",
+        "600KB",
+        hooks={"events": [{"kind": "tensor", "signal": str(sig), "wait": str(go)}]},
+    )
     cli_helpers.wait_for(sig, r)
     first = json.loads((tmp_path / "out" / STATE / "inputs.json").read_text())
     assert first
@@ -304,7 +351,9 @@ def test_object_replaced_while_read(zyg: Zygote, srv: S3Server, tmp_path: Path, 
 
 
 def test_torch_bin_remote_is_refused(zyg: Zygote, srv: S3Server, tmp_path: Path) -> None:
-    root = write_sharded(tmp_path / "bin", tiny_llama_sd(layers=1, hidden=64, inter=128, vocab=100), 2, fmt="bin")
+    root = write_sharded(
+        tmp_path / "bin", tiny_llama_sd(layers=1, hidden=64, inter=128, vocab=100), 2, fmt="bin"
+    )
     url = srv.upload_dir(root, "models/bin")
     r = zyg.run("stream", url, tmp_path / "out", "--int8")
     msg = assert_one_error_line(r, "pytorch_model-00001-of-00002.bin", "safetensors")
@@ -324,8 +373,14 @@ def test_missing_extra_is_one_line(tmp_path: Path) -> None:
         "from monoquant.cli import main\n"
         "main(['stream', 's3://bucket/model/', sys.argv[1], '--int8'], prog_name='monoquant')\n"
     )
-    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True,
-                       env=cli_helpers.ENV, stdin=subprocess.DEVNULL, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=cli_helpers.ENV,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
     msg = assert_one_error_line(p, "s3://bucket/model/")
     assert "pip install 'monoquant[remote]'" in msg
 
@@ -354,7 +409,9 @@ class _FlakyFS:
         return f
 
 
-def test_transient_errors_are_retried_with_backoff(aws_env: dict[str, str], ckpt: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_transient_errors_are_retried_with_backoff(
+    aws_env: dict[str, str], ckpt: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     root, url = ckpt
     rp = RemotePath.from_url(url + "/model-00001-of-00003.safetensors")
     want = (root / "model-00001-of-00003.safetensors").read_bytes()
@@ -404,8 +461,9 @@ def test_memory_bound_of_the_read_window(aws_env: dict[str, str], ckpt: tuple[Pa
         rd.close()
 
 
-
-def test_fleet_without_shared_volume(aws_env: dict[str, str], tmp_path: Path, ckpt: tuple[Path, str], local_ref: dict[str, bytes]) -> None:
+def test_fleet_without_shared_volume(
+    aws_env: dict[str, str], tmp_path: Path, ckpt: tuple[Path, str], local_ref: dict[str, bytes]
+) -> None:
     """docs/remote.md's fleet recipe: each worker reads the bucket and writes its own local directory;
     a finishing step gathers the parts (shards + journals) and only writes the index."""
     import shutil
@@ -439,12 +497,20 @@ def test_local_runs_never_import_fsspec(tmp_path: Path, ckpt: tuple[Path, str]) 
         "assert r.complete\n"
         "print('ok')\n"
     )
-    p = subprocess.run([sys.executable, "-c", code, str(ckpt[0]), str(tmp_path / "out")], capture_output=True,
-                       text=True, env=cli_helpers.ENV, stdin=subprocess.DEVNULL, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(ckpt[0]), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=cli_helpers.ENV,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
     assert p.returncode == 0 and p.stdout == "ok\n", p.stderr
 
 
-def test_index_entry_outside_the_prefix_is_refused(aws_env: dict[str, str], srv: S3Server, ckpt: tuple[Path, str], tmp_path: Path) -> None:
+def test_index_entry_outside_the_prefix_is_refused(
+    aws_env: dict[str, str], srv: S3Server, ckpt: tuple[Path, str], tmp_path: Path
+) -> None:
     root, _ = ckpt
     url = srv.upload_dir(root, "models/escape")
     index = json.loads((root / "model.safetensors.index.json").read_text())
@@ -497,7 +563,9 @@ def _range_server(root: Path) -> Any:
             if m:
                 a, b = int(m.group(1)), int(m.group(2) or len(data) - 1)
                 part = data[a : b + 1]
-                self._head(206, len(part), {**etag, "Content-Range": f"bytes {a}-{a + len(part) - 1}/{len(data)}"})
+                self._head(
+                    206, len(part), {**etag, "Content-Range": f"bytes {a}-{a + len(part) - 1}/{len(data)}"}
+                )
                 self.wfile.write(part)
             else:
                 self._head(200, len(data), etag)
@@ -536,7 +604,13 @@ def test_https_style_single_file_url(tmp_path: Path, monkeypatch: pytest.MonkeyP
         srv.server_close()
 
 
-def test_resume_fetches_only_what_the_missing_shards_need(aws_env: dict[str, str], tmp_path: Path, ckpt: tuple[Path, str], local_ref: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_fetches_only_what_the_missing_shards_need(
+    aws_env: dict[str, str],
+    tmp_path: Path,
+    ckpt: tuple[Path, str],
+    local_ref: dict[str, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Bytes actually fetched from the bucket by a resumed run: the input tensors of the shards still
     missing, plus at most the read window's overshoot, and not a byte of the finished shards."""
     _, url = ckpt
@@ -553,7 +627,9 @@ def test_resume_fetches_only_what_the_missing_shards_need(aws_env: dict[str, str
 
     monkeypatch.setattr(RangeReader, "_fetch", counting)
     out = tmp_path / "out"
-    first = monoquant.stream(url, out, "int8", max_shard_size="600KB", worker=(0, 2))  # "killed" after its shards
+    first = monoquant.stream(
+        url, out, "int8", max_shard_size="600KB", worker=(0, 2)
+    )  # "killed" after its shards
     assert not first.complete and first.shards_written >= 2
     fetched.clear()
     p = monoquant.plan(url, "int8", max_shard_size="600KB")

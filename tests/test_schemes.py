@@ -37,8 +37,14 @@ def test_options_make_variants(name, options, expected):
 
 @pytest.mark.parametrize(
     "name, fmt",
-    [("int8", "pack-quantized"), ("int4", "pack-quantized"), ("w8a8", "int-quantized"),
-     ("fp8", "naive-quantized"), ("fp8-dynamic", "float-quantized"), ("fp16", None)],
+    [
+        ("int8", "pack-quantized"),
+        ("int4", "pack-quantized"),
+        ("w8a8", "int-quantized"),
+        ("fp8", "naive-quantized"),
+        ("fp8-dynamic", "float-quantized"),
+        ("fp16", None),
+    ],
 )
 def test_formats(name, fmt):
     assert get_scheme(name).format == fmt

@@ -41,7 +41,9 @@ def check_output(out, sd, scheme="int8", **opts):
     assert set(expected) == set(stored)
     for k, v in expected.items():
         assert stored[k].dtype == v.dtype and stored[k].shape == v.shape, k
-        assert torch.equal(stored[k].reshape(-1).view(torch.uint8), v.contiguous().reshape(-1).view(torch.uint8)), k
+        assert torch.equal(
+            stored[k].reshape(-1).view(torch.uint8), v.contiguous().reshape(-1).view(torch.uint8)
+        ), k
     dense = monoquant.load(out)
     assert set(dense) == set(sd)
     return index
@@ -90,7 +92,9 @@ def test_quantization_config_in_config_json(tmp_path, ckpt, sd):
     modules = {n.rsplit(".", 1)[0] for n in sd}
     # every dense 2-D weight is ignored explicitly (the class target would claim it)
     dense2d = {n[: -len(".weight")] for n, t in sd.items() if t.dim() == 2} - quantized
-    ignored = {m for m in modules if any(re.match(t[len("re:") :], m) for t in qc["ignore"] if t.startswith("re:"))}
+    ignored = {
+        m for m in modules if any(re.match(t[len("re:") :], m) for t in qc["ignore"] if t.startswith("re:"))
+    }
     assert ignored == dense2d and "lm_head" in ignored
     # tolerant of the base-model prefix transformers adds or strips (BertModel -> task class,
     # LlamaForCausalLM -> LlamaModel), and still matching nothing else
@@ -104,7 +108,9 @@ def test_two_runs_and_options_that_must_not_matter_give_identical_bytes(tmp_path
     monoquant.stream(ckpt, tmp_path / "a", "int4", max_shard_size="400KB")
     monoquant.stream(ckpt, tmp_path / "b", "int4", max_shard_size="400KB")
     monoquant.stream(ckpt, tmp_path / "c", "int4", max_shard_size="400KB", backend="pread", block_bytes=5000)
-    monoquant.stream(ckpt, tmp_path / "d", "int4", max_shard_size="400KB", jobs=3, threads=2, stats="off", overlap=True)
+    monoquant.stream(
+        ckpt, tmp_path / "d", "int4", max_shard_size="400KB", jobs=3, threads=2, stats="off", overlap=True
+    )
     monoquant.stream(ckpt, tmp_path / "e", "int4", max_shard_size="400KB", overlap=False, block_bytes=1 << 20)
     a = read_dir_bytes(tmp_path / "a")
     for other in "bcde":
@@ -129,7 +135,10 @@ def test_dry_run_plan_writes_nothing_and_predicts_sizes(tmp_path, ckpt):
     monoquant.stream(ckpt, tmp_path / "out", "int8", max_shard_size="400KB")
     for s in p.shards:
         assert (tmp_path / "out" / s.filename).stat().st_size == s.file_size
-    assert p.totals()["bytes_out"] == json.loads((tmp_path / "out" / INDEX_NAME).read_text())["metadata"]["total_size"]
+    assert (
+        p.totals()["bytes_out"]
+        == json.loads((tmp_path / "out" / INDEX_NAME).read_text())["metadata"]["total_size"]
+    )
 
 
 def test_load_lazy_and_raw(tmp_path, ckpt, sd):
@@ -185,7 +194,9 @@ def test_output_overlapping_input_is_refused(tmp_path, ckpt, where):
 
 
 def test_single_file_input_may_write_to_a_sibling_directory(tmp_path):
-    src = write_sharded(tmp_path / "m", tiny_llama_sd(layers=1), shards=1) / "model-00001-of-00001.safetensors"
+    src = (
+        write_sharded(tmp_path / "m", tiny_llama_sd(layers=1), shards=1) / "model-00001-of-00001.safetensors"
+    )
     assert monoquant.stream(src, src.parent.parent / "sibling", "int8").complete
 
 
@@ -232,7 +243,11 @@ def test_an_already_quantized_checkpoint_is_refused(tmp_path, ckpt):
 
 
 def test_stats_modes(tmp_path, sd):
-    src = write_sharded(tmp_path / "in", {"big.weight": torch.randn(4096, 512, generator=torch.Generator().manual_seed(3)).bfloat16()}, shards=1)
+    src = write_sharded(
+        tmp_path / "in",
+        {"big.weight": torch.randn(4096, 512, generator=torch.Generator().manual_seed(3)).bfloat16()},
+        shards=1,
+    )
     name = "big.weight"
     exact = monoquant.stream(src, tmp_path / "e", "int4", stats="exact", block_bytes=64 << 10).stats[name]
     sample = monoquant.stream(src, tmp_path / "s", "int4", stats="sample", block_bytes=64 << 10).stats[name]

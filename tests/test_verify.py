@@ -39,7 +39,9 @@ def test_verify_threshold_is_a_ci_gate(job):
     runner = CliRunner()
     ok = runner.invoke(main, ["verify", str(out), "--against", str(src), "--min-sqnr", str(worst - 0.5)])
     assert ok.exit_code == 0, ok.output
-    bad = runner.invoke(main, ["verify", str(out), "--against", str(src), "--min-sqnr", str(worst + 0.01), "--json"])
+    bad = runner.invoke(
+        main, ["verify", str(out), "--against", str(src), "--min-sqnr", str(worst + 0.01), "--json"]
+    )
     assert bad.exit_code == 3
     js = json.loads(bad.stdout)
     assert js["below_threshold"] and not js["ok"]
@@ -118,5 +120,7 @@ def test_verify_finds_a_dense_linear_the_class_target_would_claim(job, tmp_path)
     qc["ignore"] = [t for t in qc["ignore"] if "lm_head" not in t]
     (bad / "config.json").write_text(json.dumps(cfg))
     r = verify(bad)
-    assert r.problems == ["config.json: dense module 'lm_head' is targeted and not in ignore "
-                          "(loaders would expect quantized tensors)"]
+    assert r.problems == [
+        "config.json: dense module 'lm_head' is targeted and not in ignore "
+        "(loaders would expect quantized tensors)"
+    ]

@@ -122,8 +122,17 @@ def test_exact_stats_scaled_sums_match_float64() -> None:
 
 @pytest.mark.parametrize(
     ("scheme", "opts"),
-    [("fp8", {}), ("fp8", {"per_tensor": True}), ("int4", {"optimize": True}), ("int4", {}), ("int8", {}),
-     ("int8", {"per_tensor": True}), ("int8", {"optimize": True}), ("fp8-block", {}), ("nvfp4a16", {})],
+    [
+        ("fp8", {}),
+        ("fp8", {"per_tensor": True}),
+        ("int4", {"optimize": True}),
+        ("int4", {}),
+        ("int8", {}),
+        ("int8", {"per_tensor": True}),
+        ("int8", {"optimize": True}),
+        ("fp8-block", {}),
+        ("nvfp4a16", {}),
+    ],
 )
 def test_fp16_weight_at_the_fp16_max_decodes_finite(tmp_path: Path, scheme: str, opts: dict) -> None:
     """An fp16 weight at ±65504: the scale is capped so that code * scale stays finite in fp16
@@ -162,7 +171,9 @@ def test_asymmetric_overflow_is_refused_with_one_line(tmp_path: Path, scheme: st
     scale exceeds fp16 (found by search: 65504 and -65393) is refused, naming the tensor."""
     w = torch.zeros(4, 128, dtype=torch.float16)
     w[0, 0], w[0, 1] = 65504.0, -65393.0
-    with pytest.raises(monoquant.TensorValueError, match=r"'l\.weight' cannot be stored safely.*beyond float16"):
+    with pytest.raises(
+        monoquant.TensorValueError, match=r"'l\.weight' cannot be stored safely.*beyond float16"
+    ):
         monoquant.quantize({"l.weight": w}, scheme, asymmetric=True, group_size=128)
     src = _one(tmp_path / "in", {"l.weight": w})
     with pytest.raises(monoquant.TensorValueError, match=r"model\.safetensors: tensor 'l\.weight'"):
@@ -179,7 +190,9 @@ def test_bf16_cast_overflow_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("scheme", ["fp16", "bf16"])
 def test_zero_element_tensor_casts(tmp_path: Path, scheme: str) -> None:
     out = monoquant.quantize({"e.weight": torch.empty(0, 8), "l.weight": _w(4, 8)}, scheme)
-    assert out["e.weight"].shape == (0, 8) and out["e.weight"].dtype == getattr(torch, {"fp16": "float16"}.get(scheme, "bfloat16"))
+    assert out["e.weight"].shape == (0, 8) and out["e.weight"].dtype == getattr(
+        torch, {"fp16": "float16"}.get(scheme, "bfloat16")
+    )
     src = _one(tmp_path / "in", {"e.weight": torch.empty(0, 8), "l.weight": _w(4, 8)})
     rep = monoquant.stream(src, tmp_path / "out", scheme)
     assert rep.complete and verify(tmp_path / "out", against=src).ok

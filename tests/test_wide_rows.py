@@ -17,9 +17,17 @@ from monoquant.verify import verify
 from tests.helpers import read_dir_bytes
 
 SCHEMES = [
-    ("int8", {}), ("int4", {}), ("fp8", {}), ("fp16", {}), ("bf16", {}), ("int8", {"per_tensor": True}),
-    ("fp8", {"per_tensor": True}), ("int4", {"group_size": 32, "optimize": True}), ("int8", {"group_size": 64}),
-    ("int4", {"asymmetric": True}), ("int8", {"optimize": True}),
+    ("int8", {}),
+    ("int4", {}),
+    ("fp8", {}),
+    ("fp16", {}),
+    ("bf16", {}),
+    ("int8", {"per_tensor": True}),
+    ("fp8", {"per_tensor": True}),
+    ("int4", {"group_size": 32, "optimize": True}),
+    ("int8", {"group_size": 64}),
+    ("int4", {"asymmetric": True}),
+    ("int8", {"optimize": True}),
 ]
 
 
@@ -30,8 +38,10 @@ def test_column_chunks_give_the_whole_row_bytes(tmp_path: Path, scheme: str, opt
     w[1, 4000] = 40.0  # an outlier in a middle chunk: the row scale must see it
     src = tmp_path / "in"
     src.mkdir()
-    save_file({"l.weight": w, "m.weight": torch.randn(16, 256, generator=g).to(torch.bfloat16)},
-              str(src / "model.safetensors"))
+    save_file(
+        {"l.weight": w, "m.weight": torch.randn(16, 256, generator=g).to(torch.bfloat16)},
+        str(src / "model.safetensors"),
+    )
     whole = monoquant.stream(src, tmp_path / "whole", scheme, block_bytes=1 << 20, stats="exact", **opts)
     chunked = monoquant.stream(src, tmp_path / "chunked", scheme, block_bytes=1024, stats="exact", **opts)
     assert read_dir_bytes(tmp_path / "whole") == read_dir_bytes(tmp_path / "chunked")

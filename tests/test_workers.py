@@ -125,7 +125,9 @@ def small(zyg: Zygote, tmp_path_factory: pytest.TempPathFactory):
     return src, read_dir_bytes(d / "ref"), first_tensor, names
 
 
-def test_a_process_never_redoes_a_shard_another_finished_meanwhile(zyg: Zygote, small, tmp_path: Path) -> None:
+def test_a_process_never_redoes_a_shard_another_finished_meanwhile(
+    zyg: Zygote, small, tmp_path: Path
+) -> None:
     """P1 holds shard 1's lock (paused inside it); P2 skips that shard as busy, writes all the
     others and cannot write the index. P1 resumes: it must finish its shard, *skip* the shards P2
     journaled meanwhile, and write the index."""
@@ -158,15 +160,48 @@ def test_a_late_process_does_not_fail_after_another_finished_the_job(
     src, ref, first_tensor, names = small
     out = tmp_path / "out"
     f = {k: tmp_path / k for k in ("p1-in-1", "go-1", "p1-at-2", "go-2", "p2-in-last")}
-    p1 = zyg.start("stream", src, out, *SMALL, "--json", hooks={"events": [
-        {"kind": "tensor", "name": first_tensor[0], "signal": str(f["p1-in-1"]), "wait": str(f["go-1"])},
-        {"kind": "tensor", "name": first_tensor[1], "signal": str(f["p1-at-2"]), "wait": str(f["go-2"])},
-        {"kind": "shard_skipped", "name": names[1], "signal": str(f["p1-at-2"])},
-    ]})
+    p1 = zyg.start(
+        "stream",
+        src,
+        out,
+        *SMALL,
+        "--json",
+        hooks={
+            "events": [
+                {
+                    "kind": "tensor",
+                    "name": first_tensor[0],
+                    "signal": str(f["p1-in-1"]),
+                    "wait": str(f["go-1"]),
+                },
+                {
+                    "kind": "tensor",
+                    "name": first_tensor[1],
+                    "signal": str(f["p1-at-2"]),
+                    "wait": str(f["go-2"]),
+                },
+                {"kind": "shard_skipped", "name": names[1], "signal": str(f["p1-at-2"])},
+            ]
+        },
+    )
     wait_for(f["p1-in-1"], p1)
-    p2 = zyg.start("stream", src, out, *SMALL, "--json", hooks={"events": [
-        {"kind": "tensor", "name": first_tensor[-1], "signal": str(f["p2-in-last"]), "wait": str(f["p1-at-2"])},
-    ]})
+    p2 = zyg.start(
+        "stream",
+        src,
+        out,
+        *SMALL,
+        "--json",
+        hooks={
+            "events": [
+                {
+                    "kind": "tensor",
+                    "name": first_tensor[-1],
+                    "signal": str(f["p2-in-last"]),
+                    "wait": str(f["p1-at-2"]),
+                },
+            ]
+        },
+    )
     wait_for(f["p2-in-last"], p2)
     f["go-1"].touch()
     p2.wait(120)

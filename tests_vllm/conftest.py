@@ -85,7 +85,9 @@ def _stream(src: Path, dst: Path, opts: dict[str, Any]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def output(tmp_path_factory: pytest.TempPathFactory, smollm2: Path, minilm: Path) -> Callable[[str, str], Path]:
+def output(
+    tmp_path_factory: pytest.TempPathFactory, smollm2: Path, minilm: Path
+) -> Callable[[str, str], Path]:
     """``output(model, name)``: the monoquant output ``name`` (a key of OUTPUTS) of ``model``
     ("smollm2" or "minilm"), written once per session."""
     cache: dict[tuple[str, str], Path] = {}

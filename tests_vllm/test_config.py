@@ -23,7 +23,11 @@ WRITER_KEYS = {"version", "quant_method", "sparsity_config", "transform_config"}
 def unknown_keys(qc: dict[str, Any]) -> list[str]:
     """Keys of the config that this compressed-tensors' models do not declare (``extra='forbid'``
     semantics, applied by hand: the models themselves accept extras)."""
-    bad = [f"quantization_config.{k}" for k in qc if k not in QuantizationConfig.model_fields and k not in WRITER_KEYS]
+    bad = [
+        f"quantization_config.{k}"
+        for k in qc
+        if k not in QuantizationConfig.model_fields and k not in WRITER_KEYS
+    ]
     for gname, g in qc["config_groups"].items():
         bad += [f"{gname}.{k}" for k in g if k not in QuantizationScheme.model_fields]
         for part in ("weights", "input_activations", "output_activations"):
@@ -109,10 +113,10 @@ def test_a_foreign_key_is_caught(output):
 def test_vllm_picks_the_scheme_of_every_layer(output, name):
     """vLLM's CompressedTensorsConfig, with Llama's fused-layer mapping, gives every layer the
     scheme class of the config group its checkpoint modules belong to (None for dense ones)."""
+    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
         CompressedTensorsConfig,
     )
-    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
     from vllm.model_executor.models.llama import LlamaForCausalLM
 
     out = output("smollm2", name)

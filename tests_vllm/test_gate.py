@@ -17,16 +17,21 @@ def scramble_scales(out: Path, dst: Path) -> Path:
     shutil.copytree(out, dst)
     for shard in dst.glob("*.safetensors"):
         sd = load_file(shard)
-        save_file({n: t.flip(0).contiguous() if n.endswith("weight_scale") else t for n, t in sd.items()},
-                  shard, metadata={"format": "pt"})
+        save_file(
+            {n: t.flip(0).contiguous() if n.endswith("weight_scale") else t for n, t in sd.items()},
+            shard,
+            metadata={"format": "pt"},
+        )
     return dst
 
 
 def test_vllm_gate_passes_a_good_output_and_fails_a_misread_one(output, minilm, tmp_path):
     good = output("minilm", "w8a8")
-    r = CliRunner().invoke(main, ["verify", str(good), "--against", str(minilm), "--engine", "vllm", "--json"])
+    r = CliRunner().invoke(
+        main, ["verify", str(good), "--against", str(minilm), "--engine", "vllm", "--json"]
+    )
     assert r.exit_code == 0, r.output
-    js = json.loads(r.stdout[r.stdout.rindex('{\n "path"'):])  # vLLM itself may log to stdout
+    js = json.loads(r.stdout[r.stdout.rindex('{\n "path"') :])  # vLLM itself may log to stdout
     print("gate, vLLM, MiniLM w8a8:", js["engine"])
     assert js["engine"]["task"] == "embedding" and js["engine"]["metrics"]["min_cosine"] > 0.99
 

