@@ -353,21 +353,17 @@ def stream(src: str, dst: str, **kw: Any) -> None:
         "target_bpw": kw.pop("target_bpw"),
         "min_sqnr": kw.pop("min_sqnr"),
     }
-    scheme = _pop_scheme(kw)
-    if common["target_bpw"] is not None or common["min_sqnr"] is not None:
-        from .schemes import get_scheme
+    name = _pop_scheme(kw)
+    from .options import resolve_scheme
 
-        try:
-            cast = get_scheme(scheme, **sopts).kind == "cast"
-        except MonoquantError:
-            cast = False  # the run reports the bad scheme itself
-        if cast:
-            opt = "--target-bpw" if common["target_bpw"] is not None else "--min-sqnr"
-            raise click.UsageError(
-                f"{opt} chooses among int4/int8 storages; it needs --int4 or --int8, not --{scheme}"
-            )
+    scheme = _run(verbose, lambda: resolve_scheme(name, sopts))  # once: the library takes the value
+    if scheme.kind == "cast" and (common["target_bpw"] is not None or common["min_sqnr"] is not None):
+        opt = "--target-bpw" if common["target_bpw"] is not None else "--min-sqnr"
+        raise click.UsageError(
+            f"{opt} chooses among int4/int8 storages; it needs --int4 or --int8, not --{name}"
+        )
     if dry:
-        p = _run(verbose, lambda: pipeline.plan(src, scheme, **common, **sopts))
+        p = _run(verbose, lambda: pipeline.plan(src, scheme, **common))
         if as_json:
             click.echo(json.dumps(p.to_json(), indent=1))
         else:
@@ -381,7 +377,6 @@ def stream(src: str, dst: str, **kw: Any) -> None:
             dst,
             scheme,
             **common,
-            **sopts,
             worker=kw["worker"],
             jobs=kw["jobs"],
             restart=kw["restart"],
@@ -752,9 +747,7 @@ def _print_report(r: Any) -> None:
         click.echo(f"  warning: {line}")
     for note in r.notes:
         click.echo(f"  note: {note}")
-    from .schemes import get_scheme
-
-    for note in get_scheme(r.scheme).compat_notes():
+    for note in r.compat_notes():  # of every scheme the output holds, not only the one asked for
         click.echo(f"  note: {note}")
     if "mixed" in pl:
         m = pl["mixed"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,17 +22,21 @@ from typing import Any
 import torch
 
 from .dtypes import dtype_name, itemsize, to_st
-from .errors import CheckpointError, OptionError
+from .errors import CheckpointError
 from .formats import output_name, shared_scales
 from .kernels import OutSpec, as_rows, get_kernel
+from .options import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_SHARD, PlanOptions, parse_size, resolve_scheme
+from .outnames import INDEX_NAME, shard_name
 from .reader import Checkpoint, TensorRef
 from .rules import Decision, Rules, decide, summarize_warnings
-from .schemes import FORMAT_VERSION, Scheme, get_scheme
+from .schemes import FORMAT_VERSION, Scheme
 
-SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD = 5 * 1000**3
-DEFAULT_BLOCK_BYTES = 4 * 1024 * 1024
+__all__ = [  # re-exported: callers import these names from here
+    "DEFAULT_BLOCK_BYTES",
+    "DEFAULT_MAX_SHARD",
+    "INDEX_NAME",
+    "parse_size",
+]
 
 #: Chooses a scheme per tensor (mixed precision); ``None`` = use the decision of the rules.
 Chooser = Callable[[TensorRef, Decision], Decision]
@@ -97,7 +100,10 @@ class Plan:
     clamp_fp16: bool
     fingerprint: str
     block_bytes: int = DEFAULT_BLOCK_BYTES
+    #: JSON-able options that change the output and so enter the fingerprint
     extra: dict[str, Any] = field(default_factory=dict)
+    #: mixed precision: the chooser's summary (estimates; not part of the fingerprint)
+    mixed_summary: dict[str, Any] | None = None
 
     # ---- summaries --------------------------------------------------------------------------
     def totals(self) -> dict[str, Any]:
@@ -128,8 +134,8 @@ class Plan:
             "warnings": [t.ref.name for t in self.tensors if t.decision.warn],
             "warning_summary": summarize_warnings([(t.ref.name, t.decision) for t in self.tensors]),
         }
-        if "mixed_summary" in self.extra:
-            out["mixed"] = self.extra["mixed_summary"]
+        if self.mixed_summary is not None:
+            out["mixed"] = self.mixed_summary
         return out
 
     def schemes_used(self) -> dict[str, Scheme]:
@@ -191,7 +197,7 @@ def estimate_peak(plan: Plan) -> int:
 
 
 def _block_elems(plan: Plan, t: PlannedTensor) -> int:
-    rows, cols = as_rows(t.ref.shape)
+    _rows, cols = as_rows(t.ref.shape)
     return block_rows_for(t, plan.block_bytes) * cols
 
 
@@ -209,31 +215,6 @@ def block_rows_for(t: PlannedTensor, block_bytes: int) -> int:
 
 
 # ---- building ------------------------------------------------------------------------------------
-def parse_size(text: str | int) -> int:
-    """Parse ``5GB``, ``500MB``, ``2GiB``, ``1e9`` or a byte count (positive, finite)."""
-    if isinstance(text, bool) or not isinstance(text, (int, str)):
-        raise OptionError(f"max shard size {text!r}: give a byte count or a size such as 5GB")
-    if isinstance(text, int):
-        if text <= 0:
-            raise OptionError(f"size {text!r} must be positive")
-        return text
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
-    if not m:
-        raise OptionError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB")
-    num, unit, binary = m.groups()
-    base = 1024 if binary else 1000
-    power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit.lower()]
-    try:
-        value = int(float(num) * base**power)
-    except (ValueError, OverflowError):  # 1e400 is inf: no size
-        raise OptionError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB") from None
-    if value <= 0:
-        raise OptionError(f"size {text!r} must be positive")
-    if value > 1 << 60:
-        raise OptionError(f"size {text!r} is implausibly large; write e.g. 5GB")
-    return value
-
-
 def _alignment(dtype: torch.dtype) -> int:
     return itemsize(dtype)
 
@@ -263,9 +244,33 @@ def make_plan(
         block_bytes: input bytes per processing block (does not change the output bytes).
         extra: JSON-able options that change the output and so enter the fingerprint.
     """
-    sch = get_scheme(scheme, **scheme_options)
-    rules = rules or Rules()
-    max_bytes = parse_size(max_shard_size)
+    opts = PlanOptions(
+        rules=rules or Rules(),
+        max_shard_size=parse_size(max_shard_size),
+        clamp_fp16=clamp_fp16,
+        block_bytes=block_bytes,
+    )
+    return _assemble(ckpt, resolve_scheme(scheme, scheme_options), opts, chooser, dict(extra or {}))
+
+
+def build_plan(ckpt: Checkpoint, scheme: Scheme, opts: PlanOptions) -> Plan:
+    """The plan of a run whose options are resolved (:func:`monoquant.options.resolve`).
+
+    From headers only, except for mixed precision (``opts.mixed``): each eligible tensor's
+    error is estimated on sampled rows first (:func:`monoquant.mixed.budget_chooser`); the
+    target enters the fingerprint, the chooser's summary is kept in ``Plan.mixed_summary``.
+    """
+    if not opts.mixed:
+        return _assemble(ckpt, scheme, opts, None, {})
+    from .mixed import budget_chooser
+
+    _refuse_quantized(ckpt)  # before sampling rows of it
+
+    chooser = budget_chooser(ckpt, scheme, opts.rules, target_bpw=opts.target_bpw, min_sqnr=opts.min_sqnr)
+    return _assemble(ckpt, scheme, opts, chooser, {"mixed": chooser.summary["options"]}, chooser.summary)
+
+
+def _refuse_quantized(ckpt: Checkpoint) -> None:
     cfg = ckpt.config
     if cfg is not None and isinstance(cfg.get("quantization_config"), dict):
         method = cfg["quantization_config"].get("quant_method", "unknown")
@@ -273,6 +278,18 @@ def make_plan(
             f"{ckpt.root / 'config.json'}: the checkpoint is already quantized (quant_method {method!r}); "
             "monoquant needs the dense (original) checkpoint"
         )
+
+
+def _assemble(
+    ckpt: Checkpoint,
+    sch: Scheme,
+    opts: PlanOptions,
+    chooser: Chooser | None,
+    extra: dict[str, Any],
+    mixed_summary: dict[str, Any] | None = None,
+) -> Plan:
+    _refuse_quantized(ckpt)
+    rules, max_bytes, clamp_fp16 = opts.rules, opts.max_shard_size, opts.clamp_fp16
     decided: list[tuple[TensorRef, Decision, tuple[OutSpec, ...]]] = []
     for ref in ckpt.tensors:
         d = decide(ref.name, ref.dtype, ref.shape, sch, rules)
@@ -301,7 +318,7 @@ def make_plan(
     tensors: list[PlannedTensor | None] = [None] * len(decided)
     shards: list[ShardPlan] = []
     for si, members in enumerate(groups):
-        filename = SHARD_NAME.format(si + 1, n_shards)
+        filename = shard_name(si, n_shards)
         entries: list[tuple[int, int, int, str, OutSpec]] = []  # (-align, order, k, name, spec)
         order = 0
         for ti in members:
@@ -332,7 +349,7 @@ def make_plan(
         shards.append(ShardPlan(si, filename, tuple(members), header, offset))
 
     final = tuple(t for t in tensors if t is not None)
-    fp = fingerprint(ckpt, sch, rules, max_bytes, clamp_fp16, final, extra or {})
+    fp = fingerprint(ckpt, sch, rules, max_bytes, clamp_fp16, final, extra)
     return Plan(
         source=str(ckpt.root),
         scheme=sch,
@@ -342,8 +359,9 @@ def make_plan(
         max_shard_size=max_bytes,
         clamp_fp16=clamp_fp16,
         fingerprint=fp,
-        block_bytes=block_bytes,
-        extra=dict(extra or {}),
+        block_bytes=opts.block_bytes,
+        extra=extra,
+        mixed_summary=mixed_summary,
     )
 
 

@@ -1,0 +1,154 @@
+"""One tensor through the kernels: read block by block, convert, hand each output block to a sink.
+
+Both :func:`monoquant.iter_quantized` (into memory) and the shard writers of
+:mod:`monoquant.jobs` (onto disk) run every tensor through :func:`process_tensor`, so the output
+bytes are the same whichever way they are collected.
+
+Example:
+    >>> import torch
+    >>> from monoquant.overlap import SyncSink, WorkspacePool
+    >>> from monoquant.plan import make_plan
+    >>> from monoquant.reader import RowReader, open_checkpoint
+    >>> from safetensors.torch import save_file
+    >>> from tempfile import mkdtemp
+    >>> d = mkdtemp(); save_file({"l.weight": torch.ones(8, 64)}, d + "/model.safetensors")
+    >>> p = make_plan(open_checkpoint(d), "int8")
+    >>> got = {}
+    >>> sink = SyncSink(lambda o, off, t: got.setdefault(o.name, t.clone()))
+    >>> with RowReader() as rd:
+    ...     process_tensor(p.tensors[0], rd, WorkspacePool(1), sink)
+    >>> sorted(got)
+    ['l.weight_packed', 'l.weight_scale', 'l.weight_shape']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .formats import shared_absmax
+from .inmemory import decode_overflow_error, fp16_overflow_error, nonfinite_error
+from .kernels import (
+    DecodeOverflowError,
+    ErrorStats,
+    Fp16OverflowError,
+    NonFiniteError,
+    Workspace,
+    absmax,
+    as_rows,
+    get_kernel,
+)
+from .options import DEFAULT_BLOCK_BYTES
+from .overlap import SyncSink, ThreadSink, WorkspacePool
+from .plan import PlannedTensor, block_rows_for
+from .reader import RowReader
+from .widerows import chunkable, process_wide_rows
+
+
+def process_tensor(
+    pt: PlannedTensor,
+    reader: RowReader,
+    pool: WorkspacePool,
+    sink: SyncSink | ThreadSink,
+    *,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    clamp_fp16: bool = False,
+    stats: ErrorStats | None = None,
+    stats_every: int = 1,
+) -> None:
+    """Read ``pt``'s input block by block, convert it, and submit every output block to ``sink``
+    (in order within each output). Each block works in a workspace of ``pool`` that the sink
+    returns once the block is written; consumed input pages are released then too.
+
+    Error statistics, when ``stats`` is given, are measured on every ``stats_every``-th row of
+    each block, so their cost stays small while every part of every tensor is covered."""
+    ref, d = pt.ref, pt.decision
+
+    def done(ws: Workspace, lo: int, hi: int) -> Callable[[], None]:
+        def cb() -> None:
+            reader.release(ref, lo, hi)
+            pool.release(ws)
+
+        return cb
+
+    if d.action == "copy":
+        out = pt.outputs[0]
+        step = max(block_bytes, 1)
+        for off in range(0, ref.nbytes, step):
+            n = min(step, ref.nbytes - off)
+            ws = pool.acquire()
+            try:
+                data = reader.raw(ref, off, n, ws=ws)
+            except BaseException:
+                pool.release(ws)
+                raise
+            sink.submit([(out, off, data)], done(ws, off, off + n))
+        return
+    kernel = get_kernel(d.scheme)  # type: ignore[arg-type]
+    rows, _cols = as_rows(ref.shape)
+    br = block_rows_for(pt, block_bytes)
+    row_bytes = ref.nbytes // max(rows, 1)
+    where = f"{ref.file.name}: "
+    try:
+        if row_bytes > 2 * block_bytes and chunkable(d.scheme):  # type: ignore[arg-type]
+            process_wide_rows(
+                pt,
+                reader,
+                pool,
+                sink,
+                block_bytes=block_bytes,
+                clamp_fp16=clamp_fp16,
+                stats=stats,
+                stats_every=stats_every,
+                done=done,
+            )
+            return
+        tscale = None
+        if kernel.needs_absmax:
+            amax = 0.0
+            for a in range(0, rows, br):
+                b = min(a + br, rows)
+                amax = max(amax, absmax(reader.rows(ref, a, b)))
+            if pt.shared:  # NVFP4: the tensors of a fused layer share one global scale
+                amax = max(amax, shared_absmax(pt.shared, ref, br))
+            tscale = kernel.tensor_scale(amax, ref.dtype)
+        outs = {o.spec.suffix: o for o in pt.outputs}
+        for a in range(0, rows, br):
+            b = min(a + br, rows)
+            ws = pool.acquire()
+            try:
+                x = reader.rows(ref, a, b, ws=ws)
+                res = kernel.quantize_block(
+                    x, tensor_scale=tscale, ws=ws, stats=stats, clamp_fp16=clamp_fp16, stats_rows=stats_every
+                )
+            except BaseException:
+                pool.release(ws)
+                raise
+            del x
+            items = [
+                (outs[k], (a // outs[k].spec.row_div) * outs[k].spec.row_bytes, t) for k, t in res.items()
+            ]  # type: ignore[operator]
+            sink.submit(items, done(ws, a * row_bytes, b * row_bytes))
+        consts = kernel.constants(ref.shape, tscale)
+        sink.submit([(outs[k], 0, t) for k, t in consts.items()], None)
+    except NonFiniteError:
+        sink.drain()
+        count = _count_nonfinite(pt, reader, br)
+        if count == 0:  # finite in float64, beyond float32 once computed
+            raise decode_overflow_error(
+                ref.name, "its values exceed the float32 range the kernels compute in", where
+            ) from None
+        raise nonfinite_error(ref.name, count, where) from None
+    except Fp16OverflowError as e:
+        raise fp16_overflow_error(ref.name, str(e), where) from None
+    except DecodeOverflowError as e:
+        raise decode_overflow_error(ref.name, str(e), where) from None
+
+
+def _count_nonfinite(pt: PlannedTensor, reader: RowReader, br: int) -> int:
+    rows, _ = as_rows(pt.ref.shape)
+    n = 0
+    for a in range(0, rows, br):
+        n += int((~torch.isfinite(reader.rows(pt.ref, a, min(a + br, rows)))).sum())
+    return n
