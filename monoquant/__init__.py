@@ -16,11 +16,6 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 from typing import TYPE_CHECKING, Any
 
-# torch warns "Failed to initialize NumPy" when it is imported without numpy; monoquant never uses
-# numpy (not a dependency), so a clean install must not print that. torch is imported lazily
-# (below), so the filter is installed for the process, for exactly that message.
-_warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
-
 from .errors import CheckpointError as CheckpointError
 from .errors import MonoquantError as MonoquantError
 from .errors import OptionError as OptionError
@@ -29,6 +24,11 @@ from .errors import PlanMismatchError as PlanMismatchError
 from .errors import SchemeError as SchemeError
 from .errors import TensorValueError as TensorValueError
 from .errors import VerifyError as VerifyError
+
+# torch warns "Failed to initialize NumPy" when it is imported without numpy; monoquant never uses
+# numpy (not a dependency), so a clean install must not print that. torch is imported lazily
+# (below), so the filter is installed for the process, for exactly that message.
+_warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 # The rest of the API imports torch (a second or two): loaded on first use, so that the CLI can
 # answer --help fast and turn a Ctrl-C during that import into one line instead of a traceback.

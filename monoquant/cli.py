@@ -492,16 +492,19 @@ def verify(
     if engine is not None and not r.problems:
         from . import deploy
 
-        limits = {
-            k: v
-            for k, v in (
-                ("max_ppl_ratio", max_ppl_ratio),
-                ("min_top1", min_top1),
-                ("min_cosine_sim", min_cosine),
-            )
-            if v is not None
-        }
-        deploy_report = _run(verbose, lambda: deploy.check_deploy(out, against, engine=engine, **limits))  # type: ignore[arg-type]
+        src, eng = against, engine
+        assert src is not None  # --engine needs --against (checked above)
+        deploy_report = _run(
+            verbose,
+            lambda: deploy.check_deploy(
+                out,
+                src,
+                engine=eng,
+                max_ppl_ratio=deploy.MAX_PPL_RATIO if max_ppl_ratio is None else max_ppl_ratio,
+                min_top1=deploy.MIN_TOP1 if min_top1 is None else min_top1,
+                min_cosine_sim=deploy.MIN_COSINE if min_cosine is None else min_cosine,
+            ),
+        )
     if as_json:
         js = r.to_json()
         if deploy_report is not None:
@@ -567,7 +570,8 @@ def inspect(path: str, as_json: bool, verbose: int) -> None:
         kind = t["scheme"] if t["state"] == "quantized" else "dense"
         bpw = f"{t['bits_per_weight']:.2f} bpw" if t.get("bits_per_weight") else ""
         click.echo(
-            f"{t['name']:<{width}}  {kind:<14} {t['dtype']:<9} {t['shape']!s:<16} {human_bytes(t['bytes']):>10}  {bpw}"
+            f"{t['name']:<{width}}  {kind:<14} {t['dtype']:<9} {t['shape']!s:<16} "
+            f"{human_bytes(t['bytes']):>10}  {bpw}"
         )
     for name, f in info["files"].items():
         click.echo(f"file {name}: {human_bytes(f['bytes'])}, {f['tensors']} tensors")
@@ -575,7 +579,8 @@ def inspect(path: str, as_json: bool, verbose: int) -> None:
     bpw = f", {tot['bits_per_weight']:.3f} bits per quantized weight" if tot["bits_per_weight"] else ""
     kinds = ", ".join(f"{k} {human_bytes(v)}" for k, v in tot["bytes_by_kind"].items())
     click.echo(
-        f"total: {tot['tensors']} tensors ({tot['quantized']} quantized), {human_bytes(tot['bytes'])}{bpw} [{kinds}]"
+        f"total: {tot['tensors']} tensors ({tot['quantized']} quantized), {human_bytes(tot['bytes'])}{bpw} "
+        f"[{kinds}]"
     )
     if info["quantization_config"]:
         qc = info["quantization_config"]
@@ -687,7 +692,8 @@ def _print_plan(p: Any) -> None:
         else "no tensor quantized"
     )
     click.echo(
-        f"total: {tot['tensors']} tensors ({tot['quantized']} quantized, {tot['cast']} cast, {tot['copied']} copied), "
+        f"total: {tot['tensors']} tensors ({tot['quantized']} quantized, {tot['cast']} cast, {tot['copied']} "
+        "copied), "
         f"{human_bytes(tot['bytes_in'])} -> {human_bytes(tot['bytes_out'])} ({tot['ratio']:.1%}), {bpw}, "
         f"{tot['shards']} shard(s), estimated peak memory {human_bytes(tot['estimated_peak_bytes'])}"
     )
@@ -727,10 +733,12 @@ def _print_report(r: Any) -> None:
     extra += f", {r.shards_busy} held by other workers" if r.shards_busy else ""
     bpw = f", {pl['bits_per_weight']:.3f} bits/weight" if pl["bits_per_weight"] else ""
     click.echo(
-        f"  this run: {r.shards_written} shard(s) written{extra}; {human_bytes(r.bytes_in)} -> {human_bytes(r.bytes_out)}"
+        f"  this run: {r.shards_written} shard(s) written{extra}; {human_bytes(r.bytes_in)} -> "
+        f"{human_bytes(r.bytes_out)}"
         f"{bpw}; {r.seconds:.2f} s ({r.gb_per_s:.2f} GB/s)"
     )
-    peak = f"  peak memory: {human_bytes(mem.get('peak_anon') or 0)} anonymous, {human_bytes(mem.get('peak_rss') or 0)} RSS"
+    anon, rss = human_bytes(mem.get("peak_anon") or 0), human_bytes(mem.get("peak_rss") or 0)
+    peak = f"  peak memory: {anon} anonymous, {rss} RSS"
     if mem.get("cgroup_peak"):
         peak += f", {human_bytes(mem['cgroup_peak'])} cgroup (page cache included)"
     click.echo(peak)

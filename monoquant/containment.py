@@ -14,10 +14,12 @@ Example:
     >>> from pathlib import Path
     >>> index_entry(Path("/ckpt"), "model-00001-of-00002.safetensors", "model.safetensors.index.json")
     PosixPath('/ckpt/model-00001-of-00002.safetensors')
-    >>> index_entry(Path("/ckpt"), "../secret/model.safetensors", "model.safetensors.index.json")
-    Traceback (most recent call last):
-    ...
-    monoquant.errors.CheckpointError: model.safetensors.index.json names shard '../secret/model.safetensors', which is outside /ckpt; an index may only name files inside its checkpoint directory
+    >>> try:
+    ...     index_entry(Path("/ckpt"), "../secret/model.safetensors", "model.safetensors.index.json")
+    ... except CheckpointError as e:
+    ...     print(str(e).replace("; ", ";\\n"))
+    model.safetensors.index.json names shard '../secret/model.safetensors', which is outside /ckpt;
+    an index may only name files inside its checkpoint directory
 """
 
 from __future__ import annotations
@@ -65,13 +67,15 @@ def index_entry(root: Path, entry: str, index_name: str) -> Path:
     p = PurePosixPath(entry)
     if p.is_absolute() or ".." in p.parts or entry.strip() == "" or "\\" in entry:
         raise CheckpointError(
-            f"{index_name} names shard {entry!r}, which is outside {root}; an index may only name files inside "
+            f"{index_name} names shard {entry!r}, which is outside {root}; an index may only name files "
+            "inside "
             "its checkpoint directory"
         )
     path = root / p.as_posix()  # str: a RemotePath root joins names, not PurePaths
     if path.exists() and not is_inside(path, root):
         raise CheckpointError(
-            f"{index_name} names shard {entry!r}, which resolves to {path.resolve()}, outside {root}; an index "
+            f"{index_name} names shard {entry!r}, which resolves to {path.resolve()}, outside {root}; an "
+            "index "
             "may only name files inside its checkpoint directory"
         )
     return path

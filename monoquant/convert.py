@@ -41,7 +41,7 @@ from .kernels import (
 )
 from .options import DEFAULT_BLOCK_BYTES
 from .overlap import SyncSink, ThreadSink, WorkspacePool
-from .plan import PlannedTensor, block_rows_for
+from .plan import PlannedOutput, PlannedTensor, block_rows_for
 from .reader import RowReader
 from .widerows import chunkable, process_wide_rows
 
@@ -85,13 +85,14 @@ def process_tensor(
                 raise
             sink.submit([(out, off, data)], done(ws, off, off + n))
         return
-    kernel = get_kernel(d.scheme)  # type: ignore[arg-type]
+    assert d.scheme is not None  # every decision but "copy" has one
+    kernel = get_kernel(d.scheme)
     rows, _cols = as_rows(ref.shape)
     br = block_rows_for(pt, block_bytes)
     row_bytes = ref.nbytes // max(rows, 1)
     where = f"{ref.file.name}: "
     try:
-        if row_bytes > 2 * block_bytes and chunkable(d.scheme):  # type: ignore[arg-type]
+        if row_bytes > 2 * block_bytes and chunkable(d.scheme):
             process_wide_rows(
                 pt,
                 reader,
@@ -126,9 +127,7 @@ def process_tensor(
                 pool.release(ws)
                 raise
             del x
-            items = [
-                (outs[k], (a // outs[k].spec.row_div) * outs[k].spec.row_bytes, t) for k, t in res.items()
-            ]  # type: ignore[operator]
+            items = [(outs[k], _block_offset(outs[k], a), t) for k, t in res.items()]
             sink.submit(items, done(ws, a * row_bytes, b * row_bytes))
         consts = kernel.constants(ref.shape, tscale)
         sink.submit([(outs[k], 0, t) for k, t in consts.items()], None)
@@ -144,6 +143,13 @@ def process_tensor(
         raise fp16_overflow_error(ref.name, str(e), where) from None
     except DecodeOverflowError as e:
         raise decode_overflow_error(ref.name, str(e), where) from None
+
+
+def _block_offset(out: PlannedOutput, first_row: int) -> int:
+    """Where the output block of input rows from ``first_row`` starts in ``out``."""
+    div = out.spec.row_div
+    assert div is not None, out.name  # a block's outputs are all written row by row
+    return (first_row // div) * out.spec.row_bytes
 
 
 def _count_nonfinite(pt: PlannedTensor, reader: RowReader, br: int) -> int:

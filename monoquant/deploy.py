@@ -210,8 +210,8 @@ def _vllm_causal(
             gc.collect()
     lps: list[float] = []
     top: list[int] = []
-    for seq, o in zip(ids, outs):
-        for tok, d in zip(seq[1:], o.prompt_logprobs[1:]):
+    for seq, o in zip(ids, outs, strict=True):
+        for tok, d in zip(seq[1:], o.prompt_logprobs[1:], strict=False):
             lps.append(float(d[tok].logprob))
             top.append(next(t for t, lp in d.items() if lp.rank == 1))
     return TokenScores(lps, top)
@@ -227,8 +227,10 @@ def compare_causal(out: TokenScores, src: TokenScores) -> dict[str, float]:
         "ppl": round(out.perplexity, 4),
         "ppl_source": round(src.perplexity, 4),
         "ppl_ratio": round(out.perplexity / src.perplexity, 4),
-        "top1_agreement": round(sum(a == b for a, b in zip(out.top1, src.top1)) / n, 4),
-        "mean_abs_dlogprob": round(sum(abs(a - b) for a, b in zip(out.logprobs, src.logprobs)) / n, 4),
+        "top1_agreement": round(sum(a == b for a, b in zip(out.top1, src.top1, strict=False)) / n, 4),
+        "mean_abs_dlogprob": round(
+            sum(abs(a - b) for a, b in zip(out.logprobs, src.logprobs, strict=False)) / n, 4
+        ),
     }
 
 

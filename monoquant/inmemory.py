@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -23,9 +24,10 @@ import torch
 from .errors import TensorValueError
 from .formats import output_name, shared_scale_groups
 from .kernels import DecodeOverflowError, ErrorStats, Fp16OverflowError, NonFiniteError, absmax, get_kernel
-from .layout import dense_shape, find_groups, infer_scheme
+from .layout import dequantize_group, find_groups
+from .options import resolve_scheme
 from .rules import Decision, Rules, decide
-from .schemes import Scheme, get_scheme
+from .schemes import Scheme
 
 
 class QuantizedStateDict(dict[str, torch.Tensor]):
@@ -99,7 +101,7 @@ def quantize(
         TensorValueError: NaN/Inf in a converted tensor, or an fp16 overflow.
     """
     sd = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
-    sch = get_scheme(scheme, **scheme_options)
+    sch = resolve_scheme(scheme, scheme_options)
     rules = Rules.of(include, exclude, strict_group_size)
     out = QuantizedStateDict()
     out.decisions, out.schemes, out.stats = {}, {}, {}
@@ -116,10 +118,11 @@ def quantize(
         if d.action == "copy":
             out[name] = t
             continue
+        assert d.scheme is not None  # every decision but "copy" has one
         st = ErrorStats() if stats else None
         try:
             extra = {"amax": shared[name]} if name in shared else {}
-            parts = get_kernel(d.scheme).quantize_tensor(t, stats=st, clamp_fp16=clamp_fp16, **extra)  # type: ignore[arg-type]
+            parts = get_kernel(d.scheme).quantize_tensor(t, stats=st, clamp_fp16=clamp_fp16, **extra)
         except NonFiniteError:
             raise nonfinite_error(name, int((~torch.isfinite(t)).sum())) from None
         except Fp16OverflowError as e:
@@ -129,7 +132,7 @@ def quantize(
         for suffix, v in parts.items():
             out[output_name(name, suffix)] = v
         if d.action == "quantize":
-            out.schemes[name] = d.scheme  # type: ignore[assignment]
+            out.schemes[name] = d.scheme
         if st is not None:
             out.stats[name] = st
     return out
@@ -161,10 +164,8 @@ def _shared_amax(sd: Mapping[str, torch.Tensor], sch: Scheme, rules: Rules) -> d
     names = [n for n, t in sd.items() if decide(n, t.dtype, tuple(t.shape), sch, rules).action == "quantize"]
     out: dict[str, float] = {}
     for name, members in shared_scale_groups(names).items():
-        try:
+        with contextlib.suppress(NonFiniteError):  # reported by the member's own quantization
             out[name] = max(absmax(sd[m].detach().cpu().reshape(-1, 1)) for m in members)
-        except NonFiniteError:
-            pass  # reported by the member's own quantization
     return out
 
 
@@ -190,12 +191,7 @@ def dequantize(qsd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
     for base, g in groups.items():
         parts = {s: qsd[n] for s, n in g.names.items()}
         used.update(g.names.values())
-        scheme = schemes.get(base) or infer_scheme(parts)
-        if "_shape" in parts:
-            shape = tuple(int(v) for v in parts["_shape"].tolist())
-        else:
-            shape = dense_shape(parts)
-        out[base] = get_kernel(scheme).dequantize(parts, shape, dtype)
+        out[base] = dequantize_group(parts, schemes.get(base), dtype)
     for name, t in qsd.items():
         if name not in used:
             out[name] = t

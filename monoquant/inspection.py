@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .dtypes import dtype_name
+from .outreader import quantized_entries
 from .reader import RowReader, open_checkpoint
 from .schemes import MICROSCALE_KINDS
-from .verify import quantized_entries
 
 
 def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

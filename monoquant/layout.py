@@ -26,7 +26,7 @@ import torch
 from .errors import MonoquantError
 from .formats import infer_format, output_name
 from .packing import packed_cols
-from .schemes import Scheme
+from .schemes import Scheme, Strategy
 
 SUFFIXES = ("_packed", "_scale", "_shape", "_zero_point")
 
@@ -37,10 +37,6 @@ class Group:
 
     base: str
     names: dict[str, str]
-
-    @property
-    def packed(self) -> bool:
-        return "_packed" in self.names
 
 
 def find_groups(names: Iterable[str]) -> dict[str, Group]:
@@ -69,11 +65,11 @@ def find_groups(names: Iterable[str]) -> dict[str, Group]:
     return groups
 
 
-def infer_scheme(parts: Mapping[str, torch.Tensor], original_shape: tuple[int, ...] | None = None) -> Scheme:
-    """Reconstruct the scheme of one group from its tensors (keyed by suffix).
+def infer_scheme(parts: Mapping[str, torch.Tensor]) -> Scheme:
+    """Reconstruct the scheme of one group from its tensors (keyed by suffix; ``_shape`` by value,
+    the others may be meta tensors: only shapes and dtypes are used).
 
     Used when no metadata says it (e.g. a dict loaded with ``safetensors.torch.load_file``).
-    ``original_shape`` is required for the int-quantized/float formats with per-tensor scales.
     """
     from .kernels import as_rows
 
@@ -107,6 +103,26 @@ def infer_scheme(parts: Mapping[str, torch.Tensor], original_shape: tuple[int, .
     raise MonoquantError(f"cannot tell the scheme of a {q.dtype} tensor with a scale")
 
 
+def dequantize_group(
+    parts: dict[str, torch.Tensor], scheme: Scheme | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The dense tensor of one quantized group (its stored tensors keyed by suffix), decoded with
+    ``scheme`` (inferred from the parts when ``None``), in ``dtype`` (default: the stored one).
+
+    Example:
+        >>> import torch, monoquant
+        >>> q = monoquant.quantize({"l.weight": torch.ones(4, 64)}, "int4")
+        >>> w = dequantize_group({s: q["l.weight" + s] for s in ("_packed", "_scale", "_shape")})
+        >>> w.shape, bool((w - 1).abs().max() < 0.1)
+        (torch.Size([4, 64]), True)
+    """
+    from .kernels import get_kernel
+
+    scheme = scheme or infer_scheme(parts)
+    shape = tuple(int(v) for v in parts["_shape"].tolist()) if "_shape" in parts else dense_shape(parts)
+    return get_kernel(scheme).dequantize(parts, shape, dtype)
+
+
 def dense_shape(parts: Mapping[str, Any]) -> tuple[int, ...]:
     """The dense shape of a group whose parts carry no ``weight_shape`` (anything with ``.shape``):
     the codes' shape, or for packed e2m1 codes (nvfp4/mxfp4) ``[rows, 2 * bytes]``."""
@@ -116,7 +132,7 @@ def dense_shape(parts: Mapping[str, Any]) -> tuple[int, ...]:
     return (int(rows), 2 * int(nbytes))
 
 
-def _strategy(scale: torch.Tensor, rows: int, cols: int) -> tuple[str, int | None]:
+def _strategy(scale: torch.Tensor, rows: int, cols: int) -> tuple[Strategy, int | None]:
     if scale.numel() == 1 and scale.dim() == 1:
         return "tensor", None
     groups = scale.shape[-1]

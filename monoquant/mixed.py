@@ -39,13 +39,12 @@ error matters more.
 Deterministic: fixed sample rows, deterministic kernels, exact sums (the pairwise tree of
 :func:`monoquant.optimize.group_sums`), ties broken by candidate and tensor order.
 
-Wiring (plan/CLI)::
+Wiring: :func:`monoquant.plan.build_plan` does this when the resolved
+:class:`~monoquant.options.PlanOptions` carry a target::
 
-    ckpt = open_checkpoint(src)
-    base = get_scheme(scheme, **scheme_options)
-    chooser = budget_chooser(ckpt, base, rules, target_bpw=4.5)      # or min_sqnr=25
-    plan = make_plan(ckpt, base, rules=rules, chooser=chooser,
-                     extra={"mixed": chooser.summary["options"]})
+    chooser = budget_chooser(ckpt, scheme, opts.rules, target_bpw=4.5)      # or min_sqnr=25
+    plan = _assemble(ckpt, scheme, opts, chooser, extra={"mixed": chooser.summary["options"]},
+                     mixed_summary=chooser.summary)
 
 Example:
     >>> import torch
@@ -81,6 +80,7 @@ from .dtypes import dtype_name
 from .errors import SchemeError
 from .kernels import Workspace, absmax, as_rows, get_kernel, scale_dtype_for
 from .optimize import group_sums
+from .options import resolve_scheme
 from .reader import Backend, Checkpoint, RowReader, TensorRef
 from .rules import Decision, Rules, decide
 from .schemes import MICROSCALE_KINDS, Scheme, get_scheme
@@ -313,7 +313,7 @@ def budget_chooser(
         raise SchemeError(f"--min-sqnr must be a finite number of dB, not {min_sqnr}")
     if target_bpw is not None and not (0 < target_bpw < 64):
         raise SchemeError(f"--target-bpw must be a number of bits per weight, not {target_bpw}")
-    base_s = get_scheme(base)
+    base_s = resolve_scheme(base)  # a Scheme (from the run's options) as it is; a name resolved
     rules = rules or Rules()
     cands = list(schemes) if schemes is not None else candidate_schemes(base_s)
     options: dict[str, list[Option]] = {}
@@ -325,7 +325,11 @@ def budget_chooser(
                 continue
             eligible.append(ref)
             nsr = estimate_nsr(rd, ref, cands, ws)
-            opts = [Option(s.name, s, _bits(s, ref), e) for s, e in zip(cands, nsr) if not math.isnan(e)]
+            opts = [
+                Option(s.name, s, _bits(s, ref), e)
+                for s, e in zip(cands, nsr, strict=True)
+                if not math.isnan(e)
+            ]
             if allow_keep or not opts:
                 opts.append(Option(KEEP, None, _bits(None, ref), 0.0))
             options[ref.name] = opts
@@ -342,7 +346,8 @@ def budget_chooser(
             feasible &= bool(ok)
             picked[ref.name] = min(pool, key=lambda o: (o.bits, o.nsr))
     else:
-        budget = int(math.floor(target_bpw * numel))  # type: ignore[operator]
+        assert target_bpw is not None  # exactly one of the two, checked above
+        budget = math.floor(target_bpw * numel)
         picked, feasible = _knapsack(items, item_opts, budget)
     choices = {}
     for ref in items:
@@ -408,7 +413,7 @@ def _fused_items(
             nsr = (
                 max(p.nsr for p in parts)
                 if worst
-                else sum(p.nsr * x.numel for p, x in zip(parts, refs)) / numel
+                else sum(p.nsr * x.numel for p, x in zip(parts, refs, strict=True)) / numel
             )
             opts.append(Option(label, parts[0].scheme, sum(p.bits for p in parts), nsr))
         if not opts:  # no storage all of them have: chosen one by one

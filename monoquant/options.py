@@ -39,6 +39,7 @@ DEFAULT_MAX_SHARD = 5 * 1000**3
 DEFAULT_BLOCK_BYTES = 4 * 1024 * 1024
 #: ``stats="sample"``: blocks per measured block (casts: twice as thin)
 STATS_SAMPLE_EVERY = 8
+_BACKENDS: dict[str, Backend] = {"mmap": "mmap", "pread": "pread"}
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def job_options(
         overlap = spare_core()
     elif not isinstance(overlap, bool):
         raise OutputError(f"overlap={overlap!r}: use True, False or 'auto'")
-    if backend not in ("mmap", "pread"):
+    if backend not in _BACKENDS:
         from .errors import CheckpointError
 
         raise CheckpointError(f"unknown read backend {backend!r} (mmap or pread)")
@@ -182,7 +183,7 @@ def job_options(
         worker=parse_worker(worker),
         jobs=jobs,
         restart=bool(restart),
-        backend=backend,  # type: ignore[arg-type]  # checked just above
+        backend=_BACKENDS[backend],
         threads=threads,
         stats=label,
         overlap=overlap,

@@ -29,8 +29,9 @@ from typing import Any
 
 from .dtypes import dtype_name
 from .errors import OutputError
-from .journal import STATE_DIR, atomic_write
-from .plan import INDEX_NAME, Plan, module_of
+from .journal import atomic_write
+from .outnames import CONFIG_NAME, INDEX_NAME, STATE_DIR
+from .plan import Plan, module_of
 from .schemes import FORMAT_VERSION, Scheme
 
 
@@ -82,8 +83,9 @@ def quantization_config(plan: Plan) -> dict[str, Any] | None:
     quantized = [t for t in plan.tensors if t.decision.action == "quantize" and t.decision.scheme is not None]
     for t in quantized:
         s = t.decision.scheme
-        schemes[s.name] = s  # type: ignore[union-attr]
-        by_scheme.setdefault(s.name, []).append(module_of(t.ref.name))  # type: ignore[union-attr]
+        assert s is not None  # filtered above
+        schemes[s.name] = s
+        by_scheme.setdefault(s.name, []).append(module_of(t.ref.name))
     if not by_scheme:
         return None
     modules = [module_of(t.ref.name) for t in plan.tensors]
@@ -169,7 +171,8 @@ def module_targets(quantized: list[str], modules: Iterable[str]) -> dict[str, st
     path, the target stays anchored (exact).
 
     Example:
-        >>> print(module_targets(["model.layers.0.q_proj"], ["model.layers.0.q_proj", "lm_head"])["model.layers.0.q_proj"])
+        >>> t = module_targets(["model.layers.0.q_proj"], ["model.layers.0.q_proj", "lm_head"])
+        >>> print(t["model.layers.0.q_proj"])
         re:^(?:.*\\.)?layers\\.0\\.q_proj$
     """
     counts = Counter(suffix for m in set(modules) for suffix in _dot_suffixes(m))
@@ -237,10 +240,11 @@ def output_config(plan: Plan, config: dict[str, Any] | None) -> dict[str, Any] |
         cfg["quantization_config"] = qc
     else:
         cfg.pop("quantization_config", None)
-    if plan.scheme.kind == "cast":
+    cast_to = plan.scheme.dtype if plan.scheme.kind == "cast" else None
+    if cast_to is not None:
         for key in ("torch_dtype", "dtype"):
             if key in cfg:
-                cfg[key] = dtype_name(plan.scheme.dtype)  # type: ignore[arg-type]
+                cfg[key] = dtype_name(cast_to)
     return cfg
 
 
@@ -258,7 +262,7 @@ def finalize(
         for p in side_files:
             rel = p.relative_to(src_root)
             written.append(rel.as_posix())
-            if rel.as_posix() == "config.json":
+            if rel.as_posix() == CONFIG_NAME:
                 continue
             dst = out_dir / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -268,7 +272,7 @@ def finalize(
             tmp = None
         cfg = output_config(plan, config)
         if cfg is not None:
-            atomic_write(out_dir / "config.json", (json.dumps(cfg, indent=2) + "\n").encode(), scratch)
+            atomic_write(out_dir / CONFIG_NAME, (json.dumps(cfg, indent=2) + "\n").encode(), scratch)
         index = index_json(plan)
         index["metadata"]["monoquant"]["files"] = sorted(written)
         atomic_write(out_dir / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode(), scratch)

@@ -28,9 +28,8 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from .errors import OutputError
-from .plan import INDEX_NAME, Plan
-
-STATE_DIR = ".monoquant"
+from .outnames import CONFIG_NAME, INDEX_NAME, STATE_DIR, partial_name
+from .plan import Plan
 
 
 def check_state_dir(out_dir: Path) -> None:
@@ -38,7 +37,8 @@ def check_state_dir(out_dir: Path) -> None:
     p = out_dir / STATE_DIR
     if p.is_symlink():
         raise OutputError(
-            f"{p}: is a symlink; monoquant keeps its job state only in a real directory and never follows a link "
+            f"{p}: is a symlink; monoquant keeps its job state only in a real directory and never follows a "
+            "link "
             "there: remove the link (not its target) or choose another output directory"
         )
     if p.exists() and not p.is_dir():
@@ -47,7 +47,8 @@ def check_state_dir(out_dir: Path) -> None:
         for q in [*p.iterdir(), *((p / "locks").iterdir() if (p / "locks").is_dir() else [])]:
             if q.is_symlink():
                 raise OutputError(
-                    f"{q}: is a symlink; monoquant's job state holds only its own files: remove the link (not its "
+                    f"{q}: is a symlink; monoquant's job state holds only its own files: remove the link "
+                    "(not its "
                     "target) or choose another output directory"
                 )
 
@@ -73,14 +74,14 @@ def present_files(out_dir: Path) -> set[str]:
                 dirnames.remove(d)
                 found.add((rel_dir / d).as_posix())
         found.update((rel_dir / f).as_posix() for f in filenames)
-    return {f for f in found if not (f.startswith(".monoquant-probe") and "/" not in f)}
+    return found
 
 
 def planned_files(plan: Plan, side: Iterable[str]) -> set[str]:
     """What the run of ``plan`` writes: shards (and their ``.partial``), side files, config, index."""
-    out = {INDEX_NAME, "config.json", *side}
+    out = {INDEX_NAME, CONFIG_NAME, *side}
     for s in plan.shards:
-        out.update((s.filename, s.filename + ".partial"))
+        out.update((s.filename, partial_name(s.filename)))
     return out
 
 
@@ -92,7 +93,7 @@ def finished_files(out_dir: Path) -> set[str]:
         wmap = index["weight_map"]
     except (OSError, ValueError, KeyError, TypeError):
         return set()
-    files = {INDEX_NAME, "config.json"}
+    files = {INDEX_NAME, CONFIG_NAME}
     if isinstance(wmap, dict):
         files.update(v for v in wmap.values() if isinstance(v, str))
     listed = meta.get("files") if isinstance(meta, dict) else None
@@ -107,7 +108,8 @@ def refuse_foreign(out_dir: Path, foreign: set[str], why: str) -> None:
         return
     shown = ", ".join(sorted(foreign)[:3]) + (" ..." if len(foreign) > 3 else "")
     raise OutputError(
-        f"{out_dir} {why} ({shown}) that monoquant did not write for this job; move them away or choose an empty "
+        f"{out_dir} {why} ({shown}) that monoquant did not write for this job; move them away or choose an "
+        "empty "
         "or new output directory"
     )
 

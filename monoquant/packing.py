@@ -112,10 +112,8 @@ def unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Inverse of :func:`pack_rows`: int32 ``[r, w]`` -> int8 codes ``[r, cols]``."""
     r = packed.shape[0]
     b = packed.contiguous().reshape(-1).view(torch.uint8).reshape(r, -1).to(torch.int16)
-    if bits == 8:
-        u = b[:, :cols]
-    else:
-        u = torch.stack((b & 0x0F, b >> 4), dim=-1).reshape(r, -1)[:, :cols]
+    # int8: one code per byte; int4: two per byte, low nibble first
+    u = b[:, :cols] if bits == 8 else torch.stack((b & 0x0F, b >> 4), dim=-1).reshape(r, -1)[:, :cols]
     return (u - (1 << (bits - 1))).to(torch.int8)
 
 

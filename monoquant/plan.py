@@ -118,7 +118,7 @@ class Plan:
                 q_out += t.out_bytes
         bytes_in = sum(t.ref.nbytes for t in self.tensors)
         bytes_out = sum(t.out_bytes for t in self.tensors)
-        out = {
+        out: dict[str, Any] = {
             "tensors": len(self.tensors),
             "quantized": counts["quantize"],
             "cast": counts["cast"],
@@ -298,7 +298,8 @@ def _assemble(
         if d.action == "copy":
             specs: tuple[OutSpec, ...] = (OutSpec("", ref.dtype, ref.shape),)
         else:
-            specs = get_kernel(d.scheme).out_specs(ref.shape, ref.dtype)  # type: ignore[arg-type]
+            assert d.scheme is not None  # every decision but "copy" has one
+            specs = get_kernel(d.scheme).out_specs(ref.shape, ref.dtype)
         decided.append((ref, d, specs))
     decided, shared = shared_scales(decided)
     _check_name_collisions(decided)

@@ -29,7 +29,6 @@ import re
 import struct
 import warnings
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -553,8 +552,3 @@ def _pread_into(fd: int, buf: torch.Tensor, offset: int, ref: TensorRef) -> None
             )
         done += got
 
-
-def iter_blocks(n_rows: int, block_rows: int) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` row ranges of at most ``block_rows`` rows."""
-    for i in range(0, n_rows, block_rows):
-        yield i, min(i + block_rows, n_rows)

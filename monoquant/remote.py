@@ -70,7 +70,7 @@ def is_remote(path: object) -> bool:
     if not isinstance(path, str):
         return False  # a pathlib.Path is always local
     m = _SCHEME.match(path)
-    return bool(m) and m.group(1).lower() not in ("file", "local")
+    return m is not None and m.group(1).lower() not in ("file", "local")
 
 
 def scrub(url: str) -> str:
@@ -188,7 +188,8 @@ def _filesystem(url: str) -> tuple[Any, str]:
         fs, path = fsspec.core.url_to_fs(url)
     except ImportError as e:
         raise CheckpointError(
-            f"{shown}: this backend needs a package that is not installed ({_reason(e)}); {EXTRA_HINT} covers "
+            f"{shown}: this backend needs a package that is not installed ({_reason(e)}); {EXTRA_HINT} "
+            "covers "
             "s3://, add gcsfs for gs:// or huggingface_hub for hf://"
         ) from None
     except (ValueError, KeyError) as e:
@@ -257,8 +258,8 @@ class RemotePath:
         self._info = info
 
     @classmethod
-    def from_url(cls, url: str) -> RemotePath:
-        fs, path = _filesystem(url)
+    def from_url(cls, url: str | os.PathLike[str]) -> RemotePath:
+        fs, path = _filesystem(str(url))
         return cls(fs, path)
 
     # -- naming
@@ -473,7 +474,8 @@ class RangeReader:
             self.requests += 1
         if len(data) != stop - start:
             raise CheckpointError(
-                f"{self.rp.url}: got {len(data)} of {stop - start} bytes at offset {start}; the object is truncated "
+                f"{self.rp.url}: got {len(data)} of {stop - start} bytes at offset {start}; the object is "
+                "truncated "
                 "or was replaced while being read; rerun with --restart once it is complete"
             )
         return data

@@ -258,7 +258,8 @@ def summarize_warnings(items: list[tuple[str, Decision]]) -> list[dict[str, Any]
 
     Example:
         >>> from monoquant.schemes import get_scheme
-        >>> ds = [(n, decide(n, torch.float32, (64, 576), get_scheme("int4"))) for n in ("a.weight", "b.weight")]
+        >>> int4 = get_scheme("int4")
+        >>> ds = [(n, decide(n, torch.float32, (64, 576), int4)) for n in ("a.weight", "b.weight")]
         >>> [(w["category"], w["count"], w["example"]) for w in summarize_warnings(ds)]
         [('group-fallback', 2, 'a.weight')]
     """

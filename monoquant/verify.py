@@ -30,22 +30,12 @@ import torch
 from .errors import CheckpointError, MonoquantError, VerifyError
 from .exactstats import ExactStats
 from .kernels import ErrorStats, Kernel, as_rows, get_kernel
-from .layout import dense_shape, find_groups, infer_scheme
-from .plan import INDEX_NAME, module_of
+from .outnames import INDEX_NAME
+from .outreader import QuantizedEntry, open_output
+from .plan import module_of
 from .reader import Checkpoint, RowReader, TensorRef, open_checkpoint
-from .schemes import Scheme
 
 BLOCK_BYTES = 2 * 1024 * 1024  # small blocks: dequantizing makes several float copies of a block
-
-
-@dataclass
-class QuantizedEntry:
-    """A quantized tensor found in a checkpoint: its base name, parts and scheme."""
-
-    base: str
-    parts: dict[str, TensorRef]
-    scheme: Scheme
-    shape: tuple[int, ...]
 
 
 @dataclass
@@ -92,38 +82,6 @@ class VerifyReport:
 
 def _exact(st: ErrorStats) -> bool:
     return st.exact if isinstance(st, ExactStats) else not st.err_sq > 0
-
-
-def quantized_entries(ckpt: Checkpoint, reader: RowReader) -> dict[str, QuantizedEntry]:
-    """Find the quantized tensors of an opened checkpoint and their schemes (reads only the tiny
-    ``weight_shape`` tensors; schemes come from the index metadata when monoquant wrote it)."""
-    refs = {r.name: r for r in ckpt.tensors}
-    known: dict[str, Scheme] = {}
-    mq = ckpt.index_metadata.get("monoquant") if isinstance(ckpt.index_metadata, dict) else None
-    if isinstance(mq, dict):
-        defs = {n: Scheme.from_dict(d) for n, d in (mq.get("schemes") or {}).items()}
-        known = {b: defs[s] for b, s in (mq.get("quantized") or {}).items() if s in defs}
-    out: dict[str, QuantizedEntry] = {}
-    for base, g in find_groups(refs).items():
-        parts = {s: refs[n] for s, n in g.names.items()}
-        if "_shape" in parts:
-            shape_t = reader.rows(parts["_shape"], 0, 1).reshape(-1)
-            shape = tuple(int(v) for v in shape_t.tolist())
-        else:
-            shape = dense_shape(parts)
-        scheme = known.get(base)
-        if scheme is None:
-            scheme = infer_scheme(_meta_parts(parts, shape), shape)
-        out[base] = QuantizedEntry(base, parts, scheme, shape)
-    return out
-
-
-def _meta_parts(parts: dict[str, TensorRef], shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """Shape-only stand-ins for :func:`infer_scheme` (meta tensors; ``_shape`` as values)."""
-    out = {s: torch.empty(r.shape, dtype=r.dtype, device="meta") for s, r in parts.items() if s != "_shape"}
-    if "_shape" in parts:
-        out["_shape"] = torch.tensor(shape)
-    return out
 
 
 def _check_entry(e: QuantizedEntry) -> list[str]:
@@ -183,19 +141,20 @@ def _check_config(
         and "embed" not in n.lower()
     )
     paths = set(modules) | {module_of(n) for n in plain}
-    ignore = {t: {} for t in qc.get("ignore") or []}
+    ignore: dict[str, dict[str, Any]] = {t: {} for t in qc.get("ignore") or []}
     # name and regex targets win over class targets, as in compressed-tensors and vLLM
     named = {t: g for t, g in targets.items() if t.startswith("re:") or t in paths}
     classes = {t: g for t, g in targets.items() if t not in named}
-    for mod, e in modules.items():
+    for mod, entry in modules.items():
         g = _match(named, mod) or next(iter(classes.values()), None)
         if g is None:
             probs.append(f"config.json: quantized module {mod!r} is not targeted by any config group")
             continue
         w = g.get("weights") or {}
-        if g.get("format") != e.scheme.format or w.get("num_bits") != e.scheme.bits:
+        if g.get("format") != entry.scheme.format or w.get("num_bits") != entry.scheme.bits:
             probs.append(
-                f"config.json: module {mod!r} is {e.scheme.name} but its group says {g.get('format')}/{w.get('num_bits')} bits"
+                f"config.json: module {mod!r} is {entry.scheme.name} but its group says "
+                f"{g.get('format')}/{w.get('num_bits')} bits"
             )
     for t, g in named.items():
         if not any(_match({t: g}, mod) is not None for mod in modules):
@@ -207,7 +166,8 @@ def _check_config(
     for mod in dense:
         if (classes or _match(named, mod) is not None) and _match(ignore, mod) is None:
             probs.append(
-                f"config.json: dense module {mod!r} is targeted and not in ignore (loaders would expect quantized tensors)"
+                f"config.json: dense module {mod!r} is targeted and not in ignore (loaders would expect "
+                "quantized tensors)"
             )
     return probs
 
@@ -302,19 +262,18 @@ def verify(
             f"{root}: no {INDEX_NAME}; the job is unfinished (rerun it) or this is not a monoquant output"
         )
     try:
-        out = open_checkpoint(root)
+        out = open_output(root)
     except CheckpointError as e:
         raise VerifyError(str(e)) from None
-    total = out.index_metadata.get("total_size") if isinstance(out.index_metadata, dict) else None
-    if total is not None and total != out.nbytes:
-        report.problems.append(f"index total_size {total} != {out.nbytes} bytes of tensor data")
+    total = out.metadata.get("total_size") if isinstance(out.metadata, dict) else None
+    if total is not None and total != out.ckpt.nbytes:
+        report.problems.append(f"index total_size {total} != {out.ckpt.nbytes} bytes of tensor data")
     with RowReader("pread") as oreader:  # pread: nothing stays mapped (bounded memory)
-        entries = quantized_entries(out, oreader)
-        for e in entries.values():
-            report.problems.extend(_check_entry(e))
-            report.problems.extend(_check_scales(e, oreader, block_bytes))
-        in_group = {r.name for e in entries.values() for r in e.parts.values()}
-        plain = {r.name: r for r in out.tensors if r.name not in in_group}
+        entries = out.entries(oreader)
+        for entry in entries.values():
+            report.problems.extend(_check_entry(entry))
+            report.problems.extend(_check_scales(entry, oreader, block_bytes))
+        plain = out.plain()
         if root.is_dir():
             report.problems.extend(_check_config(root, entries, plain))
         report.tensors = len(entries) + len(plain)

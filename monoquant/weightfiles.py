@@ -15,7 +15,8 @@ Rules, in order:
 
 Example:
     >>> from pathlib import Path
-    >>> files, notes = select_weight_files(Path("ckpt"), [Path("ckpt/pytorch_model.bin"), Path("ckpt/optimizer.pt")])
+    >>> found = [Path("ckpt/pytorch_model.bin"), Path("ckpt/optimizer.pt")]
+    >>> files, notes = select_weight_files(Path("ckpt"), found)
     >>> [f.name for f in files], notes
     (['pytorch_model.bin'], ['ignored optimizer.pt (training state, not model weights)'])
 """
@@ -52,7 +53,8 @@ def select_weight_files(root: Path, files: list[Path]) -> tuple[list[Path], list
     if len(families) > 1:
         shown = ", ".join(names[0] for names in families.values())
         raise CheckpointError(
-            f"{root}: holds weight files of {len(families)} different layouts ({shown}), probably the same model "
+            f"{root}: holds weight files of {len(families)} different layouts ({shown}), probably the same "
+            "model "
             "saved twice; point monoquant at one file, or move the other files away"
         )
     return keep, notes

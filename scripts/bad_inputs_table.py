@@ -143,7 +143,8 @@ def mount_rows(z: Zygote, tmp: Path, n0: int) -> list[str]:
             row("not enough free space for the output (checked before writing)", run, [str(mnt / "out")], mnt)
     except pytest.skip.Exception as e:
         rows.append(
-            f"| {n0 + len(rows) + 1} | read-only output, disk full, too little space | | not run here: {e} | |"
+            f"| {n0 + len(rows) + 1} | read-only output, disk full, too little space | | not run here: {e} | "
+            "|"
         )
     return rows
 
@@ -184,7 +185,8 @@ def other_rows(z: Zygote, tmp: Path) -> list[str]:
             else f"open: exit {run.returncode}, expected {want}"
         )
         rows.append(
-            f"| {len(rows) + 1} | {what} | `monoquant {cmd}` | {run.returncode} | `{shorten(line, cwd_root)}` | {st} |"
+            f"| {len(rows) + 1} | {what} | `monoquant {cmd}` | {run.returncode} | "
+            f"`{shorten(line, cwd_root)}` | {st} |"
         )
 
     add("two scheme flags", ["stream", src, tmp / "o1", "--int8", "--int4"], 2, "Error:")

@@ -71,7 +71,7 @@ HQQ_GROUPS = {"int4-g128-asym": 128, "int4-g64-asym": 64, "int4-g32-asym": 32}
 # ---- weight sets (no monoquant import: the hqq worker shares this code) ---------------------------
 def synthetic_weights(scale: float = 1.0, seed: int = 0) -> dict[str, torch.Tensor]:
     """14 Llama-like bf16 matrices with outlier input columns, deterministic (crc32 of the name)."""
-    hidden, ffn, kv = (max(64, int(round(d * scale / 64)) * 64) for d in (2048, 8192, 512))
+    hidden, ffn, kv = (max(64, round(d * scale / 64) * 64) for d in (2048, 8192, 512))
     shapes = {
         "self_attn.q_proj": (hidden, hidden),
         "self_attn.k_proj": (kv, hidden),

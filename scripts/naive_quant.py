@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The naive baseline: what users write today to quantize a sharded checkpoint.
 
-    python scripts/naive_quant.py SRC DST --scheme int8|int4|fp16 [--threads N] [--whole] [--kernel mq|textbook]
+    python scripts/naive_quant.py SRC DST --scheme int8|int4|fp16 [--threads N] [--whole]
+        [--kernel mq|textbook]
 
 Per shard: ``safetensors.torch.load_file`` (the whole shard in RAM) -> ``monoquant.quantize``
 on the shard's dict (the same numerics and tensor rules as ``monoquant stream``, so the outputs

@@ -3,7 +3,7 @@
 Per-tensor SQNR does not rank methods the way the model does (a scale rounded up by 0.2 % in
 every group costs 0.01 dB and +6 % perplexity on SmolLM2), so methods are compared here on the
 model: SmolLM2-135M-Instruct (``scripts/smollm2_checkpoint.py``, bf16) or any causal LM checkpoint
-directory, on a fixed text (the GPL-3 licence, ``fixed_text()``), ``--windows`` × ``--tokens``
+directory, on a fixed text (the GPL-3 licence, ``fixed_text()``), ``--windows`` x ``--tokens``
 tokens, non-overlapping windows, float32 compute.
 
 Each variant replaces the weights the monoquant rules quantize (for SmolLM2: the 210 Linear
@@ -20,7 +20,7 @@ scale and zero point), and measures perplexity:
 
 Usage::
 
-    python scripts/perplexity.py                                  # the default table (SmolLM2, 12 x 512 tokens)
+    python scripts/perplexity.py              # the default table (SmolLM2, 12 x 512 tokens)
     python scripts/perplexity.py --windows 2 --tokens 256 --variant ref-rtn:int4-g64 --variant int4-g64
     python scripts/perplexity.py --model path/to/ckpt --variant int8
 

@@ -52,7 +52,8 @@ def main(work: Path, engines: list[str]) -> None:
         for out in (w8, w7):
             r = deploy.compare_causal(deploy.causal_scores(out, ids, engine), ref)
             print(
-                f"{engine:12} {out.name:10} ppl {r['ppl']:.2f} ratio {r['ppl_ratio']:.3f} top-1 {r['top1_agreement']:.3f}"
+                f"{engine:12} {out.name:10} ppl {r['ppl']:.2f} ratio {r['ppl_ratio']:.3f} top-1 "
+                f"{r['top1_agreement']:.3f}"
             )
 
 

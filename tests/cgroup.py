@@ -6,6 +6,7 @@ Used by the memory-bound tests; they skip, with the reason, where no memory cgro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import uuid
@@ -51,10 +52,8 @@ def run_capped(cmd: list[str], limit: int, timeout: float = 600) -> CappedRun:
             (cg / "memory.limit_in_bytes").write_text(str(limit))
             sw = cg / "memory.memsw.limit_in_bytes"
             if sw.exists():
-                try:
+                with contextlib.suppress(OSError):
                     sw.write_text(str(limit))
-                except OSError:
-                    pass
         else:
             (cg / "memory.max").write_text(str(limit))
             if (cg / "memory.swap.max").exists():

@@ -46,8 +46,7 @@ def install_hooks(hooks: dict[str, Any]) -> None:
     the 2nd block written to shard N, or before finishing it), ``after-rename`` (shard N in place,
     not journaled), ``after-record`` (journaled), ``torn-record`` (half a journal line written),
     ``before-replace``/``after-replace`` (``shard`` is a file name: around the rename onto it),
-    ``probe`` (while the writability probe file exists), ``after-discard`` (``--restart`` removed
-    the old state and shards).
+    ``after-discard`` (``--restart`` removed the old state and shards).
 
     ``pause_before_prepare``: ``{"signal", "wait"}``: after the "already complete?" check, touch
     ``signal`` and wait for the file ``wait`` before creating the job state.
@@ -122,15 +121,6 @@ def install_hooks(hooks: dict[str, Any]) -> None:
                 _die()
 
         os.replace = replace  # type: ignore[assignment]
-    elif kill == "probe":
-        real_unlink = pathlib.Path.unlink
-
-        def unlink(self: pathlib.Path, *a: Any, **k: Any) -> None:
-            if self.name.startswith(".monoquant-probe"):
-                _die()
-            real_unlink(self, *a, **k)
-
-        pathlib.Path.unlink = unlink  # type: ignore[method-assign]
     elif kill == "after-discard":  # --restart removed the old state and shards, nothing else yet
         real_discard = jn.JobState.discard
 

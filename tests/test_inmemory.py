@@ -133,7 +133,7 @@ def test_nan_is_an_error_naming_the_tensor_and_count():
 
 def test_fp16_overflow_error_names_tensor_and_clamp_option():
     sd = {"big.weight": torch.full((4, 4), 1e5)}
-    with pytest.raises(TensorValueError, match="'big.weight' does not fit float16"):
+    with pytest.raises(TensorValueError, match=r"'big\.weight' does not fit float16"):
         monoquant.quantize(sd, "fp16")
     q = monoquant.quantize(sd, "fp16", clamp_fp16=True, stats=True)
     assert q["big.weight"].dtype == torch.float16 and float(q["big.weight"].max()) == 65504.0

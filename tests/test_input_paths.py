@@ -95,7 +95,9 @@ def test_mmap_input_truncated_while_read_is_a_clear_error(tmp_path: Path) -> Non
             if ev.kind == "tensor":
                 os.truncate(os.path.join(src, "model.safetensors"), 4096)
         try:
-            monoquant.stream(src, out, "int8", backend="mmap", overlap=False, block_bytes=65536, on_progress=cut)
+            monoquant.stream(
+                src, out, "int8", backend="mmap", overlap=False, block_bytes=65536, on_progress=cut
+            )
             print("no error")
         except monoquant.CheckpointError as e:
             print("error:", e)

@@ -1,5 +1,6 @@
 """Mixed precision by budget (monoquant.mixed): fits the budget, beats uniform int4 at equal size."""
 
+import itertools
 import math
 
 import pytest
@@ -99,7 +100,7 @@ def test_more_bits_never_cost_more_error(ckpt, sd):
         bpw, cost, _ = evaluate(plan, sd)
         assert bpw <= target + 1e-9
         costs.append(cost)
-    assert all(b <= a for a, b in zip(costs, costs[1:])), costs
+    assert all(b <= a for a, b in itertools.pairwise(costs)), costs
     assert costs[-1] < costs[0] / 10
 
 
@@ -190,7 +191,7 @@ def test_sample_ranges_cover_small_tensors_and_spread_over_large_ones():
     r = mixed.sample_ranges(100_000, 4096, elements=1 << 20, chunks=8)
     assert sum(b - a for a, b in r) == 256
     assert r[0][0] == 0 and r[-1][1] == 100_000
-    assert all(a < b <= c for (a, b), (c, _) in zip(r, r[1:]))
+    assert all(a < b <= c for (a, b), (c, _) in itertools.pairwise(r))
     assert mixed.sample_ranges(5, 1 << 22) == [(0, 1)]  # at least one whole row
 
 

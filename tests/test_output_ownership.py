@@ -185,7 +185,7 @@ def test_side_file_copy_failure_leaves_no_hidden_tmp(tmp_path: Path, monkeypatch
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(shutil, "copyfile", boom)  # the side-file copy (monoquant.remote.copy_file)
-    with pytest.raises(monoquant.MonoquantError, match="disk full|No space"):
+    with pytest.raises(monoquant.MonoquantError, match=r"disk full|No space"):
         monoquant.stream(src, out, "int8")
     monkeypatch.undo()
     hidden = [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".monoquant"]

@@ -517,7 +517,7 @@ def test_index_entry_outside_the_prefix_is_refused(
     first = next(iter(index["weight_map"]))
     index["weight_map"][first] = "../llama/model-00001-of-00003.safetensors"
     srv.put("models/escape/model.safetensors.index.json", json.dumps(index).encode())
-    with pytest.raises(CheckpointError, match="outside s3:|outside the checkpoint"):
+    with pytest.raises(CheckpointError, match=r"outside s3:|outside the checkpoint"):
         monoquant.plan(url, "int8")
 
 

@@ -24,7 +24,7 @@ def _check(src, dst, scheme):
     mine = report.worst(5)
     theirs = v.worst(5)
     assert [n for n, _ in mine] == [n for n, _ in theirs]
-    for (_, a), (_, b) in zip(mine, theirs):
+    for (_, a), (_, b) in zip(mine, theirs, strict=True):
         # run statistics: float32 error terms summed in float64; verify: its own float32 blocks
         assert a.sqnr_db == pytest.approx(b.sqnr_db, abs=0.01)
         assert a.max_abs_err == pytest.approx(b.max_abs_err, rel=1e-3)

@@ -50,7 +50,7 @@ def test_verify_threshold_is_a_ci_gate(job):
 
 
 def test_verify_finds_structural_damage(job, tmp_path):
-    src, out, _ = job
+    _, out, _ = job
     import shutil
 
     bad = tmp_path / "bad"
@@ -86,7 +86,7 @@ def test_verify_detects_a_changed_copied_tensor(job, tmp_path):
 
 
 def test_verify_of_an_unfinished_job_is_a_clear_error(tmp_path):
-    with pytest.raises(monoquant.MonoquantError, match="no model.safetensors.index.json"):
+    with pytest.raises(monoquant.MonoquantError, match=r"no model\.safetensors\.index\.json"):
         verify(tmp_path)
 
 

@@ -61,8 +61,8 @@ def test_one_huge_row_stays_bounded(tmp_path: Path) -> None:
     src.mkdir()
     save_file({"big.weight": torch.randn(1, 64 << 20)}, str(src / "model.safetensors"))
     code = (
-        "import json, monoquant; r = monoquant.stream(%r, %r, 'int8', stats='off', overlap=False);"
-        "print(json.dumps(r.memory))" % (str(src), str(tmp_path / "out"))
+        f"import json, monoquant; r = monoquant.stream({str(src)!r}, {str(tmp_path / 'out')!r}, 'int8', "
+        "stats='off', overlap=False); print(json.dumps(r.memory))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr

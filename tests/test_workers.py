@@ -145,7 +145,8 @@ def test_a_process_never_redoes_a_shard_another_finished_meanwhile(
     assert r1["complete"], r1
     assert (r1["shards_written"], r1["shards_skipped"]) == (1, len(names) - 1), (
         f"P1 rewrote shards P2 had already finished: {r1['shards_written']} written, "
-        f"{r1['shards_skipped']} skipped (the journal is read once at start, not after taking each shard's lock)"
+        f"{r1['shards_skipped']} skipped (the journal is read once at start, not after taking each shard's "
+        "lock)"
     )
     assert_complete(out, ref, "forced interleaving")
 
@@ -220,7 +221,7 @@ def test_a_worker_starting_while_another_finishes_leaves_the_model_alone(
 ) -> None:
     """B checks "already complete?" (no), then pauses; A runs the whole job (index written, state
     removed); B resumes: it must write nothing and leave no job state in the finished model."""
-    src, ref, _, names = small
+    src, ref, _, _ = small
     out, sig, go = tmp_path / "out", tmp_path / "b-checked", tmp_path / "go"
     pause = {"pause_before_prepare": {"signal": str(sig), "wait": str(go)}}
     b = zyg.start("stream", src, out, *SMALL, "--json", hooks=pause)

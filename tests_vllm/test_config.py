@@ -150,9 +150,13 @@ def test_vllm_picks_the_scheme_of_every_layer(output, name):
         cls = None if s is None else type(s).__name__
         if cls != want:
             problems.append(f"{vname}: vLLM picks {cls}, expected {want}")
-        elif s is not None and hasattr(s, "group_size") and per_tensor[parts[0]].strategy == "group":
-            if s.group_size != per_tensor[parts[0]].group_size:
-                problems.append(f"{vname}: group size {s.group_size}")
+        elif (
+            s is not None
+            and hasattr(s, "group_size")
+            and per_tensor[parts[0]].strategy == "group"
+            and s.group_size != per_tensor[parts[0]].group_size
+        ):
+            problems.append(f"{vname}: group size {s.group_size}")
     assert problems == []
     if name in NO_CPU_KERNEL:  # the picked class itself says it has no kernel here
         print(f"{name}: {sorted(refusals)}")
