@@ -108,7 +108,9 @@ def iter_quantized(
                 flat = t.contiguous().reshape(-1).view(torch.uint8)
                 bufs[o.name][off : off + flat.numel()].copy_(flat)
 
-            process_tensor(pt, reader, pool, SyncSink(write), block_bytes=block_bytes, clamp_fp16=clamp_fp16)
+            process_tensor(
+                pt, reader, pool, SyncSink(write), block_bytes=opts.block_bytes, clamp_fp16=opts.clamp_fp16
+            )
             for o in pt.outputs:
                 yield o.name, bufs[o.name].view(o.spec.dtype).view(o.spec.shape)
 
