@@ -31,8 +31,6 @@ from .remote import is_remote, refuse_remote_output
 from .report import ProgressEvent, Report
 from .schemes import Scheme
 
-__all__ = ["ProgressEvent", "Report", "iter_quantized", "plan", "process_tensor", "stream"]
-
 
 def plan(
     src: str | os.PathLike[str],

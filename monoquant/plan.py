@@ -26,17 +26,11 @@ from .errors import CheckpointError
 from .formats import output_name, shared_scales
 from .kernels import OutSpec, as_rows, get_kernel
 from .options import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_SHARD, PlanOptions, parse_size, resolve_scheme
-from .outnames import INDEX_NAME, shard_name
+from .outnames import INDEX_NAME as INDEX_NAME  # re-exported: callers import it from here
+from .outnames import shard_name
 from .reader import Checkpoint, TensorRef
 from .rules import Decision, Rules, decide, summarize_warnings
 from .schemes import FORMAT_VERSION, Scheme
-
-__all__ = [  # re-exported: callers import these names from here
-    "DEFAULT_BLOCK_BYTES",
-    "DEFAULT_MAX_SHARD",
-    "INDEX_NAME",
-    "parse_size",
-]
 
 #: Chooses a scheme per tensor (mixed precision); ``None`` = use the decision of the rules.
 Chooser = Callable[[TensorRef, Decision], Decision]
