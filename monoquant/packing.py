@@ -40,6 +40,7 @@ import sys
 import torch
 
 from .errors import SchemeError
+from .numerics import Workspace
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("monoquant's packing assumes a little-endian machine")
@@ -100,6 +101,37 @@ def bytes_from_unsigned(
     return out
 
 
+def encode_codes(y: torch.Tensor, bits: int, packed: bool, ws: Workspace) -> torch.Tensor:
+    """Float codes ``y`` ``[r, c]`` (integers in ``[qmin, qmax]``) -> the stored codes: int32 rows
+    packed in offset binary (``packed``; ``y`` may be overwritten) or int8 ``[r, c]``, in ``ws``
+    buffers.
+
+    Example:
+        >>> encode_codes(torch.tensor([[-8.0, -7, -1, 0, 1, 2, 6, 7]]), 4, True, Workspace()).tolist()
+        [[-22444272]]
+    """
+    r, c = y.shape
+    if not packed:
+        q8 = ws.get("q", r * c, torch.int8).view(r, c)
+        q8.copy_(y)
+        return q8
+    nb = 4 * packed_cols(c, bits)
+    u8 = ws.get("u8", r * nb, torch.uint8).view(r, nb)
+    if bits == 8 and c == nb:
+        u8.view(torch.int8).copy_(y)
+        u8.bitwise_xor_(0x80)  # q + 128 on the bytes of two's complement codes
+    elif bits == 4 and 2 * nb == c:
+        half = ws.get("half", r * (c // 2), torch.float32).view(r, c // 2)
+        pair = y.view(r, c // 2, 2)
+        torch.add(pair[..., 0], pair[..., 1], alpha=16, out=half)
+        half.add_(8 + 16 * 8)  # (q0 + 8) + 16 * (q1 + 8)
+        u8.copy_(half)
+    else:  # rows that do not fill whole words: the general (slower) path
+        y.add_(1 << (bits - 1))
+        bytes_from_unsigned(y, bits, out=u8)
+    return u8.view(torch.int32)
+
+
 def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack signed codes ``q`` ``[r, c]`` along rows into int32 ``[r, packed_cols(c)]``."""
     if q.dim() != 2:
@@ -112,10 +144,7 @@ def unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Inverse of :func:`pack_rows`: int32 ``[r, w]`` -> int8 codes ``[r, cols]``."""
     r = packed.shape[0]
     b = packed.contiguous().reshape(-1).view(torch.uint8).reshape(r, -1).to(torch.int16)
-    if bits == 8:
-        u = b[:, :cols]
-    else:
-        u = torch.stack((b & 0x0F, b >> 4), dim=-1).reshape(r, -1)[:, :cols]
+    u = b[:, :cols] if bits == 8 else torch.stack((b & 0x0F, b >> 4), dim=-1).reshape(r, -1)[:, :cols]
     return (u - (1 << (bits - 1))).to(torch.int8)
 
 

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from .errors import MonoquantError, OptionError, OutputError, SchemeError
-from .formats import shared_absmax
 from .inmemory import decode_overflow_error, fp16_overflow_error, nonfinite_error
 from .journal import JobState, check_writable
 from .kernels import (
@@ -42,6 +41,7 @@ from .memwatch import MemWatch
 from .outdir import check_paths, completed_fingerprint, finalize
 from .overlap import SyncSink, ThreadSink, WorkspacePool, spare_core
 from .ownership import check_state_dir, finished_files, planned_files, present_files, refuse_foreign
+from .peeramax import shared_absmax
 from .plan import (
     DEFAULT_BLOCK_BYTES,
     DEFAULT_MAX_SHARD,

@@ -24,11 +24,12 @@ import torch
 
 from .dtypes import dtype_name, itemsize, to_st
 from .errors import CheckpointError, OptionError
-from .formats import output_name, shared_scales
+from .fusedscales import shared_scales
 from .kernels import OutSpec, as_rows, get_kernel
 from .reader import Checkpoint, TensorRef
 from .rules import Decision, Rules, decide, summarize_warnings
 from .schemes import FORMAT_VERSION, Scheme, get_scheme
+from .storedformats import output_name
 
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
 INDEX_NAME = "model.safetensors.index.json"

@@ -1,0 +1,110 @@
+"""fp16 / bf16: a plain dtype change, no scale (the presets ``fp16`` and ``bf16``).
+
+An fp16 cast of a value beyond ±65504 is an error unless ``clamp_fp16`` (then it is clamped and
+counted in ``ErrorStats.overflow``); values too small for the target are flushed to zero and
+counted in ``ErrorStats.underflow`` when the statistics are asked for.
+
+Example:
+    >>> import torch
+    >>> from monoquant.schemes import get_scheme
+    >>> from monoquant.kernels import get_kernel
+    >>> k = get_kernel(get_scheme("fp16"))
+    >>> k.quantize_tensor(torch.tensor([[1.0, 1e-9]]))[""].tolist()
+    [[1.0, 0.0]]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..numerics import (
+    FP16_MAX,
+    DecodeOverflowError,
+    ErrorStats,
+    Fp16OverflowError,
+    NonFiniteError,
+    OutSpec,
+    Workspace,
+    dtype_label,
+)
+from . import register
+from .base import Kernel
+
+
+@register("cast")
+class CastKernel(Kernel):
+    """The fp16/bf16 cast unit (see the module docstring)."""
+
+    default_dtype = None
+
+    @property
+    def target(self) -> torch.dtype:
+        return self.scheme.dtype  # type: ignore[return-value]  # validated: float16 or bfloat16
+
+    def out_specs(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[OutSpec, ...]:
+        return (OutSpec("", self.target, tuple(int(d) for d in shape)),)
+
+    def check_shape(self, shape: tuple[int, ...]) -> str | None:
+        return None  # any tensor can be cast
+
+    def quantize_block(
+        self,
+        x: torch.Tensor,
+        *,
+        tensor_scale: torch.Tensor | None = None,
+        ws: Workspace | None = None,
+        stats: ErrorStats | None = None,
+        clamp_fp16: bool = False,
+        stats_rows: int = 1,
+    ) -> dict[str, torch.Tensor]:
+        ws = ws if ws is not None else Workspace()
+        k = max(int(stats_rows), 1)
+        target = self.target
+        if x.numel() == 0:  # a 0-element tensor: nothing to check or measure
+            return {"": ws.get("cast", 0, target).view(x.shape)}
+        hi, lo = float(x.amax()), float(x.amin())
+        if not (math.isfinite(hi) and math.isfinite(lo)):
+            raise NonFiniteError("NaN or Inf")
+        out = ws.get("cast", x.numel(), target).view(x.shape)
+        top = max(hi, -lo)
+        over = target == torch.float16 and top > FP16_MAX
+        if over and not clamp_fp16:
+            raise Fp16OverflowError(f"max |x| = {top:.6g} > {FP16_MAX:g}")
+        if over:
+            out.copy_(torch.clamp(x, -FP16_MAX, FP16_MAX))
+        else:
+            out.copy_(x)
+            if top > torch.finfo(target).max and not bool(torch.isfinite(out).all()):
+                raise DecodeOverflowError(
+                    f"max |x| = {top:.6g} rounds to inf in {dtype_label(target)} "
+                    f"(max {torch.finfo(target).max:.6g})"
+                )
+        if stats is not None:
+            self._measure(x[::k], out[::k], ws, stats, over)
+        return {"": out}
+
+    @staticmethod
+    def _measure(xs: torch.Tensor, os_: torch.Tensor, ws: Workspace, stats: ErrorStats, over: bool) -> None:
+        target = os_.dtype
+        n = xs.numel()
+        xf = ws.get("xf", n, torch.float32).view(xs.shape)
+        xf.copy_(xs)
+        err = ws.get("tmp", n, torch.float32).view(xs.shape)
+        err.copy_(os_)
+        if over:
+            stats.overflow += int((xf.abs() > FP16_MAX).sum())
+        # values flushed to zero; counting is slow, so only where some |x| is that small
+        smallest = torch.finfo(target).tiny * torch.finfo(target).eps
+        if float(torch.abs(xf, out=ws.get("err", n, torch.float32).view(xs.shape)).amin()) < smallest:
+            stats.underflow += int(torch.count_nonzero(xs)) - int(torch.count_nonzero(os_))
+        err.sub_(xf)
+        stats.add_error(xf, err)
+
+    def dequantize(
+        self, parts: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """The cast tensor itself, in ``dtype`` when given."""
+        w = parts[""]
+        return w.to(dtype) if dtype is not None else w
