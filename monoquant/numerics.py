@@ -26,7 +26,7 @@ Example:
     >>> st = ErrorStats()
     >>> st.add(x, x + 0.01)
     >>> round(st.sqnr_db, 2)
-    43.42
+    41.18
     >>> sqnr_db(2.0, 0.0), sqnr_db(0.0, 1.0)
     (inf, -inf)
 """
