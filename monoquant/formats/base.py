@@ -21,7 +21,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +31,25 @@ from ..numerics import ErrorStats, OutSpec, Workspace, absmax, as_rows
 
 if TYPE_CHECKING:  # pragma: no cover - the scheme is a value read by attribute only
     from ..schemes import Scheme
+
+
+#: Registry key -> kernel class (filled by :func:`register` as the units are imported).
+REGISTRY: dict[str, type[Any]] = {}
+
+
+def register(*keys: str) -> Callable[[type[Any]], type[Any]]:
+    """Class decorator: the kernel class implementing schemes of these keys (kinds or ``strategy:X``)."""
+
+    def deco(cls: type[Any]) -> type[Any]:
+        for k in keys:
+            if REGISTRY.get(k, cls) is not cls:
+                raise ValueError(
+                    f"format key {k!r} is registered twice ({REGISTRY[k].__name__}, {cls.__name__})"
+                )
+            REGISTRY[k] = cls
+        return cls
+
+    return deco
 
 
 def plain_shape_problem(shape: tuple[int, ...]) -> str | None:

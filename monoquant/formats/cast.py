@@ -29,8 +29,7 @@ from ..numerics import (
     Workspace,
     dtype_label,
 )
-from . import register
-from .base import Kernel
+from .base import Kernel, register
 
 
 @register("cast")

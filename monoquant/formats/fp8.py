@@ -34,8 +34,7 @@ from ..numerics import (
     symmetric_scale,
     tensor_scale,
 )
-from . import register
-from .base import Kernel, scale_spec
+from .base import Kernel, register, scale_spec
 
 
 @register("float")

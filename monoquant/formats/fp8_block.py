@@ -36,8 +36,7 @@ from ..numerics import (
     scale_dtype_for,
     stored_scale,
 )
-from . import register
-from .base import Kernel
+from .base import Kernel, register
 from .common import group_absmax
 
 BLOCK = 128

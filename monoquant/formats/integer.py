@@ -47,8 +47,7 @@ from ..numerics import (
 )
 from ..optimize import optimized_block
 from ..packing import codes_per_word, encode_codes, pack_dim0, packed_cols, unpack_dim0, unpack_rows
-from . import register
-from .base import Kernel, group_width, plain_shape_problem, scale_spec
+from .base import Kernel, group_width, plain_shape_problem, register, scale_spec
 
 
 @register("int")

@@ -23,8 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..numerics import FP8_MAX, ErrorStats, OutSpec, Workspace, as_rows, check_finite, sampled
-from . import register
-from .base import Kernel
+from .base import Kernel, register
 from .common import (
     FP4_MAX,
     decode_e2m1,

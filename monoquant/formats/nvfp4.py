@@ -33,8 +33,7 @@ import torch
 
 from ..errors import SchemeError
 from ..numerics import FP8_MAX, ErrorStats, OutSpec, Workspace, as_rows, check_finite, sampled
-from . import register
-from .base import Kernel
+from .base import Kernel, register
 from .common import (
     FP4_MAX,
     decode_e2m1,
