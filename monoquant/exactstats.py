@@ -98,9 +98,9 @@ class ExactStats(ErrorStats):
             return "decodes to all zeros but the input is not zero"
         return None
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | None]:
         d = super().to_dict()
-        d["rel_err"] = self.rel_err if math.isfinite(self.rel_err) else None  # type: ignore[assignment]
+        d["rel_err"] = self.rel_err if math.isfinite(self.rel_err) else None
         d["nonfinite"] = self.nonfinite
         return d
 

@@ -448,7 +448,7 @@ class ErrorStats:
         """‖w-ŵ‖ / ‖w‖."""
         return math.sqrt(self.err_sq / self.sum_sq) if self.sum_sq > 0 else 0.0
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | None]:
         sq = self.sqnr_db
         return {
             "sqnr_db": round(sq, 4) if math.isfinite(sq) else None,

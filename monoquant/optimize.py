@@ -155,7 +155,7 @@ def optimized_block(
         return kernel.rtn_block(x, tensor_scale, ws, stats)
     r, c = x.shape
     n = r * c
-    g = c if s.strategy != "group" else int(s.group_size)  # type: ignore[arg-type]
+    g = c if s.strategy != "group" else int(s.group_size or c)
     groups = c // g
     m = r * groups
     sdt = scale_dtype_for(x.dtype)
@@ -244,9 +244,9 @@ def _search(
     f64 = torch.float64
     sym = zp is None
     nsum = 2 if sym else 3
-    if sym:
-        base = amax.double() / ((qmax - qmin) / 2)  # type: ignore[union-attr]
-        mid = sx = None
+    mid = sx = None
+    if amax is not None:  # symmetric
+        base = amax.double() / ((qmax - qmin) / 2)
     else:
         base = (hi - lo).double() / (qmax - qmin)
         mid = (hi + lo).double() / 2
@@ -271,8 +271,8 @@ def _search(
             sq, sxq = group_sums(buf).double()
             num, den, z = sxq, sq, best_z
         else:
-            if stage == 0:  # centre the clipped range on the group's range
-                zk = ((qmin + qmax) / 2 - mid / sk).round_().clamp_(qmin, qmax)  # type: ignore[operator]
+            if stage == 0 and mid is not None:  # centre the clipped range on the group's range
+                zk = ((qmin + qmax) / 2 - mid / sk).round_().clamp_(qmin, qmax)
             else:
                 zk = best_z.expand(k, m)
             codes.add_(zk.float().unsqueeze(1))
@@ -308,7 +308,8 @@ def _search(
         q.round_().clamp_(qmin, qmax)
         torch.mul(q, sf, out=e)
     else:
-        zf = torch.stack((best_z.float(), zp.float())).unsqueeze(1)  # type: ignore[union-attr]
+        assert zp is not None  # asymmetric
+        zf = torch.stack((best_z.float(), zp.float())).unsqueeze(1)
         q.add_(zf)
         q.round_().clamp_(qmin, qmax)
         torch.sub(q, zf, out=e)

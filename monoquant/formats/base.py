@@ -70,12 +70,12 @@ def scale_spec(
         return OutSpec("_scale", sdt, (1,), None)
     if strategy == "channel":
         return OutSpec("_scale", sdt, (rows, 1))
-    return OutSpec("_scale", sdt, (rows, cols // int(group_size)))  # type: ignore[arg-type]
+    return OutSpec("_scale", sdt, (rows, cols // group_width(strategy, cols, group_size)))
 
 
 def group_width(strategy: str | None, cols: int, group_size: int | None) -> int:
     """Columns sharing one scale: the group size, else the whole row."""
-    return int(group_size) if strategy == "group" else cols  # type: ignore[arg-type]
+    return int(group_size) if strategy == "group" and group_size else cols
 
 
 class Kernel:

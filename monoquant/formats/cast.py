@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from ..errors import SchemeError
 from ..numerics import (
     FP16_MAX,
     DecodeOverflowError,
@@ -40,7 +41,10 @@ class CastKernel(Kernel):
 
     @property
     def target(self) -> torch.dtype:
-        return self.scheme.dtype  # type: ignore[return-value]  # validated: float16 or bfloat16
+        dt = self.scheme.dtype
+        if dt is None:  # the scheme validation requires float16 or bfloat16
+            raise SchemeError("a cast scheme needs a target dtype")
+        return dt
 
     def out_specs(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[OutSpec, ...]:
         return (OutSpec("", self.target, tuple(int(d) for d in shape)),)

@@ -91,7 +91,7 @@ class IntKernel(Kernel):
             return why
         s = self.scheme
         cols = as_rows(shape)[1]
-        if s.strategy == "group" and cols % s.group_size:  # type: ignore[operator]
+        if s.strategy == "group" and cols % group_width(s.strategy, cols, s.group_size):
             return f"{cols} input columns are not a multiple of the group size {s.group_size}"
         return None
 
