@@ -29,14 +29,17 @@ import torch
 
 from ..errors import SchemeError
 from ..numerics import (
+    TILE_ELEMENTS,
+    DecodeOverflowError,
     ErrorStats,
     OutSpec,
     Workspace,
     as_rows,
     asymmetric_params,
-    check_decodes_finite,
     contiguous_rows,
     decode_error,
+    decode_overflow_message,
+    decode_worst,
     group_range,
     int_code_magnitude,
     int_half_range,
@@ -46,7 +49,15 @@ from ..numerics import (
     tensor_scale,
 )
 from ..optimize import optimized_block
-from ..packing import codes_per_word, encode_codes, pack_dim0, packed_cols, unpack_dim0, unpack_rows
+from ..packing import (
+    code_buffer,
+    codes_per_word,
+    encode_codes,
+    pack_dim0,
+    packed_cols,
+    unpack_dim0,
+    unpack_rows,
+)
 from .base import Kernel, group_width, plain_shape_problem, register, scale_spec
 
 
@@ -138,13 +149,21 @@ class IntKernel(Kernel):
         return self.rtn_block(x, tensor_scale, ws, stats, max(int(stats_rows), 1))
 
     def encode(
-        self, y: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, ws: Workspace
+        self,
+        y: torch.Tensor,
+        scale: torch.Tensor,
+        zp: torch.Tensor | None,
+        ws: Workspace,
+        codes: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The block outputs of float codes ``y`` ``[r, c]`` (overwritten), stored scales
-        ``scale`` and float zero points ``zp`` (``[r, groups]``)."""
+        ``scale`` and float zero points ``zp`` (``[r, groups]``); ``codes``: the encoded codes
+        already written (the tiled path), else ``y`` is encoded here."""
         s = self.scheme
         r = y.shape[0]
-        out = {"_packed" if self.packed else "": encode_codes(y, s.bits, self.packed, ws)}
+        if codes is None:
+            codes = encode_codes(y, s.bits, self.packed, ws)
+        out = {"_packed" if self.packed else "": codes.view(torch.int32) if self.packed else codes}
         if s.strategy != "tensor":
             out["_scale"] = scale.view(r, -1)
         if zp is not None:
@@ -159,45 +178,89 @@ class IntKernel(Kernel):
         stats: ErrorStats | None,
         k: int = 1,
     ) -> dict[str, torch.Tensor]:
-        """Round-to-nearest outputs of the block ``x``; ``stats`` measures every ``k``-th row."""
-        # Pass count matters more than arithmetic here (the block streams through the caches
-        # ~8 times): reductions read without writing (amax and amin instead of abs + amax),
-        # codes are finished on bytes (xor on int8), and the error statistics reuse buffers.
+        """Round-to-nearest outputs of the block ``x``; ``stats`` measures every ``k``-th row.
+
+        The block is processed in tiles of whole rows of about
+        :data:`~monoquant.numerics.TILE_ELEMENTS` (4 MiB of float32, cache-sized): every step
+        of a tile (float32 copy, range, scale, divide, round, clamp, encode) reads what the
+        previous one left in the cache, instead of streaming the whole block through memory
+        once per step. Every element and every row's scale is
+        computed exactly as on the whole block, so the bytes do not depend on the tiling; the
+        statistics gather the sampled rows and are summed over the block as before. Exact
+        statistics (``k == 1``) keep the whole block as one tile.
+        """
         s = self.scheme
         r, c = x.shape
-        n = r * c
         sdt = scale_dtype_for(x.dtype)
-        xf = ws.get("xf", n, torch.float32).view(r, c)
-        xf.copy_(x)
         g = group_width(s.strategy, c, s.group_size)
         groups = c // g
-        v = xf.view(r, groups, g)
-        zp = None
-        if s.strategy == "tensor":
-            if tensor_scale is None:
-                raise SchemeError("a per-tensor scheme needs the tensor scale (absmax pass)")
-            scale = tensor_scale
-            sf = scale.float().view(1, 1, 1)
-        else:
-            mx, mn = group_range(v)
-            if s.symmetric:
-                scale = symmetric_scale(mx, mn, int_half_range(s.qmin, s.qmax), sdt, self.magnitude)
-                sf = scale.float().unsqueeze(-1)
+        mag = self.magnitude
+        if s.strategy == "tensor" and tensor_scale is None:
+            raise SchemeError("a per-tensor scheme needs the tensor scale (absmax pass)")
+        tile = r if (stats is not None and k == 1) else max(1, min(r, TILE_ELEMENTS // max(c, 1)))
+        codes = code_buffer(r, c, s.bits, self.packed, ws)
+        scales = None if s.strategy == "tensor" else torch.empty(r, groups, dtype=sdt)
+        zps = None if s.symmetric else torch.empty(r, groups, dtype=torch.float32)
+        gather = stats is not None and tile < r
+        m = -(-r // k)
+        xs = ws.get("xs", m * c, torch.float32).view(m, groups, g) if gather else None
+        ys = ws.get("ys", m * c, torch.float32).view(m, groups, g) if gather else None
+        xf_buf = ws.get("xf", tile * c, torch.float32)
+        y_buf = ws.get("tmp", tile * c, torch.float32)
+        xf = xf_buf[:0].view(0, groups, g)
+        y = y_buf[:0].view(0, groups, g)
+        sf = tensor_scale.float().view(1, 1, 1) if tensor_scale is not None else xf_buf[:0]
+        worst = 0.0
+        pending: DecodeOverflowError | None = None
+        for a in range(0, r, tile):
+            b = min(a + tile, r)
+            t = b - a
+            xf = xf_buf[: t * c].view(t, groups, g)
+            xf.copy_(x[a:b].reshape(t, groups, g))
+            zp = None
+            if s.strategy == "tensor":
+                scale = sf
             else:
-                scale, zp = asymmetric_params(mx, mn, s.qmin, s.qmax, sdt, s.name)
+                mx, mn = group_range(xf)
+                if s.symmetric:
+                    scale = symmetric_scale(mx, mn, int_half_range(s.qmin, s.qmax), sdt, mag)
+                else:
+                    try:
+                        scale, zp = asymmetric_params(mx, mn, s.qmin, s.qmax, sdt, s.name)
+                    except DecodeOverflowError as e:  # raised once the whole block is checked for NaN
+                        pending = pending or e
+                        continue
+                    zps[a:b] = zp  # type: ignore[index]  # asymmetric: allocated above
+                scales[a:b] = scale  # type: ignore[index]  # not per tensor: allocated above
                 sf = scale.float().unsqueeze(-1)
-        y = ws.get("tmp", n, torch.float32).view(r, groups, g)
-        torch.div(v, sf, out=y)
-        if zp is not None:
-            y.add_(zp.unsqueeze(-1))
-        y.round_().clamp_(s.qmin, s.qmax)
-        if zp is not None:
-            check_decodes_finite(y, scale, zp, self.magnitude, s.name, sdt)
+            y = y_buf[: t * c].view(t, groups, g)
+            torch.div(xf, sf, out=y)
+            if zp is not None:
+                y.add_(zp.unsqueeze(-1))
+            y.round_().clamp_(s.qmin, s.qmax)
+            if zp is not None:
+                worst = max(worst, decode_worst(y, scale, zp, mag, sdt))
+            if xs is not None and ys is not None:
+                i0 = -(-a // k) * k  # the first sampled row of this tile
+                if i0 < b:
+                    src = slice(i0 - a, t, k)
+                    j0 = i0 // k
+                    n_s = len(range(*src.indices(t)))
+                    xs[j0 : j0 + n_s].copy_(xf[src])
+                    ys[j0 : j0 + n_s].copy_(y[src])
+            encode_codes(y.view(t, c), s.bits, self.packed, ws, out=codes[a:b])
+        if pending is not None:
+            raise pending
+        if worst > torch.finfo(sdt).max:
+            raise DecodeOverflowError(decode_overflow_message(worst, sdt, s.name))
         if stats is not None:
-            zps = None if zp is None else zp.unsqueeze(-1)[::k]
-            xs = contiguous_rows(v[::k], ws)
-            stats.add_error(xs, decode_error(xs, y[::k], per_row(sf, r, k), zps, ws, sdt))
-        return self.encode(y.view(r, c), scale, zp, ws)
+            if xs is None or ys is None:  # one tile: the block itself
+                xs, ys = xf[::k], y[::k]
+            sf_all = scales.float().unsqueeze(-1) if scales is not None else sf
+            zp_s = None if zps is None else zps.unsqueeze(-1)[::k]
+            xs = contiguous_rows(xs, ws)
+            stats.add_error(xs, decode_error(xs, ys, per_row(sf_all, r, k), zp_s, ws, sdt))
+        return self.encode(codes, scales if scales is not None else sf, zps, ws, codes=codes)
 
     def dequantize(
         self, parts: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype | None = None
