@@ -22,6 +22,7 @@ import torch
 from ..errors import SchemeError
 from ..numerics import (
     FP8_MAX,
+    TILE_ELEMENTS,
     ErrorStats,
     OutSpec,
     Workspace,
@@ -79,33 +80,48 @@ class FP8Kernel(Kernel):
         ws = ws if ws is not None else Workspace()
         k = max(int(stats_rows), 1)
         r, c = x.shape
-        n = r * c
         sdt = scale_dtype_for(x.dtype)
-        xf = ws.get("xf", n, torch.float32).view(r, c)
-        xf.copy_(x)
-        v = xf.view(r, 1, c)
-        if self.scheme.strategy == "tensor":
-            if tensor_scale is None:
-                raise SchemeError("a per-tensor scheme needs the tensor scale (absmax pass)")
-            scale = tensor_scale
-            sf = scale.float().view(1, 1, 1)
-        else:
-            mx, mn = group_range(v)
-            scale = symmetric_scale(mx, mn, FP8_MAX, sdt, FP8_MAX)
-            sf = scale.float().unsqueeze(-1)
-        y = ws.get("tmp", n, torch.float32).view(r, 1, c)
-        torch.div(v, sf, out=y)
-        y.clamp_(-FP8_MAX, FP8_MAX)
-        q8 = ws.get("q", n, torch.float8_e4m3fn).view(r, c)
-        q8.copy_(y.view(r, c))
+        per_tensor = self.scheme.strategy == "tensor"
+        if per_tensor and tensor_scale is None:
+            raise SchemeError("a per-tensor scheme needs the tensor scale (absmax pass)")
+        # tiles of whole rows that fit the cache, as the integer unit (bytes independent of it)
+        tile = r if (stats is not None and k == 1) else max(1, min(r, TILE_ELEMENTS // max(c, 1)))
+        xf_buf = ws.get("xf", tile * c, torch.float32)
+        y_buf = ws.get("tmp", tile * c, torch.float32)
+        q8 = ws.get("q", r * c, torch.float8_e4m3fn).view(r, c)
+        scales = None if per_tensor else torch.empty(r, 1, dtype=sdt)
+        sf = tensor_scale.float().view(1, 1, 1) if tensor_scale is not None else xf_buf[:0]
+        xf = xf_buf[:0].view(0, 1, c)
+        y = y_buf[:0].view(0, 1, c)
+        for a in range(0, r, tile):
+            b = min(a + tile, r)
+            t = b - a
+            xf = xf_buf[: t * c].view(t, 1, c)
+            xf.copy_(x[a:b].reshape(t, 1, c))
+            if not per_tensor:
+                mx, mn = group_range(xf)
+                scale = symmetric_scale(mx, mn, FP8_MAX, sdt, FP8_MAX)
+                scales[a:b] = scale  # type: ignore[index]  # not per tensor: allocated above
+                sf = scale.float().unsqueeze(-1)
+            y = y_buf[: t * c].view(t, 1, c)
+            torch.div(xf, sf, out=y)
+            y.clamp_(-FP8_MAX, FP8_MAX)
+            q8[a:b].copy_(y.view(t, c))
         if stats is not None:
-            ys = y[::k]
+            sf_all = scales.float().unsqueeze(-1) if scales is not None else sf
+            if tile == r:  # one tile: the block itself
+                xs = contiguous_rows(xf[::k], ws)
+                ys = y[::k]
+            else:
+                m = xs_rows = -(-r // k)
+                xs = ws.get("xs", m * c, torch.float32).view(xs_rows, 1, c)
+                xs.copy_(x[::k].reshape(m, 1, c))
+                ys = ws.get("ys", m * c, torch.float32).view(m, 1, c)
             ys.copy_(q8.view(r, 1, c)[::k])  # fp8 codes as float32
-            xs = contiguous_rows(v[::k], ws)
-            stats.add_error(xs, decode_error(xs, ys, per_row(sf, r, k), None, ws, sdt))
+            stats.add_error(xs, decode_error(xs, ys, per_row(sf_all, r, k), None, ws, sdt))
         out = {"": q8}
-        if self.scheme.strategy != "tensor":
-            out["_scale"] = scale.view(r, 1)
+        if scales is not None:
+            out["_scale"] = scales
         return out
 
     def dequantize(
