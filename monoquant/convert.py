@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from .formats import shared_absmax
+from .peeramax import shared_absmax
 from .inmemory import decode_overflow_error, fp16_overflow_error, nonfinite_error
 from .kernels import (
     DecodeOverflowError,

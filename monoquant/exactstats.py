@@ -31,12 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import ErrorStats
+from .numerics import ErrorStats
 
 
 @dataclass
 class ExactStats(ErrorStats):
-    """:class:`~monoquant.kernels.ErrorStats` with scaled float64 sums and failure counts.
+    """:class:`~monoquant.numerics.ErrorStats` with scaled float64 sums and failure counts.
 
     ``sum_sq``/``err_sq`` hold the plain float64 sums for compatibility (they may overflow to
     ``inf`` for huge values); :attr:`sqnr_db` and :attr:`rel_err` use the scaled sums."""
@@ -98,9 +98,9 @@ class ExactStats(ErrorStats):
             return "decodes to all zeros but the input is not zero"
         return None
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | None]:
         d = super().to_dict()
-        d["rel_err"] = self.rel_err if math.isfinite(self.rel_err) else None  # type: ignore[assignment]
+        d["rel_err"] = self.rel_err if math.isfinite(self.rel_err) else None
         d["nonfinite"] = self.nonfinite
         return d
 

@@ -22,12 +22,13 @@ from typing import Any
 import torch
 
 from .errors import TensorValueError
-from .formats import output_name, shared_scale_groups
+from .fusedscales import shared_scale_groups
 from .kernels import DecodeOverflowError, ErrorStats, Fp16OverflowError, NonFiniteError, absmax, get_kernel
 from .layout import dequantize_group, find_groups
 from .options import resolve_scheme
 from .rules import Decision, Rules, decide
 from .schemes import Scheme
+from .storedformats import output_name
 
 
 class QuantizedStateDict(dict[str, torch.Tensor]):
@@ -212,10 +213,3 @@ def _order(qsd: Mapping[str, torch.Tensor], out: Mapping[str, torch.Tensor]) -> 
                 done.add(cand)
                 break
     return seen
-
-
-def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    """10·log10(Σref² / Σ(ref-approx)²) in float64; ``inf`` when equal."""
-    r = ref.double()
-    e = (r - approx.double()).pow(2).sum().item()
-    return math.inf if e == 0 else 10 * math.log10(r.pow(2).sum().item() / e)

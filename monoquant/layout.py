@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from .errors import MonoquantError
-from .formats import infer_format, output_name
 from .packing import packed_cols
 from .schemes import Scheme, Strategy
+from .storedformats import infer_format, output_name
 
 SUFFIXES = ("_packed", "_scale", "_shape", "_zero_point")
 

@@ -385,7 +385,7 @@ def _fused_items(
 ) -> tuple[list[Any], dict[str, list[Option]]]:
     """``eligible`` with each fused set replaced by one item whose options are the labels every
     member has: bits summed, nsr the numel-weighted mean (``worst``: the largest, for --min-sqnr)."""
-    from .formats import shared_scale_groups
+    from .fusedscales import shared_scale_groups
 
     groups = shared_scale_groups(r.name for r in eligible)
     by_name = {r.name: r for r in eligible}

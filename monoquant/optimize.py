@@ -3,7 +3,7 @@
 No calibration data: for every group of weights (or every row, per channel) the scale (and, when
 asymmetric, the integer zero point) is chosen to minimise the squared reconstruction error
 ``Σ (w - ŵ)²`` of that group, instead of plain absmax (min/max). The on-disk format is unchanged:
-the same tensors, dtypes and shapes as :meth:`monoquant.kernels.Kernel._quant_block` writes, so
+the same tensors, dtypes and shapes as :meth:`monoquant.formats.integer.IntKernel.rtn_block` writes, so
 every loader reads the result as it reads a round-to-nearest (RTN) checkpoint.
 
 Method (per group; all groups of a block at once, vectorised; :data:`SYM_PLAN`, :data:`ASYM_PLAN`):
@@ -35,14 +35,14 @@ Guarantees (pinned by ``tests/test_optimize.py``):
   (suffixes, dtypes, shapes, packing); only the values of ``_scale`` (and ``_zero_point``)
   differ. compressed-tensors' own compressors decompress them identically.
 * **Deterministic and row-independent.** Every sum is a fixed pairwise tree of elementwise
-  adds over one group (:func:`group_sums`), never a library reduction whose order may depend on
-  the thread count or on how many groups a block holds; every other step is elementwise; ties
-  keep the earlier candidate. So the bytes are the same on every run with any number of
+  adds over one group (:func:`~monoquant.numerics.group_sums`), never a library reduction whose
+  order may depend on the thread count or on how many groups a block holds; every other step
+  is elementwise; ties keep the earlier candidate. So the bytes are the same on every run with any number of
   threads, and a tensor quantized block by block gives exactly the bytes of one call on the
   whole tensor (the block contract of :mod:`monoquant.kernels`).
 * **Bounded memory.** The search runs over sub-blocks of about :data:`SUB_BLOCK_ELEMENTS`
-  elements (at least one group), with one scratch buffer of ``13 ×`` that size from the
-  caller's :class:`~monoquant.kernels.Workspace` (7 MB), plus the float32 copy of the block
+  elements (at least one group), with one scratch buffer of ``13 x`` that size from the
+  caller's :class:`~monoquant.numerics.Workspace` (7 MB), plus the float32 copy of the block
   that the RTN kernel makes too.
 * **Per-tensor scales** (``--per-tensor``) are not searched: that scale is one constant fixed
   by the absmax pass before any block is seen, so those schemes are written exactly as RTN
@@ -74,21 +74,31 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kernels import (
+from .numerics import (
     ErrorStats,
     Workspace,
-    _check_finite,
-    _check_scale_range,
+    asymmetric_params,
     check_decodes_finite,
-    code_magnitude,
+    check_finite,
     decode_cap,
+    group_sums,
+    int_code_magnitude,
+    int_half_range,
     scale_dtype_for,
     stored_scale,
 )
-from .packing import pack_dim0
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .kernels import Kernel
+    from .formats.integer import IntKernel
+
+__all__ = [
+    "ALGORITHM_VERSION",
+    "ASYM_PLAN",
+    "SUB_BLOCK_ELEMENTS",
+    "SYM_PLAN",
+    "group_sums",
+    "optimized_block",
+]
 
 #: Version of the search. The plans and every step of the search fix the bytes written with
 #: --optimize: change any of them and bump this (and monoquant.schemes.FORMAT_VERSION, which
@@ -104,32 +114,8 @@ ASYM_PLAN: tuple[tuple[float, ...], ...] = ((1.0, 0.9, 0.8, 0.7), (0.95, 1.05), 
 SUB_BLOCK_ELEMENTS = 1 << 17
 
 
-def group_sums(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` (``[..., g, m]``, float) over its dimension ``-2`` by a fixed pairwise tree, in place.
-
-    Every column is summed by the same sequence of elementwise adds, so a column's sum depends
-    neither on the other columns, nor on how many there are, nor on the number of threads
-    (library reductions guarantee none of this). With groups laid out as columns, each level of
-    the tree is one add of two contiguous halves. ``t`` is overwritten; the result is a view of
-    its row 0.
-
-    Example:
-        >>> group_sums(torch.tensor([[1.0, 0.5], [2.0, 0.5], [3.0, 0.5], [4.0, 0.5], [5.0, 0.5]])).tolist()
-        [15.0, 2.5]
-    """
-    w = t.shape[-2]
-    while w > 1:
-        if w % 2:
-            t[..., 0, :].add_(t[..., w - 1, :])
-            w -= 1
-        h = w // 2
-        t[..., :h, :].add_(t[..., h:w, :])
-        w = h
-    return t[..., 0, :]
-
-
 def optimized_block(
-    kernel: Kernel,
+    kernel: IntKernel,
     x: torch.Tensor,
     *,
     tensor_scale: torch.Tensor | None = None,
@@ -166,10 +152,10 @@ def optimized_block(
     s = kernel.scheme
     ws = ws if ws is not None else Workspace()
     if s.kind != "int" or s.strategy == "tensor" or x.numel() == 0:
-        return kernel._quant_block(x, tensor_scale, ws, stats)
+        return kernel.rtn_block(x, tensor_scale, ws, stats)
     r, c = x.shape
     n = r * c
-    g = c if s.strategy != "group" else int(s.group_size)  # type: ignore[arg-type]
+    g = c if s.strategy != "group" else int(s.group_size or c)
     groups = c // g
     m = r * groups
     sdt = scale_dtype_for(x.dtype)
@@ -179,23 +165,20 @@ def optimized_block(
     # ---- round-to-nearest parameters, exactly as the kernel computes them ----
     hi = xg.amax(dim=-1)
     lo = xg.amin(dim=-1)
-    _check_finite(hi)
-    _check_finite(lo)
+    check_finite(hi)
+    check_finite(lo)
+    sum_sq = 0.0
     if stats is not None:
         flat = xf.view(-1)
-        stats.numel += n
-        stats.sum_sq += float(torch.dot(flat, flat))
+        sum_sq = float(torch.dot(flat, flat))
+    mag = int_code_magnitude(s.qmin, s.qmax, s.symmetric)
     if s.symmetric:
         amax = torch.maximum(hi, -lo)
-        rtn_scale = stored_scale(amax / ((s.qmax - s.qmin) / 2), sdt, code_magnitude(s))
+        rtn_scale = stored_scale(amax / int_half_range(s.qmin, s.qmax), sdt, mag)
         rtn_zp = None
     else:
         amax = None
-        lo.clamp_(max=0)
-        hi.clamp_(min=0)
-        rtn_scale = stored_scale((hi - lo) / (s.qmax - s.qmin), sdt)
-        _check_scale_range(rtn_scale, s)
-        rtn_zp = (s.qmin - lo / rtn_scale.float()).clamp_(s.qmin, s.qmax).round_()
+        rtn_scale, rtn_zp = asymmetric_params(hi, lo, s.qmin, s.qmax, sdt, s.name)
     scale = rtn_scale.clone()
     zp = rtn_zp.clone() if rtn_zp is not None else None
     # ---- search, sub-block by sub-block (each group's result depends on that group only) ----
@@ -230,22 +213,11 @@ def optimized_block(
         err_sq += e2
         max_err = max(max_err, emax)
     if stats is not None:
-        stats.err_sq += err_sq
-        stats.max_abs_err = max(stats.max_abs_err, max_err)
+        stats.add_sums(n, sum_sq, err_sq, max_err)
     if zp is not None:
-        check_decodes_finite(xf.view(r, groups, g), scale, zp, s, sdt)
-    # ---- xf now holds the codes: encode them exactly as the kernel does ----
-    out: dict[str, torch.Tensor] = {}
-    if s.format == "pack-quantized":
-        out["_packed"] = kernel._pack_codes(xf, ws)
-    else:
-        q8 = ws.get("q", n, torch.int8).view(r, c)
-        q8.copy_(xf)
-        out[""] = q8
-    out["_scale"] = scale.view(r, groups)
-    if zp is not None:
-        out["_zero_point"] = pack_dim0(zp.to(torch.int8).view(r, groups), s.bits)
-    return out
+        check_decodes_finite(xf.view(r, groups, g), scale, zp, mag, s.name, sdt)
+    # ---- xf now holds the codes: encode them exactly as round-to-nearest does ----
+    return kernel.encode(xf, scale, zp, ws)
 
 
 def _search(
@@ -272,9 +244,9 @@ def _search(
     f64 = torch.float64
     sym = zp is None
     nsum = 2 if sym else 3
-    if sym:
-        base = amax.double() / ((qmax - qmin) / 2)  # type: ignore[union-attr]
-        mid = sx = None
+    mid = sx = None
+    if amax is not None:  # symmetric
+        base = amax.double() / ((qmax - qmin) / 2)
     else:
         base = (hi - lo).double() / (qmax - qmin)
         mid = (hi + lo).double() / 2
@@ -299,8 +271,8 @@ def _search(
             sq, sxq = group_sums(buf).double()
             num, den, z = sxq, sq, best_z
         else:
-            if stage == 0:  # centre the clipped range on the group's range
-                zk = ((qmin + qmax) / 2 - mid / sk).round_().clamp_(qmin, qmax)  # type: ignore[operator]
+            if stage == 0 and mid is not None:  # centre the clipped range on the group's range
+                zk = ((qmin + qmax) / 2 - mid / sk).round_().clamp_(qmin, qmax)
             else:
                 zk = best_z.expand(k, m)
             codes.add_(zk.float().unsqueeze(1))
@@ -336,7 +308,8 @@ def _search(
         q.round_().clamp_(qmin, qmax)
         torch.mul(q, sf, out=e)
     else:
-        zf = torch.stack((best_z.float(), zp.float())).unsqueeze(1)  # type: ignore[union-attr]
+        assert zp is not None  # asymmetric
+        zf = torch.stack((best_z.float(), zp.float())).unsqueeze(1)
         q.add_(zf)
         q.round_().clamp_(qmin, qmax)
         torch.sub(q, zf, out=e)

@@ -40,6 +40,7 @@ import sys
 import torch
 
 from .errors import SchemeError
+from .numerics import Workspace
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("monoquant's packing assumes a little-endian machine")
@@ -98,6 +99,48 @@ def bytes_from_unsigned(
     if c % 2:
         out[:, half].copy_(ui[:, c - 1])
     return out
+
+
+def code_buffer(r: int, c: int, bits: int, packed: bool, ws: Workspace) -> torch.Tensor:
+    """The ``ws`` buffer :func:`encode_codes` writes ``[r, c]`` codes to: uint8
+    ``[r, 4 * packed_cols(c)]`` (``packed``) or int8 ``[r, c]``."""
+    if not packed:
+        return ws.get("q", r * c, torch.int8).view(r, c)
+    nb = 4 * packed_cols(c, bits)
+    return ws.get("u8", r * nb, torch.uint8).view(r, nb)
+
+
+def encode_codes(
+    y: torch.Tensor, bits: int, packed: bool, ws: Workspace, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Float codes ``y`` ``[r, c]`` (integers in ``[qmin, qmax]``) -> the stored codes: int32 rows
+    packed in offset binary (``packed``) or int8 ``[r, c]`` (``y`` is not modified), written to
+    ``out`` (rows of a :func:`code_buffer`) or a ``ws`` buffer.
+
+    Example:
+        >>> encode_codes(torch.tensor([[-8.0, -7, -1, 0, 1, 2, 6, 7]]), 4, True, Workspace()).tolist()
+        [[-22444272]]
+    """
+    r, c = y.shape
+    if out is None:
+        out = code_buffer(r, c, bits, packed, ws)
+    if not packed:
+        out.copy_(y)
+        return out
+    nb = 4 * packed_cols(c, bits)
+    u8 = out
+    if bits == 8 and c == nb:
+        u8.view(torch.int8).copy_(y)
+        u8.bitwise_xor_(0x80)  # q + 128 on the bytes of two's complement codes
+    elif bits == 4 and 2 * nb == c:
+        half = ws.get("half", r * (c // 2), torch.float32).view(r, c // 2)
+        pair = y.view(r, c // 2, 2)
+        torch.add(pair[..., 0], pair[..., 1], alpha=16, out=half)
+        half.add_(8 + 16 * 8)  # (q0 + 8) + 16 * (q1 + 8)
+        u8.copy_(half)
+    else:  # rows that do not fill whole words: the general (slower) path
+        bytes_from_unsigned(y + (1 << (bits - 1)), bits, out=u8)
+    return u8.view(torch.int32)
 
 
 def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 
 from .dtypes import dtype_name, itemsize, to_st
 from .errors import CheckpointError
-from .formats import output_name, shared_scales
+from .fusedscales import shared_scales
 from .kernels import OutSpec, as_rows, get_kernel
 from .options import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_SHARD, PlanOptions, parse_size, resolve_scheme
 from .outnames import INDEX_NAME as INDEX_NAME  # re-exported: callers import it from here
@@ -31,6 +31,7 @@ from .outnames import shard_name
 from .reader import Checkpoint, TensorRef
 from .rules import Decision, Rules, decide, summarize_warnings
 from .schemes import FORMAT_VERSION, Scheme
+from .storedformats import output_name
 
 #: Chooses a scheme per tensor (mixed precision); ``None`` = use the decision of the rules.
 Chooser = Callable[[TensorRef, Decision], Decision]
@@ -58,7 +59,7 @@ class PlannedTensor:
     outputs: tuple[PlannedOutput, ...]
     shard: int
     #: tensors whose absmax sets this tensor's per-tensor scale too (NVFP4's fused layers; itself
-    #: included; empty when only its own), see :func:`monoquant.formats.shared_scales`
+    #: included; empty when only its own), see :func:`monoquant.fusedscales.shared_scales`
     shared: tuple[TensorRef, ...] = ()
 
     @property

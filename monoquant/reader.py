@@ -38,7 +38,7 @@ import torch
 from .containment import check_inside, index_entry
 from .dtypes import from_st, itemsize
 from .errors import CheckpointError
-from .kernels import Workspace, as_rows
+from .numerics import Workspace, as_rows
 from .remote import RangeReader, RemotePath, is_remote
 from .weightfiles import select_weight_files
 

@@ -51,7 +51,7 @@ def chunk_unit(s: Scheme) -> int:
     if s.kind != "cast" and s.format == "pack-quantized":
         unit = codes_per_word(s.bits)
     if s.strategy == "group":
-        unit = math.lcm(unit, int(s.group_size))  # type: ignore[arg-type]
+        unit = math.lcm(unit, int(s.group_size or 1))
     return unit
 
 

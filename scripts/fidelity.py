@@ -96,9 +96,9 @@ def synthetic_weights(scale: float = 1.0, seed: int = 0) -> dict[str, torch.Tens
 
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    r = ref.double()
-    e = (r - approx.double()).pow(2).sum().item()
-    return math.inf if e == 0 else 10 * math.log10(r.pow(2).sum().item() / e)
+    from monoquant.numerics import tensor_sqnr_db  # the one SQNR of monoquant (float64 sums)
+
+    return tensor_sqnr_db(ref, approx)
 
 
 def summary(values: list[float]) -> dict[str, float]:

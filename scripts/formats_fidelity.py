@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import monoquant  # noqa: E402
+from monoquant.numerics import ErrorStats, sqnr_db  # noqa: E402
 
 SCHEMES = [
     "int8",
@@ -107,11 +107,11 @@ def measure(set_name: str, d: Path, sd: dict[str, torch.Tensor], scheme: str, to
     params = 0
     for n in names:
         w = sd[n].double()
-        e = float((w - dense[n].double()).pow(2).sum())
-        s = float(w.pow(2).sum())
-        num += e
-        den += s
-        sq.append(math.inf if e == 0 else 10 * math.log10(s / e))
+        st = ErrorStats()
+        st.add(w, dense[n].double())
+        num += st.err_sq
+        den += st.sum_sq
+        sq.append(st.sqnr_db)
         params += w.numel()
         base = n
         bits += 8 * sum(
@@ -127,7 +127,7 @@ def measure(set_name: str, d: Path, sd: dict[str, torch.Tensor], scheme: str, to
         "mean_sqnr_db": round(statistics.fmean(sq), 2) if sq else None,
         "median_sqnr_db": round(statistics.median(sq), 2) if sq else None,
         "min_sqnr_db": round(min(sq), 2) if sq else None,
-        "weighted_sqnr_db": round(10 * math.log10(den / num), 2) if num > 0 else None,
+        "weighted_sqnr_db": round(sqnr_db(den, num), 2) if num > 0 else None,
         "bits_per_weight": round(bits / params, 3) if params else None,
         "seconds": round(seconds, 2),
     }

@@ -32,6 +32,7 @@ def det_weight(
 
 
 def sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """SQNR in dB, computed independently of monoquant's own (float64 sums)."""
     r = ref.double()
     e = (r - approx.double()).pow(2).sum().item()
     return math.inf if e == 0 else 10 * math.log10(r.pow(2).sum().item() / e)

@@ -27,10 +27,12 @@ from safetensors.torch import load_file
 import monoquant
 from monoquant.cli import main as cli_main
 from monoquant.errors import SchemeError
-from monoquant.formats import FUSED_SETS, infer_format, output_name, registered, shared_scale_groups
+from monoquant.formats import registered
 from monoquant.formats.mxfp import mx_exponents
+from monoquant.fusedscales import FUSED_SETS, shared_scale_groups
 from monoquant.kernels import ErrorStats, NonFiniteError, Workspace, absmax, as_rows, get_kernel
 from monoquant.schemes import FORMAT_PRESETS, PRESETS, get_scheme
+from monoquant.storedformats import infer_format, output_name
 from tests.helpers import det_weight, tiny_llama_sd, write_sharded
 
 GOLDEN = Path(__file__).parent / "golden" / "formats.json"
@@ -228,6 +230,9 @@ def test_mx_exponent_rounding_matches_compressed_tensors_on_edges():
 # ---- layout, registry, errors ------------------------------------------------------------------
 def test_every_format_kind_is_registered_once():
     assert registered() == {
+        "cast": "CastKernel",
+        "float": "FP8Kernel",
+        "int": "IntKernel",
         "mxfp4": "MXKernel",
         "mxfp8": "MXKernel",
         "nvfp4": "NVFP4Kernel",

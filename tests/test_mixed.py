@@ -206,7 +206,7 @@ def test_sample_ranges_cover_small_tensors_and_spread_over_large_ones():
 def test_fused_layers_get_one_storage(tmp_path, scheme, opts):
     """q/k/v and gate/up are one layer in vLLM, which refuses parts with different schemes: mixed
     precision chooses one storage per fused set (it used to give q nvfp4 and k/v fp8-block)."""
-    from monoquant.formats import shared_scale_groups
+    from monoquant.fusedscales import shared_scale_groups
     from tests.helpers import tiny_llama_sd, write_sharded
 
     sd = tiny_llama_sd()

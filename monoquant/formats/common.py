@@ -1,5 +1,5 @@
-"""What the format units share: the e2m1 (FP4) code table, its encoding and packing, and a
-kernel base class (per-tensor first pass with an optional shared absmax, error statistics).
+"""What the microscaling units share: the e2m1 (FP4) code table, its encoding and packing,
+group maxima and squared errors by fixed pairwise trees.
 
 FP4 e2m1 codes: bit 3 is the sign, bits 0-2 index ``[0, 0.5, 1, 1.5, 2, 3, 4, 6]``. Rounding is
 to nearest, ties to the even code, exactly as compressed-tensors' ``cast_to_fp4`` (thresholds
@@ -25,15 +25,17 @@ import sys
 
 import torch
 
-from ..errors import SchemeError
-from ..kernels import ErrorStats, Kernel, Workspace, absmax, as_rows
+from ..numerics import FP8_MAX, ErrorStats, absmax, ceil_div, sampled
+from .base import Kernel
+
+#: The base of the units (kept under its former name).
+FormatKernel = Kernel
 
 E2M1_VALUES = torch.tensor(
     [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 )
 E2M1_VALUES = E2M1_VALUES.to(torch.float32)
 FP4_MAX = 6.0
-FP8_MAX = 448.0
 # (threshold, strict): |y| > t (strict) or |y| >= t counts one more code step
 _E2M1_STEPS = (
     (0.25, True),
@@ -134,72 +136,12 @@ def decode_e2m1(packed: torch.Tensor, cols: int) -> torch.Tensor:
 
 def accumulate(stats: ErrorStats, x: torch.Tensor, dq: torch.Tensor) -> None:
     """Add the error of ``dq`` (float32 reconstruction) against ``x`` (float32 input)."""
-    xf = x.reshape(-1)
-    e = dq.reshape(-1) - xf
-    stats.numel += xf.numel()
-    stats.sum_sq += float(torch.dot(xf, xf))
-    stats.err_sq += float(torch.dot(e, e))
-    if e.numel():
-        stats.max_abs_err = max(stats.max_abs_err, float(e.abs().max()))
+    stats.add(x, dq)
 
 
 def check_finite_block(x: torch.Tensor) -> None:
     """Raise :class:`~monoquant.kernels.NonFiniteError` when ``x`` holds NaN or Inf."""
     absmax(x)
-
-
-class FormatKernel(Kernel):
-    """Base of the format units: the :class:`~monoquant.kernels.Kernel` interface with the
-    per-tensor first pass optionally over several tensors (``amax=`` of :meth:`quantize_tensor`,
-    NVFP4's shared global scale)."""
-
-    #: dtype of :meth:`dequantize` when none is asked for (the original dtype is not stored).
-    default_dtype = torch.bfloat16
-
-    @property
-    def needs_absmax(self) -> bool:
-        return False
-
-    def tensor_scale(self, amax: float, dtype: torch.dtype) -> torch.Tensor:
-        """Only formats with a first pass (:attr:`needs_absmax`) have one; they override this."""
-        raise SchemeError(f"{self.scheme.kind} has no per-tensor scale")
-
-    def constants(self, shape: tuple[int, ...], tensor_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """No per-tensor outputs unless a format overrides this (NVFP4's global scale)."""
-        return {}
-
-    def quantize_tensor(
-        self,
-        w: torch.Tensor,
-        *,
-        stats: ErrorStats | None = None,
-        clamp_fp16: bool = False,
-        amax: float | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Quantize a whole tensor; ``amax`` overrides its own absmax for the per-tensor scale
-        (the absmax of all tensors sharing it)."""
-        shape = tuple(w.shape)
-        rows, cols = as_rows(shape)
-        x = w.detach().reshape(rows, cols)
-        if x.device.type != "cpu":
-            x = x.cpu()
-        tscale = None
-        if self.needs_absmax:
-            own = absmax(x)
-            tscale = self.tensor_scale(max(own, amax) if amax is not None else own, x.dtype)
-        parts = dict(self.quantize_block(x, tensor_scale=tscale, ws=Workspace(), stats=stats))
-        parts.update(self.constants(shape, tscale))
-        specs = self.out_specs(shape, w.dtype)
-        return {sp.suffix: parts[sp.suffix].reshape(-1).clone().view(sp.shape) for sp in specs}
-
-
-def sampled(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Every ``k``-th row of a 2-D block."""
-    return x[::k] if k > 1 else x
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 __all__ = [

@@ -24,15 +24,26 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import ErrorStats, OutSpec, Workspace, as_rows, scale_dtype_for, stored_scale
-from . import register
-from .common import FP8_MAX, FormatKernel, accumulate, ceil_div, check_finite_block, group_absmax, sampled
+from ..numerics import (
+    FP8_MAX,
+    ErrorStats,
+    OutSpec,
+    Workspace,
+    as_rows,
+    ceil_div,
+    check_finite,
+    sampled,
+    scale_dtype_for,
+    stored_scale,
+)
+from .base import Kernel, register
+from .common import group_absmax
 
 BLOCK = 128
 
 
 @register("strategy:block")
-class FP8BlockKernel(FormatKernel):
+class FP8BlockKernel(Kernel):
     """The FP8-block unit (see the module docstring)."""
 
     def out_specs(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[OutSpec, ...]:
@@ -44,21 +55,11 @@ class FP8BlockKernel(FormatKernel):
             OutSpec("_scale", scale_dtype_for(dtype), grid, BLOCK),
         )
 
-    def check_shape(self, shape: tuple[int, ...]) -> str | None:
-        if len(shape) < 2:
-            return f"{len(shape)}-D tensor (quantization needs rows and columns)"
-        rows, cols = as_rows(shape)
-        if rows == 0 or cols == 0:
-            return "empty tensor"
-        return None
-
     @property
     def block_rows_multiple(self) -> int:
         return BLOCK
 
-    @property
-    def default_dtype(self) -> torch.dtype | None:  # type: ignore[override]
-        return None  # the scale's dtype: the original weight dtype
+    default_dtype = None  # the scale's dtype: the original weight dtype
 
     def quantize_block(
         self,
@@ -86,7 +87,7 @@ class FP8BlockKernel(FormatKernel):
         if full < c:
             m[:, -1] = a[:, full:].amax(dim=-1)
         amax = torch.stack([m[i : i + BLOCK].amax(dim=0) for i in range(0, r, BLOCK)])
-        check_finite_block(amax)
+        check_finite(amax)
         scale = stored_scale(
             amax / FP8_MAX, scale_dtype_for(x.dtype), FP8_MAX
         )  # [nbr, nbc], 448 * scale finite
@@ -101,7 +102,7 @@ class FP8BlockKernel(FormatKernel):
         q8.copy_(y)
         if stats is not None:
             k = max(int(stats_rows), 1)
-            accumulate(stats, sampled(xf, k), self._dense(sampled(q8, k).float(), sampled(sf, k)))
+            stats.add(sampled(xf, k), self._dense(sampled(q8, k).float(), sampled(sf, k)))
         return {"": q8, "_scale": scale}
 
     @staticmethod

@@ -22,20 +22,15 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import ErrorStats, OutSpec, Workspace, as_rows
-from . import register
+from ..numerics import FP8_MAX, ErrorStats, OutSpec, Workspace, as_rows, check_finite, sampled
+from .base import Kernel, register
 from .common import (
     FP4_MAX,
-    FP8_MAX,
-    FormatKernel,
-    accumulate,
-    check_finite_block,
     decode_e2m1,
     e2m1_keys,
     group_absmax,
     group_sq_err,
     pack_keys,
-    sampled,
     value_of_keys,
 )
 
@@ -62,7 +57,7 @@ def mx_scales(e: torch.Tensor) -> torch.Tensor:
 
 
 @register("mxfp4", "mxfp8")
-class MXKernel(FormatKernel):
+class MXKernel(Kernel):
     """The MXFP4 / MXFP8 unit (see the module docstring)."""
 
     @property
@@ -110,7 +105,7 @@ class MXKernel(FormatKernel):
         v = xf.view(r, groups, GROUP)
         y = ws.get("tmp", r * c, torch.float32).view(r, groups, GROUP)
         amax = group_absmax(torch.abs(v, out=y))
-        check_finite_block(amax)
+        check_finite(amax)
         e = mx_exponents(amax, self.scheme.bits)
         if self.scheme.optimize:
             e = self._search(v, e, y)
@@ -126,7 +121,7 @@ class MXKernel(FormatKernel):
             if stats is not None:
                 ks = sampled(keys, k)
                 dq = value_of_keys(ks).view(ks.shape[0], groups, GROUP) * sampled(sf, k).unsqueeze(-1)
-                accumulate(stats, sampled(xf, k), dq)
+                stats.add(sampled(xf, k), dq)
             return {"_packed": pack_keys(keys), "_scale": e}
         y.clamp_(-qmax, qmax)
         q8 = ws.get("q", r * c, torch.float8_e4m3fn).view(r, c)
@@ -134,7 +129,7 @@ class MXKernel(FormatKernel):
         if stats is not None:
             qs = sampled(q8, k)
             dq = qs.float().view(qs.shape[0], groups, GROUP) * sampled(sf, k).unsqueeze(-1)
-            accumulate(stats, sampled(xf, k), dq)
+            stats.add(sampled(xf, k), dq)
         return {"": q8, "_scale": e}
 
     def _search(self, v: torch.Tensor, e: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -32,20 +32,15 @@ from __future__ import annotations
 import torch
 
 from ..errors import SchemeError
-from ..kernels import ErrorStats, OutSpec, Workspace, as_rows
-from . import register
+from ..numerics import FP8_MAX, ErrorStats, OutSpec, Workspace, as_rows, check_finite, sampled
+from .base import Kernel, register
 from .common import (
     FP4_MAX,
-    FP8_MAX,
-    FormatKernel,
-    accumulate,
-    check_finite_block,
     decode_e2m1,
     e2m1_keys,
     group_absmax,
     group_sq_err,
     pack_keys,
-    sampled,
     value_of_keys,
 )
 
@@ -75,7 +70,7 @@ def group_scales(amax: torch.Tensor, g: torch.Tensor, ratio: float = 1.0) -> tor
 
 
 @register("nvfp4")
-class NVFP4Kernel(FormatKernel):
+class NVFP4Kernel(Kernel):
     """The NVFP4 unit (see the module docstring)."""
 
     def out_specs(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[OutSpec, ...]:
@@ -138,7 +133,7 @@ class NVFP4Kernel(FormatKernel):
         v = xf.view(r, groups, GROUP)
         y = ws.get("tmp", r * c, torch.float32).view(r, groups, GROUP)
         amax = group_absmax(torch.abs(v, out=y))
-        check_finite_block(amax)
+        check_finite(amax)
         g = tensor_scale.float()
         s8 = group_scales(amax, g)
         eff = s8.float() / g
@@ -154,7 +149,7 @@ class NVFP4Kernel(FormatKernel):
             k = 1 if self.scheme.optimize else max(int(stats_rows), 1)
             ks = sampled(keys, k)
             dq = value_of_keys(ks).view(ks.shape[0], groups, GROUP) * sampled(eff, k).unsqueeze(-1)
-            accumulate(stats, sampled(xf, k), dq)
+            stats.add(sampled(xf, k), dq)
         return {"_packed": pack_keys(keys), "_scale": s8}
 
     def _search(

@@ -1,0 +1,158 @@
+"""fp16 / bf16: a plain dtype change, no scale (the presets ``fp16`` and ``bf16``).
+
+An fp16 cast of a value beyond ±65504 is an error unless ``clamp_fp16`` (then it is clamped and
+counted in ``ErrorStats.overflow``); values too small for the target are flushed to zero and
+counted in ``ErrorStats.underflow`` when the statistics are asked for.
+
+Example:
+    >>> import torch
+    >>> from monoquant.schemes import get_scheme
+    >>> from monoquant.kernels import get_kernel
+    >>> k = get_kernel(get_scheme("fp16"))
+    >>> k.quantize_tensor(torch.tensor([[1.0, 1e-9]]))[""].tolist()
+    [[1.0, 0.0]]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import SchemeError
+from ..numerics import (
+    FP16_MAX,
+    TILE_ELEMENTS,
+    DecodeOverflowError,
+    ErrorStats,
+    Fp16OverflowError,
+    NonFiniteError,
+    OutSpec,
+    Workspace,
+    absmax,
+    dtype_label,
+)
+from .base import Kernel, register
+
+
+@register("cast")
+class CastKernel(Kernel):
+    """The fp16/bf16 cast unit (see the module docstring)."""
+
+    default_dtype = None
+
+    @property
+    def target(self) -> torch.dtype:
+        dt = self.scheme.dtype
+        if dt is None:  # the scheme validation requires float16 or bfloat16
+            raise SchemeError("a cast scheme needs a target dtype")
+        return dt
+
+    def out_specs(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[OutSpec, ...]:
+        return (OutSpec("", self.target, tuple(int(d) for d in shape)),)
+
+    def check_shape(self, shape: tuple[int, ...]) -> str | None:
+        return None  # any tensor can be cast
+
+    def quantize_block(
+        self,
+        x: torch.Tensor,
+        *,
+        tensor_scale: torch.Tensor | None = None,
+        ws: Workspace | None = None,
+        stats: ErrorStats | None = None,
+        clamp_fp16: bool = False,
+        stats_rows: int = 1,
+    ) -> dict[str, torch.Tensor]:
+        ws = ws if ws is not None else Workspace()
+        k = max(int(stats_rows), 1)
+        target = self.target
+        if x.numel() == 0:  # a 0-element tensor: nothing to check or measure
+            return {"": ws.get("cast", 0, target).view(x.shape)}
+        out = ws.get("cast", x.numel(), target).view(x.shape)
+        if x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16):
+            over = self._cast_tiles(x, out, ws, clamp_fp16)
+        else:
+            over = self._cast_whole(x, out, clamp_fp16)
+        if stats is not None:
+            self._measure(x[::k], out[::k], ws, stats, over)
+        return {"": out}
+
+    def _cast_whole(self, x: torch.Tensor, out: torch.Tensor, clamp_fp16: bool) -> bool:
+        """Range checks and the cast on the whole block; True when values were clamped to fp16."""
+        hi, lo = float(x.amax()), float(x.amin())
+        if not (math.isfinite(hi) and math.isfinite(lo)):
+            raise NonFiniteError("NaN or Inf")
+        top = max(hi, -lo)
+        over = self._overflows(top, x, clamp_fp16)
+        if over:
+            out.copy_(torch.clamp(x, -FP16_MAX, FP16_MAX))
+        else:
+            out.copy_(x)
+            self._check_finite_cast(top, x, out)
+        return over
+
+    def _cast_tiles(self, x: torch.Tensor, out: torch.Tensor, ws: Workspace, clamp_fp16: bool) -> bool:
+        """The same, tile by tile for 16-bit inputs: each tile is widened to float32 once (exact),
+        its range read there (float32 reductions are several times faster than 16-bit ones) and
+        cast from it while it is in the cache; the bytes are those of the direct cast."""
+        r, c = x.shape
+        tile = max(1, min(r, TILE_ELEMENTS // max(c, 1)))
+        buf = ws.get("tile", tile * c, torch.float32)
+        over = False
+        for a in range(0, r, tile):
+            b = min(a + tile, r)
+            f = buf[: (b - a) * c].view(b - a, c)
+            f.copy_(x[a:b])
+            hi, lo = float(f.amax()), float(f.amin())
+            if not (math.isfinite(hi) and math.isfinite(lo)):
+                raise NonFiniteError("NaN or Inf")
+            top = max(hi, -lo)
+            if self._overflows(top, x, clamp_fp16):
+                over = True
+                out[a:b].copy_(torch.clamp(x[a:b], -FP16_MAX, FP16_MAX))
+            else:
+                out[a:b].copy_(f)
+                self._check_finite_cast(top, x, out[a:b])
+        return over
+
+    def _overflows(self, top: float, x: torch.Tensor, clamp_fp16: bool) -> bool:
+        """Whether values beyond fp16 must be clamped; raises when they may not be (the message
+        gives the whole block's max, after its NaN check, as on the whole block)."""
+        if self.target != torch.float16 or top <= FP16_MAX:
+            return False
+        if not clamp_fp16:
+            raise Fp16OverflowError(f"max |x| = {absmax(x):.6g} > {FP16_MAX:g}")
+        return True
+
+    def _check_finite_cast(self, top: float, x: torch.Tensor, out: torch.Tensor) -> None:
+        target = self.target
+        if top > torch.finfo(target).max and not bool(torch.isfinite(out).all()):
+            raise DecodeOverflowError(
+                f"max |x| = {absmax(x):.6g} rounds to inf in {dtype_label(target)} "
+                f"(max {torch.finfo(target).max:.6g})"
+            )
+
+    @staticmethod
+    def _measure(xs: torch.Tensor, os_: torch.Tensor, ws: Workspace, stats: ErrorStats, over: bool) -> None:
+        target = os_.dtype
+        n = xs.numel()
+        xf = ws.get("xf", n, torch.float32).view(xs.shape)
+        xf.copy_(xs)
+        err = ws.get("tmp", n, torch.float32).view(xs.shape)
+        err.copy_(os_)
+        if over:
+            stats.overflow += int((xf.abs() > FP16_MAX).sum())
+        # values flushed to zero; counting is slow, so only where some |x| is that small
+        smallest = torch.finfo(target).tiny * torch.finfo(target).eps
+        if float(torch.abs(xf, out=ws.get("err", n, torch.float32).view(xs.shape)).amin()) < smallest:
+            stats.underflow += int(torch.count_nonzero(xs)) - int(torch.count_nonzero(os_))
+        err.sub_(xf)
+        stats.add_error(xf, err)
+
+    def dequantize(
+        self, parts: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """The cast tensor itself, in ``dtype`` when given."""
+        w = parts[""]
+        return w.to(dtype) if dtype is not None else w

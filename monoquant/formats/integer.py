@@ -1,0 +1,286 @@
+"""int8 / int4: integer codes with a scale per tensor, per output channel (row) or per group of
+input columns, symmetric or with a zero point (presets ``int8``, ``int4``, ``int4-asym``,
+``w8a8`` ... ; compressed-tensors ``pack-quantized``, or ``int-quantized`` with ``--dynamic``).
+
+Numerics (float32; see :mod:`monoquant.numerics` and docs/format.md): symmetric scale
+``absmax / ((qmax - qmin) / 2)``, asymmetric scale and zero point from the group's range, the
+scale stored in the weight's dtype rounded to nearest; codes
+``clamp(round_half_even(x / scale + zp), qmin, qmax)``; dequantize ``(q - zp) * scale``.
+``pack-quantized`` stores the codes offset-binary in int32 words (:mod:`monoquant.packing`),
+zero points packed along dimension 0; ``int-quantized`` stores int8. With ``--optimize`` the
+scales come from :mod:`monoquant.optimize` (same outputs, smaller error).
+
+Example:
+    >>> import torch
+    >>> from monoquant.schemes import get_scheme
+    >>> from monoquant.kernels import get_kernel
+    >>> k = get_kernel(get_scheme("int4"))
+    >>> [(s.suffix, tuple(s.shape)) for s in k.out_specs((16, 256), torch.bfloat16)]
+    [('_packed', (16, 32)), ('_scale', (16, 2)), ('_shape', (2,))]
+    >>> w = torch.randn(16, 256)
+    >>> parts = k.quantize_tensor(w)
+    >>> (k.dequantize(parts, (16, 256), torch.float32) - w).abs().max() < 0.5 * w.abs().max() / 7
+    tensor(True)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import SchemeError
+from ..numerics import (
+    TILE_ELEMENTS,
+    DecodeOverflowError,
+    ErrorStats,
+    OutSpec,
+    Workspace,
+    as_rows,
+    asymmetric_params,
+    contiguous_rows,
+    decode_error,
+    decode_overflow_message,
+    decode_worst,
+    group_range,
+    int_code_magnitude,
+    int_half_range,
+    per_row,
+    scale_dtype_for,
+    symmetric_scale,
+    tensor_scale,
+)
+from ..optimize import optimized_block
+from ..packing import (
+    code_buffer,
+    codes_per_word,
+    encode_codes,
+    pack_dim0,
+    packed_cols,
+    unpack_dim0,
+    unpack_rows,
+)
+from .base import Kernel, group_width, plain_shape_problem, register, scale_spec
+
+
+@register("int")
+class IntKernel(Kernel):
+    """The integer unit (see the module docstring)."""
+
+    default_dtype = None  # the scale's dtype: the original weight dtype
+
+    @property
+    def magnitude(self) -> float:
+        """The largest ``|code - zp|`` a decode multiplies a scale by."""
+        s = self.scheme
+        return int_code_magnitude(s.qmin, s.qmax, s.symmetric)
+
+    @property
+    def packed(self) -> bool:
+        return self.scheme.format == "pack-quantized"
+
+    def out_specs(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[OutSpec, ...]:
+        s = self.scheme
+        shape = tuple(int(d) for d in shape)
+        rows, cols = as_rows(shape)
+        scale = scale_spec(s.strategy, rows, cols, s.group_size, scale_dtype_for(dtype))
+        if not self.packed:
+            return (OutSpec("", torch.int8, shape), scale)
+        specs = [
+            OutSpec("_packed", torch.int32, (rows, packed_cols(cols, s.bits))),
+            scale,
+            OutSpec("_shape", torch.int64, (len(shape),), None),
+        ]
+        if not s.symmetric:
+            per = codes_per_word(s.bits)
+            specs.append(
+                OutSpec("_zero_point", torch.int32, (packed_cols(rows, s.bits), scale.shape[1]), per)
+            )
+        return tuple(specs)
+
+    def check_shape(self, shape: tuple[int, ...]) -> str | None:
+        why = plain_shape_problem(shape)
+        if why is not None:
+            return why
+        s = self.scheme
+        cols = as_rows(shape)[1]
+        if s.strategy == "group" and cols % group_width(s.strategy, cols, s.group_size):
+            return f"{cols} input columns are not a multiple of the group size {s.group_size}"
+        return None
+
+    @property
+    def block_rows_multiple(self) -> int:
+        """Zero points are packed along rows: blocks of whole words of them."""
+        return 1 if self.scheme.symmetric else codes_per_word(self.scheme.bits)
+
+    @property
+    def needs_absmax(self) -> bool:
+        return self.scheme.strategy == "tensor"
+
+    def tensor_scale(self, amax: float, dtype: torch.dtype) -> torch.Tensor:
+        s = self.scheme
+        return tensor_scale(
+            amax, int_half_range(s.qmin, s.qmax), scale_dtype_for(dtype), self.magnitude, s.name
+        )
+
+    def constants(self, shape: tuple[int, ...], tensor_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if self.packed:
+            out["_shape"] = torch.tensor(shape, dtype=torch.int64)
+        if self.scheme.strategy == "tensor":
+            if tensor_scale is None:
+                raise SchemeError("a per-tensor scheme needs the tensor scale (absmax pass)")
+            out["_scale"] = tensor_scale
+        return out
+
+    def quantize_block(
+        self,
+        x: torch.Tensor,
+        *,
+        tensor_scale: torch.Tensor | None = None,
+        ws: Workspace | None = None,
+        stats: ErrorStats | None = None,
+        clamp_fp16: bool = False,
+        stats_rows: int = 1,
+    ) -> dict[str, torch.Tensor]:
+        ws = ws if ws is not None else Workspace()
+        if self.scheme.optimize:  # the search measures every row
+            if self.scheme.strategy == "tensor" or x.numel() == 0:
+                return self.rtn_block(x, tensor_scale, ws, stats)
+            return optimized_block(self, x, tensor_scale=tensor_scale, ws=ws, stats=stats)
+        return self.rtn_block(x, tensor_scale, ws, stats, max(int(stats_rows), 1))
+
+    def encode(
+        self,
+        y: torch.Tensor,
+        scale: torch.Tensor,
+        zp: torch.Tensor | None,
+        ws: Workspace,
+        codes: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The block outputs of float codes ``y`` ``[r, c]`` (overwritten), stored scales
+        ``scale`` and float zero points ``zp`` (``[r, groups]``); ``codes``: the encoded codes
+        already written (the tiled path), else ``y`` is encoded here."""
+        s = self.scheme
+        r = y.shape[0]
+        if codes is None:
+            codes = encode_codes(y, s.bits, self.packed, ws)
+        out = {"_packed" if self.packed else "": codes.view(torch.int32) if self.packed else codes}
+        if s.strategy != "tensor":
+            out["_scale"] = scale.view(r, -1)
+        if zp is not None:
+            out["_zero_point"] = pack_dim0(zp.to(torch.int8).view(r, -1), s.bits)
+        return out
+
+    def rtn_block(
+        self,
+        x: torch.Tensor,
+        tensor_scale: torch.Tensor | None,
+        ws: Workspace,
+        stats: ErrorStats | None,
+        k: int = 1,
+    ) -> dict[str, torch.Tensor]:
+        """Round-to-nearest outputs of the block ``x``; ``stats`` measures every ``k``-th row.
+
+        The block is processed in tiles of whole rows of about
+        :data:`~monoquant.numerics.TILE_ELEMENTS` (4 MiB of float32, cache-sized): every step
+        of a tile (float32 copy, range, scale, divide, round, clamp, encode) reads what the
+        previous one left in the cache, instead of streaming the whole block through memory
+        once per step. Every element and every row's scale is
+        computed exactly as on the whole block, so the bytes do not depend on the tiling; the
+        statistics gather the sampled rows and are summed over the block as before. Exact
+        statistics (``k == 1``) keep the whole block as one tile.
+        """
+        s = self.scheme
+        r, c = x.shape
+        sdt = scale_dtype_for(x.dtype)
+        g = group_width(s.strategy, c, s.group_size)
+        groups = c // g
+        mag = self.magnitude
+        if s.strategy == "tensor" and tensor_scale is None:
+            raise SchemeError("a per-tensor scheme needs the tensor scale (absmax pass)")
+        tile = r if (stats is not None and k == 1) else max(1, min(r, TILE_ELEMENTS // max(c, 1)))
+        codes = code_buffer(r, c, s.bits, self.packed, ws)
+        scales = None if s.strategy == "tensor" else torch.empty(r, groups, dtype=sdt)
+        zps = None if s.symmetric else torch.empty(r, groups, dtype=torch.float32)
+        gather = stats is not None and tile < r
+        m = -(-r // k)
+        xs = ws.get("xs", m * c, torch.float32).view(m, groups, g) if gather else None
+        ys = ws.get("ys", m * c, torch.float32).view(m, groups, g) if gather else None
+        xf_buf = ws.get("xf", tile * c, torch.float32)
+        y_buf = ws.get("tmp", tile * c, torch.float32)
+        xf = xf_buf[:0].view(0, groups, g)
+        y = y_buf[:0].view(0, groups, g)
+        sf = tensor_scale.float().view(1, 1, 1) if tensor_scale is not None else xf_buf[:0]
+        worst = 0.0
+        pending: DecodeOverflowError | None = None
+        for a in range(0, r, tile):
+            b = min(a + tile, r)
+            t = b - a
+            xf = xf_buf[: t * c].view(t, groups, g)
+            xf.copy_(x[a:b].reshape(t, groups, g))
+            zp = None
+            if s.strategy == "tensor":
+                scale = sf
+            else:
+                mx, mn = group_range(xf)
+                if s.symmetric:
+                    scale = symmetric_scale(mx, mn, int_half_range(s.qmin, s.qmax), sdt, mag)
+                else:
+                    try:
+                        scale, zp = asymmetric_params(mx, mn, s.qmin, s.qmax, sdt, s.name)
+                    except DecodeOverflowError as e:  # raised once the whole block is checked for NaN
+                        pending = pending or e
+                        continue
+                    zps[a:b] = zp  # type: ignore[index]  # asymmetric: allocated above
+                scales[a:b] = scale  # type: ignore[index]  # not per tensor: allocated above
+                sf = scale.float().unsqueeze(-1)
+            y = y_buf[: t * c].view(t, groups, g)
+            torch.div(xf, sf, out=y)
+            if zp is not None:
+                y.add_(zp.unsqueeze(-1))
+            y.round_().clamp_(s.qmin, s.qmax)
+            if zp is not None:
+                worst = max(worst, decode_worst(y, scale, zp, mag, sdt))
+            if xs is not None and ys is not None:
+                i0 = -(-a // k) * k  # the first sampled row of this tile
+                if i0 < b:
+                    src = slice(i0 - a, t, k)
+                    j0 = i0 // k
+                    n_s = len(range(*src.indices(t)))
+                    xs[j0 : j0 + n_s].copy_(xf[src])
+                    ys[j0 : j0 + n_s].copy_(y[src])
+            encode_codes(y.view(t, c), s.bits, self.packed, ws, out=codes[a:b])
+        if pending is not None:
+            raise pending
+        if worst > torch.finfo(sdt).max:
+            raise DecodeOverflowError(decode_overflow_message(worst, sdt, s.name))
+        if stats is not None:
+            if xs is None or ys is None:  # one tile: the block itself
+                xs, ys = xf[::k], y[::k]
+            sf_all = scales.float().unsqueeze(-1) if scales is not None else sf
+            zp_s = None if zps is None else zps.unsqueeze(-1)[::k]
+            xs = contiguous_rows(xs, ws)
+            stats.add_error(xs, decode_error(xs, ys, per_row(sf_all, r, k), zp_s, ws, sdt))
+        return self.encode(codes, scales if scales is not None else sf, zps, ws, codes=codes)
+
+    def dequantize(
+        self, parts: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Rebuild the dense tensor, in ``dtype`` (default: the scale's dtype, the weight's)."""
+        s = self.scheme
+        scale = parts["_scale"]
+        dtype = dtype or scale.dtype
+        rows, cols = as_rows(tuple(shape))
+        if self.packed:
+            q = unpack_rows(parts["_packed"], s.bits, cols).float()
+        else:
+            q = parts[""].reshape(rows, cols).float()
+        if s.strategy == "tensor":
+            w = q * scale.float().view(1, 1)
+            return w.reshape(shape).to(dtype)
+        groups = scale.shape[-1]
+        qv = q.view(rows, groups, cols // groups)
+        if not s.symmetric:
+            zp = unpack_dim0(parts["_zero_point"], s.bits, rows).float()
+            qv = qv - zp.view(rows, groups, 1)
+        w = qv * scale.float().view(rows, groups, 1)
+        return w.reshape(shape).to(dtype)

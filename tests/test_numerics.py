@@ -1,0 +1,81 @@
+"""The numerics core: one accumulator and one SQNR agree with an independent float64 computation,
+the code encoder agrees with the reference packer, and every example in the docstrings of the
+numerics and format modules runs as written."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import math
+
+import pytest
+import torch
+
+from monoquant.numerics import ErrorStats, Workspace, sqnr_db, tensor_sqnr_db
+from monoquant.packing import encode_codes, pack_rows
+from tests.helpers import sqnr
+
+MODULES = [
+    "monoquant.numerics",
+    "monoquant.packing",
+    "monoquant.optimize",
+    "monoquant.exactstats",
+    "monoquant.kernels",
+    "monoquant.widerows",
+    "monoquant.fusedscales",
+    "monoquant.storedformats",
+    "monoquant.formats",
+    "monoquant.formats.base",
+    "monoquant.formats.cast",
+    "monoquant.formats.integer",
+    "monoquant.formats.fp8",
+    "monoquant.formats.fp8_block",
+    "monoquant.formats.nvfp4",
+    "monoquant.formats.mxfp",
+    "monoquant.formats.common",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name):
+    res = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert res.failed == 0
+
+
+def test_one_accumulator_three_ways_same_sums():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 96, generator=g)
+    dq = x + 0.01 * torch.randn(64, 96, generator=g)
+    whole, blocks, errs = ErrorStats(), ErrorStats(), ErrorStats()
+    whole.add(x, dq)
+    for a in range(0, 64, 16):
+        blocks.add(x[a : a + 16], dq[a : a + 16])
+        errs.add_error(x[a : a + 16], x[a : a + 16] - dq[a : a + 16])  # the sign does not matter
+    assert blocks.numel == whole.numel == errs.numel == x.numel()
+    assert blocks.err_sq == errs.err_sq and blocks.sum_sq == errs.sum_sq
+    assert blocks.sqnr_db == pytest.approx(sqnr(x, dq), abs=1e-4)
+    assert whole.max_abs_err == float((dq - x).abs().max())
+    merged = ErrorStats()
+    merged.merge(blocks)
+    assert merged.sqnr_db == blocks.sqnr_db
+
+
+def test_sqnr_edges():
+    assert sqnr_db(1.0, 0.0) == math.inf  # exact
+    assert sqnr_db(0.0, 1.0) == -math.inf  # all noise
+    assert sqnr_db(1000.0, 1.0) == pytest.approx(30.0)
+    x = torch.tensor([1.0, -2.0, 3.0])
+    assert tensor_sqnr_db(x, x) == math.inf
+    assert tensor_sqnr_db(x, x * 1.1) == pytest.approx(20.0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("cols", [8, 16, 10, 3])
+def test_encode_codes_equals_the_reference_packer(bits, cols):
+    g = torch.Generator().manual_seed(bits * 100 + cols)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    q = torch.randint(lo, hi + 1, (5, cols), generator=g)
+    got = encode_codes(q.float(), bits, True, Workspace())
+    assert torch.equal(got, pack_rows(q, bits))
+    i8 = encode_codes(q.float(), bits, False, Workspace())
+    assert i8.dtype == torch.int8 and torch.equal(i8.long(), q)
