@@ -20,14 +20,17 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from .kernels import Workspace
-from .plan import PlannedOutput
 
-Write = Callable[[PlannedOutput, int, torch.Tensor], None]
-Item = tuple[PlannedOutput, int, torch.Tensor]
+if TYPE_CHECKING:  # annotations only: overlap sits below the plan layer
+    from .plan import PlannedOutput
+
+Write = Callable[["PlannedOutput", int, torch.Tensor], None]
+Item = tuple["PlannedOutput", int, torch.Tensor]
 
 
 class WorkspacePool:
