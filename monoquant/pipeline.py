@@ -27,7 +27,7 @@ import torch
 from .errors import MonoquantError, OptionError, OutputError, SchemeError
 from .formats import shared_absmax
 from .inmemory import decode_overflow_error, fp16_overflow_error, nonfinite_error
-from .journal import JobState, check_writable
+from .journal import JobState, check_writable, entry_matches
 from .kernels import (
     DecodeOverflowError,
     ErrorStats,
@@ -40,7 +40,7 @@ from .kernels import (
 )
 from .memwatch import MemWatch
 from .outdir import check_paths, completed_fingerprint, finalize
-from .overlap import SyncSink, ThreadSink, WorkspacePool, spare_core
+from .overlap import SpareCoreProbe, SyncSink, ThreadSink, WorkspacePool
 from .ownership import check_state_dir, finished_files, planned_files, present_files, refuse_foreign
 from .plan import (
     DEFAULT_BLOCK_BYTES,
@@ -53,12 +53,13 @@ from .plan import (
     block_rows_for,
     make_plan,
 )
+from .prefetch import READAHEAD_BYTES
 from .reader import Backend, RowReader, open_checkpoint
 from .remote import is_remote, pin_inputs, refuse_remote_output
 from .rules import Rules
 from .schemes import Scheme
 from .widerows import chunkable, process_wide_rows
-from .writer import ShardWriter, shard_digest
+from .writer import ShardWriter
 
 
 @dataclass(frozen=True)
@@ -483,9 +484,8 @@ def stream(
     t0 = time.perf_counter()
     check_counts(jobs=jobs, threads=threads, block_bytes=block_bytes)
     stats_every = _stats_stride(stats)
-    if overlap == "auto":
-        overlap = spare_core()
-    elif not isinstance(overlap, bool):
+    probe = SpareCoreProbe() if overlap == "auto" else None  # measures the CPUs while the plan is made
+    if probe is None and not isinstance(overlap, bool):
         raise OutputError(f"overlap={overlap!r}: use True, False or 'auto'")
     refuse_remote_output(dst)
     dst_p = Path(dst)
@@ -504,6 +504,7 @@ def stream(
         scheme_options,
     )
     k, n = parse_worker(worker)
+    overlap = probe.result() if probe is not None else bool(overlap)
     report = Report(str(dst_p), p.fingerprint, p.scheme.name, False, p.totals())
     report.notes = list(getattr(ckpt, "notes", []))
     report.settings = {
@@ -670,7 +671,7 @@ def _run_shards(
 
     def work() -> None:
         pool = WorkspacePool(2 if overlap else 1)  # 2: one block computing, one writing (3 thrashed caches)
-        with RowReader(backend) as reader:
+        with RowReader(backend, readahead=READAHEAD_BYTES) as reader:
             while not failure:
                 try:
                     shard = todo.get_nowait()
@@ -718,14 +719,8 @@ def _journaled_ok(p: Plan, shard: ShardPlan, entry: dict[str, Any] | None, dst: 
     """True when ``shard`` is journaled and the file on disk still has its size and digest."""
     if entry is None:
         return False
-    path = dst / shard.filename
-    try:
-        if path.stat().st_size != entry.get("bytes") or entry.get("bytes") != shard.file_size:
-            return False
-    except OSError:
-        return False
     outputs = [o for i in shard.tensors for o in p.tensors[i].outputs]
-    return shard_digest(path, shard, outputs) == entry.get("sha256")
+    return entry_matches(dst / shard.filename, shard, outputs, entry)
 
 
 def _write_shard(
