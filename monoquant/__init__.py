@@ -12,8 +12,6 @@ from __future__ import annotations
 import sys
 import types
 import warnings as _warnings
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _version
 from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError as CheckpointError
@@ -82,6 +80,9 @@ sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # importlib.metadata costs ~30 ms at every start: only when asked
+        globals()[name] = value = _package_version()
+        return value
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'monoquant' has no attribute {name!r}")
@@ -93,10 +94,13 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | {"__version__"})
 
 
-try:
-    __version__ = _version("monoquant")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-    __version__ = "0.0.0+unknown"
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("monoquant")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        return "0.0.0+unknown"

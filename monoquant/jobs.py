@@ -36,7 +36,7 @@ import torch
 
 from .convert import process_tensor
 from .errors import MonoquantError, OutputError
-from .journal import JobState, check_writable
+from .journal import JobState, check_writable, entry_matches
 from .kernels import ErrorStats
 from .memwatch import MemWatch
 from .options import JobOptions
@@ -45,10 +45,11 @@ from .outnames import INDEX_NAME, partial_name
 from .overlap import SyncSink, ThreadSink, WorkspacePool
 from .ownership import check_state_dir, finished_files, planned_files, present_files, refuse_foreign
 from .plan import Plan, PlannedOutput, ShardPlan
+from .prefetch import READAHEAD_BYTES
 from .reader import Checkpoint, RowReader
 from .remote import pin_inputs
 from .report import ProgressEvent, Report
-from .writer import ShardWriter, shard_digest
+from .writer import ShardWriter
 
 Emit = Callable[[ProgressEvent], None]
 
@@ -195,7 +196,7 @@ def _run_shards(run: ShardRun, mine: list[ShardPlan]) -> None:
     def work() -> None:
         # 2: one block computing, one writing (3 thrashed caches)
         pool = WorkspacePool(2 if run.opts.overlap else 1)
-        with RowReader(run.opts.backend) as reader:
+        with RowReader(run.opts.backend, readahead=READAHEAD_BYTES) as reader:
             while not failure:
                 try:
                     shard = todo.get_nowait()
@@ -242,14 +243,8 @@ def _journaled_ok(p: Plan, shard: ShardPlan, entry: dict[str, Any] | None, dst: 
     """True when ``shard`` is journaled and the file on disk still has its size and digest."""
     if entry is None:
         return False
-    path = dst / shard.filename
-    try:
-        if path.stat().st_size != entry.get("bytes") or entry.get("bytes") != shard.file_size:
-            return False
-    except OSError:
-        return False
     outputs = [o for i in shard.tensors for o in p.tensors[i].outputs]
-    return shard_digest(path, shard, outputs) == entry.get("sha256")
+    return entry_matches(dst / shard.filename, shard, outputs, entry)
 
 
 def _write_shard(run: ShardRun, shard: ShardPlan, reader: RowReader, pool: WorkspacePool) -> None:

@@ -3,8 +3,13 @@ and per-shard OS file locks.
 
 * ``plan.json`` — fingerprint, format version, scheme, shard list. A rerun with another
   fingerprint is refused (:class:`PlanMismatchError`) unless ``restart`` discards the state.
-* ``journal.jsonl`` — one line per finished shard: ``{"shard", "bytes", "sha256"}``, appended
-  after the shard was fsynced and renamed, then fsynced itself.
+* ``journal.jsonl`` — one line per finished shard: ``{"shard", "bytes", "crc32"}``, appended
+  after the shard was fsynced and renamed, then fsynced itself. ``crc32`` is the shard digest of
+  :func:`monoquant.writer.shard_digest` (a sha256 over the header and each tensor's CRC-32). A
+  rerun trusts a journaled shard only if its size and digest still check out
+  (:func:`entry_matches`). Lines written by earlier versions carry ``sha256`` instead (a sha256
+  of every byte); they are still read and checked the old way, so an unfinished job of an earlier
+  version resumes. A line with neither (a later format) is not trusted: that shard is redone.
 * ``locks/<shard>.lock`` — ``flock`` locks: two processes never write one shard, and a lock
   vanishes with the process that held it (SIGKILL included).
 
@@ -25,10 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OutputError, PlanMismatchError
-from .plan import Plan
+from .plan import Plan, PlannedOutput, ShardPlan
 from .schemes import FORMAT_VERSION
 
 STATE_DIR = ".monoquant"
+#: the journal field holding a shard's digest (:func:`monoquant.writer.shard_digest`)
+DIGEST_FIELD = "crc32"
+#: the field journals of earlier versions hold instead (a sha256 of every byte; still checked)
+LEGACY_DIGEST_FIELD = "sha256"
 
 
 def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
@@ -181,8 +190,9 @@ class JobState:
         return out
 
     def record(self, shard: str, nbytes: int, digest: str) -> None:
-        """Append one finished shard to the journal, durably."""
-        line = json.dumps({"shard": shard, "bytes": nbytes, "sha256": digest}) + "\n"
+        """Append one finished shard (its size and :func:`~monoquant.writer.shard_digest`) to the
+        journal, durably."""
+        line = json.dumps({"shard": shard, "bytes": nbytes, DIGEST_FIELD: digest}) + "\n"
         fd = os.open(self.journal, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
         try:
             size = os.fstat(fd).st_size
@@ -214,6 +224,34 @@ class JobState:
     def remove(self) -> None:
         """Remove the state directory (the job is complete)."""
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def entry_matches(path: Path, shard: ShardPlan, outputs: list[PlannedOutput], entry: dict[str, Any]) -> bool:
+    """Whether the file at ``path`` is still the shard a journal ``entry`` recorded: the planned
+    size and the recorded size, then the digest recomputed from the file (a read of the shard).
+
+    Entries of earlier versions (``sha256``) are checked with their own digest; an entry with no
+    digest this version knows is never trusted.
+
+    Example:
+        >>> entry = state.finished()[shard.filename]                    # doctest: +SKIP
+        >>> entry_matches(out / shard.filename, shard, outputs, entry)   # doctest: +SKIP
+        True
+    """
+    from .writer import legacy_shard_digest, shard_digest
+
+    try:
+        if entry.get("bytes") != shard.file_size or path.stat().st_size != shard.file_size:
+            return False
+    except OSError:
+        return False
+    want = entry.get(DIGEST_FIELD)
+    if isinstance(want, str):
+        return shard_digest(path, shard, outputs) == want
+    want = entry.get(LEGACY_DIGEST_FIELD)
+    if isinstance(want, str):
+        return legacy_shard_digest(path, shard, outputs) == want
+    return False
 
 
 def check_writable(out_dir: Path) -> None:

@@ -128,25 +128,73 @@ class ThreadSink:
         self._thread.join()
 
 
+def _cpu_sample() -> tuple[int, int]:
+    """(idle + iowait, total) jiffies of all CPUs, from ``/proc/stat``."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return idle, sum(fields)
+
+
+def _own_jiffies() -> float:
+    """CPU time this process used so far (all threads), in ``/proc/stat`` jiffies."""
+    t = os.times()
+    return (t.user + t.system) * os.sysconf("SC_CLK_TCK")
+
+
+class SpareCoreProbe:
+    """:func:`spare_core`, measured while the caller goes on working (planning a run, say).
+
+    The first sample is taken at construction; :meth:`result` takes the second, sleeping only for
+    what is left of ``window``. CPU time this process used in between counts as idle, so the
+    answer is the one :func:`spare_core` gives by sleeping: whether the *other* processes leave
+    about 3/4 of a core idle. This saves the run start-up the 0.1 s of sleep where there is work
+    to do meanwhile.
+
+    Example:
+        >>> probe = SpareCoreProbe()
+        >>> isinstance(probe.result(), bool)
+        True
+    """
+
+    def __init__(self, window: float = 0.1):
+        self.window = window
+        self._t0 = time.monotonic()
+        try:
+            self._first: tuple[int, int, float] | None = (*_cpu_sample(), _own_jiffies())
+        except (OSError, ValueError, IndexError):
+            self._first = None
+        self._answer: bool | None = None
+
+    def result(self) -> bool:
+        """True when at least ~3/4 of a CPU core was left idle by other processes over the window
+        (False when unknown or with one CPU). The answer is kept: later calls return it at once."""
+        if self._answer is None:
+            self._answer = self._measure()
+        return self._answer
+
+    def _measure(self) -> bool:
+        ncpu = os.cpu_count() or 1
+        if ncpu < 2 or self._first is None:
+            return False
+        left = self.window - (time.monotonic() - self._t0)
+        if left > 0:
+            time.sleep(left)
+        try:
+            i1, t1 = _cpu_sample()
+            own1 = _own_jiffies()
+        except (OSError, ValueError, IndexError):
+            return False
+        i0, t0, own0 = self._first
+        if t1 <= t0:
+            return False
+        free = (i1 - i0) + min(own1 - own0, t1 - t0)  # idle, plus what this process itself used
+        return ncpu * free / (t1 - t0) >= 0.75
+
+
 def spare_core(window: float = 0.1) -> bool:
     """True when at least ~3/4 of a CPU core sat idle over the last ``window`` seconds (from
     ``/proc/stat``); False when unknown. The writer thread only pays where a core is free: on
-    two busy cores it made runs slower (see docs/benchmarks.md)."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return idle, sum(fields)
-
-    if (os.cpu_count() or 1) < 2:
-        return False
-    try:
-        i0, t0 = sample()
-        time.sleep(window)
-        i1, t1 = sample()
-    except (OSError, ValueError, IndexError):
-        return False
-    if t1 <= t0:
-        return False
-    return (os.cpu_count() or 1) * (i1 - i0) / (t1 - t0) >= 0.75
+    two busy cores it made runs slower (see docs/benchmarks.md). Sleeps ``window``; see
+    :class:`SpareCoreProbe` to measure while doing something else."""
+    return SpareCoreProbe(window).result()

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -24,7 +25,7 @@ from .convert import process_tensor
 from .jobs import run_job
 from .options import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_SHARD, job_options, resolve
 from .outdir import check_paths
-from .overlap import SyncSink, WorkspacePool
+from .overlap import SpareCoreProbe, SyncSink, WorkspacePool
 from .plan import Plan, PlannedOutput, build_plan
 from .reader import Backend, RowReader, open_checkpoint
 from .remote import is_remote, refuse_remote_output
@@ -179,6 +180,8 @@ def stream(
             NaN/Inf weights — always with the file/tensor and what to do.
     """
     t0 = time.perf_counter()
+    # overlap="auto": the CPUs are sampled while the plan is made instead of sleeping for it
+    probe = SpareCoreProbe() if overlap == "auto" else None
     sch, opts = resolve(
         scheme,
         scheme_options,
@@ -198,7 +201,7 @@ def stream(
         backend=backend,
         threads=threads,
         stats=stats,
-        overlap=overlap,
+        overlap=False if probe is not None else overlap,
     )
     refuse_remote_output(dst)
     dst_p = Path(dst)
@@ -206,6 +209,8 @@ def stream(
     if not is_remote(src):
         check_paths(Path(src), dst_p)
     p = build_plan(ckpt, sch, opts)
+    if probe is not None:
+        job = dataclasses.replace(job, overlap=probe.result())
     report = Report(
         str(dst_p),
         p.fingerprint,

@@ -39,6 +39,7 @@ from .containment import check_inside, index_entry
 from .dtypes import from_st, itemsize
 from .errors import CheckpointError
 from .numerics import Workspace, as_rows
+from .prefetch import ReadAhead, mapping_address
 from .remote import RangeReader, RemotePath, is_remote
 from .weightfiles import select_weight_files
 
@@ -403,13 +404,19 @@ class RowReader:
     ``backend="mmap"`` maps the file and hands out zero-copy views, then drops the consumed
     pages from this process (``madvise(DONTNEED)``). ``backend="pread"`` reads into a buffer
     reused across blocks. Torch pickles are read through their ``mmap=True`` load.
+
+    ``readahead`` (bytes, default 0: off) keeps that many bytes beyond the last block handed out
+    coming from disk on a background thread (:class:`~monoquant.prefetch.ReadAhead`), for a
+    reader that goes through the files in order, as the pipeline does; a reader that samples
+    rows here and there should leave it off. Local safetensors files only.
     """
 
-    def __init__(self, backend: Backend = "mmap", ws: Workspace | None = None):
+    def __init__(self, backend: Backend = "mmap", ws: Workspace | None = None, readahead: int = 0):
         if backend not in ("mmap", "pread"):
             raise CheckpointError(f"unknown read backend {backend!r} (mmap or pread)")
         self.backend = backend
         self.ws = ws or Workspace()
+        self._ahead: ReadAhead | None = ReadAhead(readahead) if readahead > 0 else None
         self._path: Path | None = None
         self._fd = -1
         self._mm: mmap.mmap | None = None
@@ -422,8 +429,13 @@ class RowReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+        if self._ahead is not None:
+            self._ahead.close()
 
     def close(self) -> None:
+        """Close the current file (the reader stays usable: the next read opens its file)."""
+        if self._ahead is not None:
+            self._ahead.detach()  # before the fd is closed and the mapping goes
         self._sd = None
         if self._remote is not None:
             self._remote.close()
@@ -453,10 +465,13 @@ class RowReader:
             return
         try:
             self._fd = os.open(ref.file, os.O_RDONLY)
-            if self.backend == "mmap" and os.fstat(self._fd).st_size > 0:
+            size = os.fstat(self._fd).st_size
+            if self.backend == "mmap" and size > 0:
                 self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
         except OSError as e:
             raise CheckpointError(f"{ref.file}: cannot open ({e.strerror or e})") from None
+        if self._ahead is not None:
+            self._ahead.attach(self._fd, size, mapping_address(self._mm) if self._mm is not None else 0)
 
     def rows(self, ref: TensorRef, start: int, stop: int, ws: Workspace | None = None) -> torch.Tensor:
         """Rows ``[start, stop)`` of ``ref`` as a 2-D tensor: a view of the mapped file, or (pread)
@@ -473,6 +488,8 @@ class RowReader:
         nbytes = n * itemsize(ref.dtype)
         if n == 0:
             return torch.empty((stop - start, cols), dtype=ref.dtype)
+        if self._ahead is not None:
+            self._ahead.consumed(off + nbytes)
         if self._mm is not None:
             self._check_size(ref, off + nbytes)
             try:
@@ -494,6 +511,8 @@ class RowReader:
             self._check_size(ref, self._size)
             t = self._sd[ref.name].contiguous().reshape(-1).view(torch.uint8)
             return t[start : start + nbytes]
+        if self._ahead is not None:
+            self._ahead.consumed(ref.offset + start + nbytes)
         if self._mm is not None:
             self._check_size(ref, ref.offset + start + nbytes)
             return torch.frombuffer(self._mm, dtype=torch.uint8, count=nbytes, offset=ref.offset + start)
@@ -551,4 +570,3 @@ def _pread_into(fd: int, buf: torch.Tensor, offset: int, ref: TensorRef) -> None
                 f"{ref.file}: tensor {ref.name!r} is cut short (file truncated); re-download it"
             )
         done += got
-

@@ -11,13 +11,15 @@ reports about itself (in-process seconds, peak RSS / RssAnon / cgroup peak), out
 load average. A last JSON line (``"summary"``) holds medians (min-max) per tool and the same-run
 ratios, taken pair by pair / round by round and then the median: monoquant/cp (against the
 cp run of the same pair), naive/monoquant, variant/base,
-and memory ratios.
+and memory ratios; and an ``anchor`` block that cannot flatter: cp's own spread, every tool's
+absolute GB/s, its ratio to its paired cp run (per pair) and its ratio to the FASTEST cp run.
 
 Examples (run as root for ``--cold`` and ``--memcap``):
 
     # warm cache, int8/int4/fp16 vs cp -r && sync vs naive, median of 3 rounds
     python scripts/bench.py --ckpt /tmp/mqbench/ckpt4 --repeats 3 --tools cp,mq,naive
-    # cold cache (sync; echo 3 > /proc/sys/vm/drop_caches before every run)
+    # cold cache (sync; echo 3 > /proc/sys/vm/drop_caches before every run; --cold-method fadvise
+    # evicts only the input files, for a shared machine or without root)
     python scripts/bench.py --ckpt /tmp/mqbench/ckpt4 --cold --schemes int8,int4
     # options of monoquant against its default, same rounds
     python scripts/bench.py --ckpt /tmp/mqbench/ckpt4 --tools mq --schemes int8 \\
@@ -91,21 +93,32 @@ def warm(ckpt: Path) -> None:
                 pass
 
 
-def drop_caches(ckpt: Path) -> str:
-    """Evict the page cache: globally when root, else the input files only (fadvise)."""
+def evict_inputs(ckpt: Path) -> None:
+    """``posix_fadvise(DONTNEED)`` on every input file (after a sync): only the input leaves the
+    page cache, not the interpreter's and torch's own files."""
+    for p in input_files(ckpt):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def drop_caches(ckpt: Path, method: str = "auto") -> str:
+    """Evict the page cache and say how: ``drop_caches`` (``sync; echo 3 >
+    /proc/sys/vm/drop_caches``: the whole page cache, root only) or ``fadvise`` (the input files
+    only). ``auto`` tries the first and falls back to the second."""
     os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return "drop_caches"
-    except OSError:
-        for p in input_files(ckpt):
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-        return "fadvise"
+    if method in ("auto", "drop_caches"):
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+            return "drop_caches"
+        except OSError:
+            if method == "drop_caches":
+                raise SystemExit("--cold-method drop_caches: not permitted here (needs root); use fadvise")
+    evict_inputs(ckpt)
+    return "fadvise"
 
 
 def loadavg() -> float:
@@ -224,7 +237,7 @@ def run_one(tool: Tool, src: Path, work: Path, args: argparse.Namespace, meta: d
         shutil.rmtree(dst)
     os.sync()
     cache = "cold" if args.cold else "warm"
-    how = drop_caches(src) if args.cold else (warm(src) or "pre-read")
+    how = drop_caches(src, args.cold_method) if args.cold else (warm(src) or "pre-read")
     cmd = tool.command(src, dst)
     capped = bool(args.memcap) and (tool.tool != "cp" or args.memcap_cp)
     if capped:
@@ -353,6 +366,7 @@ def summarize(recs: list[dict], tools: list[Tool], meta: dict) -> dict:
         if any("memcap" in r for r in rs):
             per_tool[t.key]["memcap_max_usage_mib"] = med([r["memcap"]["max_usage_mib"] for r in rs])
             per_tool[t.key]["memcap_ok"] = f"{sum(bool(r.get('ok')) for r in rs)}/{len(rs)}"
+    anchor = _anchor(recs, by, cps, rounds, tools)
     ratios = {}
     keys = [t.key for t in tools]
     for t in tools:
@@ -376,7 +390,49 @@ def summarize(recs: list[dict], tools: list[Tool], meta: dict) -> dict:
                 ratios[f"{t.key} / cp"] = ratio(t.key, "cp")
         if t.tool == "naive" and "cp" in keys:
             ratios[f"{t.key} / cp"] = ratio(t.key, "cp")
-    return {"summary": True, **meta, "per_tool": per_tool, "ratios": ratios}
+    return {"summary": True, **meta, "anchor": anchor, "per_tool": per_tool, "ratios": ratios}
+
+
+def _anchor(recs: list[dict], by: dict, cps: dict, rounds: list[int], tools: list[Tool]) -> dict | None:
+    """What cannot flatter: the anchor's (``cp -r && sync``) own spread, and for every other tool
+    its absolute GB/s, its ratio to the cp run of its own pair (per pair and median), and its
+    ratio to the FASTEST cp run of the session, so a slow moment of the disk does not make a slow
+    program look fast."""
+    cp_ok = [r for r in recs if r["tool"] == "cp" and r["rc"] == 0]
+    if not cp_ok:
+        return None
+    fastest = min(r["wall_s"] for r in cp_ok)
+    out: dict = {
+        "cp_wall_s": med([r["wall_s"] for r in cp_ok]),
+        "cp_gb_per_s": med([r["input_gb_per_s"] for r in cp_ok]),
+        "cp_fastest_wall_s": fastest,
+        "tools": {},
+    }
+    for t in tools:
+        if t.tool == "cp":
+            continue
+        pairs = []
+        for rd in rounds:
+            r, c = by.get((t.key, rd)), cps.get((t.key, rd))
+            if r and r["rc"] == 0:
+                pairs.append(
+                    {
+                        "round": rd,
+                        "wall_s": r["wall_s"],
+                        "gb_per_s": r["input_gb_per_s"],
+                        "paired_cp_wall_s": c["wall_s"] if c and c["rc"] == 0 else None,
+                        "vs_paired_cp": round(r["wall_s"] / c["wall_s"], 3) if c and c["rc"] == 0 else None,
+                        "vs_fastest_cp": round(r["wall_s"] / fastest, 3),
+                    }
+                )
+        if pairs:
+            out["tools"][t.key] = {
+                "gb_per_s": med([p["gb_per_s"] for p in pairs]),
+                "vs_paired_cp": med([p["vs_paired_cp"] for p in pairs]),
+                "vs_fastest_cp": med([p["vs_fastest_cp"] for p in pairs]),
+                "pairs": pairs,
+            }
+    return out
 
 
 def _get(r: dict, field: str) -> float | None:
@@ -452,13 +508,17 @@ def categorize(stack: list[str], main: bool = True) -> tuple[str, str]:
         if fn == "drain":
             return "wait: drain writer at shard end", detail
         return "pipeline: queue hand-off", detail
+    if base == "prefetch.py":
+        return "read: read-ahead thread", detail
     if base == "dtypes.py":
         return "python: dtypes.itemsize (torch.empty per call)", detail
     if base == "writer.py":
         if fn == "_pwrite":
             return "write: pwrite", detail
         if fn == "write" and "update" in src:
-            return "write: sha256", detail
+            return "write: sha256", detail  # code before the CRC-32 digest
+        if fn == "write" and "crc32" in src:
+            return "write: crc32", detail
         if fn in ("_flush", "_sync_range"):
             return "write: flush (sync_file_range/fadvise)", detail
         if fn == "finish" and "fsync" in src:
@@ -507,7 +567,7 @@ def profile(args: argparse.Namespace, tools: list[Tool], sink: list) -> None:
         if dst.exists():
             shutil.rmtree(dst)
         os.sync()
-        drop_caches(args.ckpt) if args.cold else warm(args.ckpt)
+        drop_caches(args.ckpt, args.cold_method) if args.cold else warm(args.ckpt)
         raw = outdir / (t.key.replace("/", "_") + ".txt")
         cmd = [
             spy,
@@ -758,6 +818,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tools", default="cp,mq,naive", help="comma list of cp, mq, naive")
     ap.add_argument("--repeats", type=int, default=3, help="rounds (each tool once per round)")
     ap.add_argument("--cold", action="store_true", help="drop page cache before each run")
+    ap.add_argument(
+        "--cold-method",
+        choices=["auto", "drop_caches", "fadvise"],
+        default="auto",
+        help="how --cold evicts: drop_caches (whole page cache, root), fadvise (input files only), or "
+        "auto (drop_caches when permitted); every JSON line says which was used (cache_prep)",
+    )
     ap.add_argument("--jobs", type=int, default=1, help="also run monoquant with --jobs N (N > 1)")
     ap.add_argument(
         "--variant",
