@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import monoquant
-import monoquant.pipeline
+import monoquant.jobs
 from monoquant.prefetch import ReadAhead, mapping_address
 from monoquant.reader import RowReader, open_checkpoint
 from tests.helpers import read_dir_bytes, tiny_llama_sd, write_sharded
@@ -121,7 +121,7 @@ def test_output_is_the_same_with_and_without_read_ahead(tmp_path: Path, monkeypa
     src = write_sharded(tmp_path / "in", tiny_llama_sd(layers=2, hidden=256, inter=512, vocab=2000), shards=3)
     outs = {}
     for ra in (0, 1 * MiB):
-        monkeypatch.setattr(monoquant.pipeline, "READAHEAD_BYTES", ra)
+        monkeypatch.setattr(monoquant.jobs, "READAHEAD_BYTES", ra)
         out = tmp_path / f"out{ra}"
         rep = monoquant.stream(
             src, out, "int4", backend=backend, block_bytes=64 * 1024, max_shard_size="400KB"
