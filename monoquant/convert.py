@@ -27,8 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from .peeramax import shared_absmax
-from .inmemory import decode_overflow_error, fp16_overflow_error, nonfinite_error
+from .errors import decode_overflow_error, fp16_overflow_error, nonfinite_error
 from .kernels import (
     DecodeOverflowError,
     ErrorStats,
@@ -41,6 +40,7 @@ from .kernels import (
 )
 from .options import DEFAULT_BLOCK_BYTES
 from .overlap import SyncSink, ThreadSink, WorkspacePool
+from .peeramax import shared_absmax
 from .plan import PlannedOutput, PlannedTensor, block_rows_for
 from .reader import RowReader
 from .widerows import chunkable, process_wide_rows

@@ -37,3 +37,29 @@ class PlanMismatchError(OutputError):
 
 class VerifyError(MonoquantError):
     """An output directory is inconsistent (index, headers, sizes or config disagree)."""
+
+
+# The one message per kind of bad tensor value, shared by the in-memory and streaming paths.
+
+
+def nonfinite_error(name: str, count: int, where: str = "") -> TensorValueError:
+    """The one message for NaN/Inf in a weight."""
+    return TensorValueError(
+        f"{where}tensor {name!r} holds {count} NaN/Inf value(s); fix the checkpoint or "
+        f"--exclude {name!r} to copy it unchanged"
+    )
+
+
+def fp16_overflow_error(name: str, detail: str, where: str = "") -> TensorValueError:
+    """The one message for an fp16 cast out of range."""
+    return TensorValueError(
+        f"{where}tensor {name!r} does not fit float16 ({detail}); use bf16, "
+        f"--exclude {name!r}, or --clamp-fp16 to saturate at ±65504"
+    )
+
+
+def decode_overflow_error(name: str, detail: str, where: str = "") -> TensorValueError:
+    """The one message for a tensor whose output would decode to ``inf`` (or not fit its dtype)."""
+    return TensorValueError(
+        f"{where}tensor {name!r} cannot be stored safely: {detail}; --exclude {name!r} to copy it unchanged"
+    )

@@ -15,13 +15,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from .errors import TensorValueError
+from .errors import TensorValueError, decode_overflow_error, fp16_overflow_error, nonfinite_error
 from .fusedscales import shared_scale_groups
 from .kernels import DecodeOverflowError, ErrorStats, Fp16OverflowError, NonFiniteError, absmax, get_kernel
 from .layout import dequantize_group, find_groups
@@ -43,29 +42,6 @@ class QuantizedStateDict(dict[str, torch.Tensor]):
     decisions: dict[str, Decision]
     schemes: dict[str, Scheme]
     stats: dict[str, ErrorStats]
-
-
-def nonfinite_error(name: str, count: int, where: str = "") -> TensorValueError:
-    """The one message for NaN/Inf in a weight."""
-    return TensorValueError(
-        f"{where}tensor {name!r} holds {count} NaN/Inf value(s); fix the checkpoint or "
-        f"--exclude {name!r} to copy it unchanged"
-    )
-
-
-def fp16_overflow_error(name: str, detail: str, where: str = "") -> TensorValueError:
-    """The one message for an fp16 cast out of range."""
-    return TensorValueError(
-        f"{where}tensor {name!r} does not fit float16 ({detail}); use bf16, "
-        f"--exclude {name!r}, or --clamp-fp16 to saturate at ±65504"
-    )
-
-
-def decode_overflow_error(name: str, detail: str, where: str = "") -> TensorValueError:
-    """The one message for a tensor whose output would decode to ``inf`` (or not fit its dtype)."""
-    return TensorValueError(
-        f"{where}tensor {name!r} cannot be stored safely: {detail}; --exclude {name!r} to copy it unchanged"
-    )
 
 
 def quantize(

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .inmemory import nonfinite_error
+from .errors import nonfinite_error
 from .numerics import NonFiniteError, absmax, as_rows
 from .reader import RowReader
 

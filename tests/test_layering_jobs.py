@@ -1,5 +1,5 @@
 """The layering of the public API, job control, options and the output reader
-(docs/architecture-jobs.md), read from the source: each rule names the modules it checks, so a
+(docs/architecture.md), read from the source: each rule names the modules it checks, so a
 new import that breaks it fails here with the file and line."""
 
 from __future__ import annotations
