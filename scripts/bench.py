@@ -116,7 +116,9 @@ def drop_caches(ckpt: Path, method: str = "auto") -> str:
             return "drop_caches"
         except OSError:
             if method == "drop_caches":
-                raise SystemExit("--cold-method drop_caches: not permitted here (needs root); use fadvise")
+                raise SystemExit(
+                    "--cold-method drop_caches: not permitted here (needs root); use fadvise"
+                ) from None
     evict_inputs(ckpt)
     return "fadvise"
 
