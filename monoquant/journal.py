@@ -262,5 +262,6 @@ def check_writable(out_dir: Path) -> None:
             pass
     except OSError as e:
         raise OutputError(
-            f"{out_dir}: output directory is not writable ({e.strerror or e}); fix permissions or choose another"
+            f"{out_dir}: output directory is not writable ({e.strerror or e}); fix permissions or "
+            "choose another"
         ) from None

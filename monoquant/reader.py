@@ -8,7 +8,7 @@ safetensors forms may also be a URL (``s3://bucket/model/``, see :mod:`monoquant
 byte ranges, never copied to local disk.
 
 Safetensors headers are parsed here (the library does not expose byte ranges) and checked:
-header length, JSON, dtypes, shape × dtype = byte range, offsets inside the file and not
+header length, JSON, dtypes, shape x dtype = byte range, offsets inside the file and not
 overlapping; an index is cross-checked with the shard headers before any work starts.
 
 Example:
@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import math
 import mmap
@@ -122,7 +123,8 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
                 )
             if 8 + n > size:
                 raise CheckpointError(
-                    f"{path}: header length {n} runs beyond the file ({size} bytes); the file is truncated or corrupt"
+                    f"{path}: header length {n} runs beyond the file ({size} bytes); the file is "
+                    "truncated or corrupt"
                 )
             raw = f.read(n)
     except OSError as e:
@@ -171,13 +173,14 @@ def parse_header(raw: bytes, data_len: int, *, where: str = "") -> dict[str, Any
         want = math.prod(shape) * itemsize(dtype)
         if end - begin != want:
             raise CheckpointError(
-                f"{where}tensor {name!r}: shape {shape} x {info['dtype']} needs {want} bytes but data_offsets "
+                f"{where}tensor {name!r}: shape {shape} x {info['dtype']} needs {want} bytes but "
+                "data_offsets "
                 f"span {end - begin}; the header is corrupt"
             )
         out[name] = (dtype, tuple(shape), begin, end)
         spans.append((begin, end, name))
     spans.sort()
-    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+    for (_b0, e0, n0), (b1, _e1, n1) in itertools.pairwise(spans):
         if b1 < e0:
             raise CheckpointError(
                 f"{where}tensors {n0!r} and {n1!r} overlap in the file; the header is corrupt"
@@ -208,8 +211,10 @@ def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path}: refused: not a weights-only pickle ({_unpickle_reason(e)}); loading it fully could execute "
-            "arbitrary code from the file, and monoquant never runs pickle code: if you trust its source, re-save it "
+            f"{path}: refused: not a weights-only pickle ({_unpickle_reason(e)}); loading it fully "
+            "could execute "
+            "arbitrary code from the file, and monoquant never runs pickle code: if you trust its "
+            "source, re-save it "
             "as safetensors in a separate environment"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
@@ -287,7 +292,8 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         check_inside(f, root, "weight file")
     if not files:
         raise CheckpointError(
-            f"{root}: no weights found (no *.safetensors, *.bin or *.pt files, no index); point monoquant at a "
+            f"{root}: no weights found (no *.safetensors, *.bin or *.pt files, no index); point "
+            "monoquant at a "
             "checkpoint directory or file"
         )
     refs = [r for f in files for r in _refs_of(f)]
@@ -301,7 +307,8 @@ def _refs_of(path: Path) -> list[TensorRef]:
         return _safetensors_refs(path)
     if is_remote(path) and path.suffix in (".bin", ".pt", ".pth"):
         raise CheckpointError(
-            f"{path}: a torch {path.suffix} checkpoint cannot be read from object storage (torch.load needs a local "
+            f"{path}: a torch {path.suffix} checkpoint cannot be read from object storage (torch.load "
+            "needs a local "
             "file); convert it to safetensors, or download it and point monoquant at the local copy"
         )
     if path.suffix in (".bin", ".pt", ".pth"):
@@ -314,7 +321,8 @@ def _check_unique(refs: list[TensorRef]) -> None:
     for r in refs:
         if r.name in seen and seen[r.name] != r.file:
             raise CheckpointError(
-                f"tensor {r.name!r} is in two files, {seen[r.name].name} and {r.file.name}; remove the stale shard"
+                f"tensor {r.name!r} is in two files, {seen[r.name].name} and {r.file.name}; remove the "
+                "stale shard"
             )
         seen[r.name] = r.file
 
@@ -375,7 +383,8 @@ def _open_indexed(root: Path, index_path: Path) -> Checkpoint:
     for r in refs:
         if wmap.get(r.name) != entry_of[r.file]:
             raise CheckpointError(
-                f"tensor {r.name!r} in {r.file.name} is not listed in {index_path.name}; the index and shards do not match"
+                f"tensor {r.name!r} in {r.file.name} is not listed in {index_path.name}; the index and "
+                "shards do not match"
             )
     _check_not_empty(index_path, refs)
     meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
@@ -531,7 +540,8 @@ class RowReader:
             raise CheckpointError(f"{ref.file}: cannot read ({e.strerror or e})") from None
         if size < end:
             raise CheckpointError(
-                f"{ref.file}: tensor {ref.name!r} is cut short: the file shrank to {size} bytes while being read "
+                f"{ref.file}: tensor {ref.name!r} is cut short: the file shrank to {size} bytes while "
+                "being read "
                 "(truncated or overwritten); restore the file and rerun the same command"
             )
 

@@ -179,7 +179,7 @@ class Tool:
         if self.tool == "cp":
             return ["sh", "-c", f"cp -r {shlex.quote(str(src))} {shlex.quote(str(dst))} && sync"]
         if self.tool == "mq":
-            return monoquant_cmd() + ["stream", str(src), str(dst), f"--{self.scheme}", "--json", *self.argv]
+            return [*monoquant_cmd(), "stream", str(src), str(dst), f"--{self.scheme}", "--json", *self.argv]
         if self.tool == "mqpy":
             return [sys.executable, "-c", PY_STREAM, str(src), str(dst), self.scheme, json.dumps(self.kwargs)]
         if self.tool == "cmd":
@@ -214,7 +214,7 @@ def build_tools(args: argparse.Namespace) -> list[Tool]:
         if "mq" in tools:
             out.append(Tool("mq", s, "", mq_args))
             if args.jobs > 1:
-                out.append(Tool("mq", s, f"jobs{args.jobs}", mq_args + ["--jobs", str(args.jobs)]))
+                out.append(Tool("mq", s, f"jobs{args.jobs}", [*mq_args, "--jobs", str(args.jobs)]))
             for v in args.variant:
                 label, _, extra = v.partition("=")
                 out.append(Tool("mq", s, label, mq_args + shlex.split(extra)))
@@ -586,7 +586,7 @@ def profile(args: argparse.Namespace, tools: list[Tool], sink: list) -> None:
             *t.command(args.ckpt, dst),
         ]
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         cache = "cold" if args.cold else "warm"
         log(
@@ -876,10 +876,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.env = dict(e.split("=", 1) for e in args.env)
     if args.micro:
-        micro(args, [open(args.log, "a")] if args.log else [])
+        micro(args, [open(args.log, "a")] if args.log else [])  # noqa: SIM115 (closed at exit)
         return 0
     tools = build_tools(args)
-    sink = [open(args.log, "a")] if args.log else []
+    sink = [open(args.log, "a")] if args.log else []  # noqa: SIM115 (appended to for the whole run)
     if args.profile:
         if not args.ckpt:
             raise SystemExit("--profile needs --ckpt")

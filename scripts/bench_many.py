@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     n_large = max(1, total // (args.large_rows * lc))
     many = [
         (
-            f"model.layers.{i // 384}.mlp.experts.{(i // 3) % 128}.{('gate_proj', 'up_proj', 'down_proj')[i % 3]}.weight",
+            f"model.layers.{i // 384}.mlp.experts.{(i // 3) % 128}."
+            f"{('gate_proj', 'up_proj', 'down_proj')[i % 3]}.weight",
             (r, c),
         )
         for i in range(args.tensors)
