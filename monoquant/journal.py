@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OutputError, PlanMismatchError
+from .outnames import STATE_DIR as STATE_DIR  # re-exported: callers import it from here
+from .outnames import partial_name
 from .plan import Plan, PlannedOutput, ShardPlan
 from .schemes import FORMAT_VERSION
 
-STATE_DIR = ".monoquant"
 #: the journal field holding a shard's digest (:func:`monoquant.writer.shard_digest`)
 DIGEST_FIELD = "crc32"
 #: the field journals of earlier versions hold instead (a sha256 of every byte; still checked)
@@ -141,7 +142,7 @@ class JobState:
             vals = old.get(key)
             if isinstance(vals, list):
                 out.update(v for v in vals if isinstance(v, str))
-        out.update(v + ".partial" for v in list(out) if v.endswith(".safetensors"))
+        out.update(partial_name(v) for v in list(out) if v.endswith(".safetensors"))
         try:
             extra = json.loads((self.dir / "discard.json").read_text())
             if isinstance(extra, list):
@@ -164,7 +165,7 @@ class JobState:
 
         check_state_dir(self.out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        mine = {n for s in self.plan.shards for n in (s.filename, s.filename + ".partial")}
+        mine = {n for s in self.plan.shards for n in (s.filename, partial_name(s.filename))}
         remove_owned(self.out_dir, self.owned() | mine)
         for p in sorted(self.dir.iterdir(), key=lambda q: q.name in ("plan.json", "discard.json")):
             if p.is_dir() and not p.is_symlink():

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from .errors import OutputError
+from .outnames import partial_name
 from .plan import PlannedOutput, ShardPlan
 
 FLUSH_BYTES = 32 * 1024 * 1024
@@ -95,7 +96,7 @@ class ShardWriter:
     def __init__(self, out_dir: Path, shard: ShardPlan, flush_bytes: int = FLUSH_BYTES):
         self.shard = shard
         self.final = out_dir / shard.filename
-        self.partial = out_dir / (shard.filename + ".partial")
+        self.partial = out_dir / partial_name(shard.filename)
         self.flush_bytes = flush_bytes
         self._since_flush = 0
         self._written: dict[str, int] = {}

@@ -102,8 +102,6 @@ def test_shard_and_index_names_have_one_definition() -> None:
             name = n.value if isinstance(n, ast.Constant) and isinstance(n.value, str) else ""
             if name in ("model.safetensors.index.json", ".partial") or "-of-{" in name:
                 bad.append(f"{m}.py:{n.lineno} {name!r}")
-    allowed = {"writer.py", "journal.py"}  # the writer/journal still spell ``.partial`` (see the report)
-    bad = [b for b in bad if b.split(":")[0] not in allowed]
     assert not bad, bad
 
 
