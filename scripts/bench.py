@@ -530,7 +530,7 @@ def categorize(stack: list[str], main: bool = True) -> tuple[str, str]:
         if fn == "__init__":
             return "write: open/fallocate/header", detail
         return "write: other python", detail
-    if base in ("kernels.py", "packing.py"):
+    if base in ("kernels.py", "packing.py", "numerics.py", "exactstats.py") or "monoquant/formats/" in p:
         if "_accumulate_error" in fn or ("stats" in src and base == "kernels.py"):
             return "kernel: error stats", detail
         if any(f.endswith("_accumulate_error") for f, _, _ in mq):
@@ -546,11 +546,11 @@ def categorize(stack: list[str], main: bool = True) -> tuple[str, str]:
         return "read: reader", detail
     if base == "kernels.py" and fn == "get":
         return "kernel: quantize ops", detail
-    if base == "pipeline.py" and fn == "process_tensor":
+    if base in ("convert.py", "pipeline.py") and fn == "process_tensor":
         if "release" in src:
             return "read: release (madvise)", detail
         return "pipeline: python", detail
-    if base in ("journal.py", "outdir.py", "plan.py", "reader.py"):
+    if base in ("journal.py", "outdir.py", "plan.py", "reader.py", "jobs.py"):
         return "plan/journal/finalize", detail
     return "pipeline: other", detail
 
