@@ -135,7 +135,7 @@ def _check_entry(name: object, t: object) -> None:
 
 def _shared_amax(sd: Mapping[str, torch.Tensor], sch: Scheme, rules: Rules) -> dict[str, float]:
     """Tensor name -> absmax over the tensors sharing its global scale (NVFP4's fused layers,
-    see :func:`monoquant.formats.shared_scale_groups`), as the streaming plan groups them."""
+    see :func:`monoquant.fusedscales.shared_scale_groups`), as the streaming plan groups them."""
     if sch.kind != "nvfp4":
         return {}
     names = [n for n, t in sd.items() if decide(n, t.dtype, tuple(t.shape), sch, rules).action == "quantize"]

@@ -37,7 +37,7 @@ error matters more.
   ``min_sqnr`` dB (keeping the original dtype when none does).
 
 Deterministic: fixed sample rows, deterministic kernels, exact sums (the pairwise tree of
-:func:`monoquant.optimize.group_sums`), ties broken by candidate and tensor order.
+:func:`monoquant.numerics.group_sums`), ties broken by candidate and tensor order.
 
 Wiring: :func:`monoquant.plan.build_plan` does this when the resolved
 :class:`~monoquant.options.PlanOptions` carry a target::
@@ -74,12 +74,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from .dtypes import dtype_name
 from .errors import SchemeError
 from .kernels import Workspace, absmax, as_rows, get_kernel, scale_dtype_for
-from .optimize import group_sums
+from .numerics import exact_sum
 from .options import resolve_scheme
 from .reader import Backend, Checkpoint, RowReader, TensorRef
 from .rules import Decision, Rules, decide
@@ -198,12 +196,6 @@ def sample_ranges(
     return out
 
 
-def _exact_sum(t: torch.Tensor) -> float:
-    """Deterministic float64 sum of a 2-D tensor (pairwise tree over columns, then rows)."""
-    col = group_sums(t.t())  # [rows]
-    return float(group_sums(col.reshape(-1, 1).clone())[0])
-
-
 def estimate_nsr(
     reader: RowReader, ref: TensorRef, schemes: Sequence[Scheme], ws: Workspace | None = None
 ) -> list[float]:
@@ -226,7 +218,7 @@ def estimate_nsr(
     rows, cols = as_rows(ref.shape)
     ranges = sample_ranges(rows, cols, SAMPLE_ELEMENTS, SAMPLE_CHUNKS)
     blocks = [reader.rows(ref, a, b).clone() for a, b in ranges]
-    signal = sum(_exact_sum(x.double().pow_(2)) for x in blocks)
+    signal = sum(exact_sum(x.double().pow_(2)) for x in blocks)
     out: list[float] = []
     for sch in schemes:
         k = get_kernel(sch)
@@ -243,7 +235,7 @@ def estimate_nsr(
                 parts = {**parts, **k.constants(tuple(x.shape), tscale)}
             # decoded in the stored dtype, as the loaders (and the run statistics, and verify) do
             dq = k.dequantize(parts, tuple(x.shape), scale_dtype_for(x.dtype)).double()
-            noise += _exact_sum((dq - x.double()).pow_(2))
+            noise += exact_sum((dq - x.double()).pow_(2))
         out.append(noise / signal if signal > 0 else 0.0)
     return out
 

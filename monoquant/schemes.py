@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -28,6 +28,7 @@ from .errors import SchemeError
 
 Kind = Literal["int", "float", "cast", "nvfp4", "mxfp4", "mxfp8"]
 Strategy = Literal["tensor", "channel", "group", "block", "tensor_group"]
+ActStrategy = Literal["token", "tensor", "group", "tensor_group"]
 
 #: Kinds implemented by the registered format units of :mod:`monoquant.formats` (microscaling
 #: floats: fixed group size, scale encoding and packing, see docs/format.md).
@@ -63,7 +64,7 @@ class Scheme:
     group_size: int | None = None
     symmetric: bool = True
     dynamic: bool = False
-    act_strategy: Literal["token", "tensor", "group", "tensor_group"] | None = None
+    act_strategy: ActStrategy | None = None
     dtype: torch.dtype | None = None
     optimize: bool = False
 
@@ -296,7 +297,7 @@ def _validate(s: Scheme) -> None:
 
 
 #: The fixed layout of each microscaling kind: (bits, strategy, group size, element dtype).
-_MICRO = {
+_MICRO: dict[str, tuple[int, Strategy, int, torch.dtype | None]] = {
     "nvfp4": (4, "tensor_group", 16, None),
     "mxfp4": (4, "group", 32, None),
     "mxfp8": (8, "group", 32, torch.float8_e4m3fn),
@@ -329,16 +330,16 @@ def _validate_microscale(s: Scheme) -> None:
 
 def _micro(kind: str, dynamic: bool = False) -> Scheme:
     bits, strategy, group, dtype = _MICRO[kind]
-    act = ("tensor_group" if kind == "nvfp4" else "group") if dynamic else None
+    act: ActStrategy | None = ("tensor_group" if kind == "nvfp4" else "group") if dynamic else None
     return Scheme(
-        kind=kind,
+        kind=cast(Kind, kind),
         bits=bits,
         strategy=strategy,
         group_size=group,
-        dtype=dtype,  # type: ignore[arg-type]
+        dtype=dtype,
         dynamic=dynamic,
         act_strategy=act,
-    )  # type: ignore[arg-type]
+    )
 
 
 def _int(bits: int, strategy: Strategy, group: int | None = None, **kw: Any) -> Scheme:

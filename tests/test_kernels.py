@@ -122,7 +122,7 @@ def test_fp8_error_is_within_three_mantissa_bits():
 
 @settings(max_examples=60, deadline=None)
 @given(
-    name=st.sampled_from(QUANT + ["int8-g64", "int4-g64-asym", "int4-g32-asym", "fp16", "bf16"]),
+    name=st.sampled_from([*QUANT, "int8-g64", "int4-g64-asym", "int4-g32-asym", "fp16", "bf16"]),
     rows=st.integers(1, 70),
     block=st.sampled_from([8, 16, 24, 64]),
     seed=st.integers(0, 1000),
@@ -166,7 +166,7 @@ def test_zero_rows_get_eps_scale_and_zero_codes():
     assert bool((k.dequantize(parts, (4, 64)) == 0).all())
 
 
-@pytest.mark.parametrize("name", QUANT + ["fp16", "bf16"])
+@pytest.mark.parametrize("name", [*QUANT, "fp16", "bf16"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_nonfinite_values_are_an_error(name, bad):
     w = torch.randn(8, 128)

@@ -79,3 +79,60 @@ def test_encode_codes_equals_the_reference_packer(bits, cols):
     assert torch.equal(got, pack_rows(q, bits))
     i8 = encode_codes(q.float(), bits, False, Workspace())
     assert i8.dtype == torch.int8 and torch.equal(i8.long(), q)
+
+
+TILED = [
+    "int8",
+    "int4-g32",
+    "int4-g32-asym",
+    "int8-tensor",
+    "int4-channel",
+    "w8a8",
+    "fp8",
+    "fp8-tensor",
+    "fp16",
+    "bf16",
+]
+
+
+def _run_blocks(scheme_name, w, stats_rows):
+    from monoquant.kernels import absmax, get_kernel
+    from monoquant.schemes import get_scheme
+
+    k = get_kernel(get_scheme(scheme_name))
+    ts = k.tensor_scale(absmax(w), w.dtype) if k.needs_absmax else None
+    st, out = ErrorStats(), []
+    ws = Workspace()
+    for a in range(0, w.shape[0], 40):  # blocks of 40 rows (a multiple of 8: packed zero points)
+        res = k.quantize_block(w[a : a + 40], tensor_scale=ts, ws=ws, stats=st, stats_rows=stats_rows)
+        out.append({sfx: t.clone() for sfx, t in res.items()})
+    return out, (st.numel, st.sum_sq, st.err_sq, st.max_abs_err, st.overflow, st.underflow)
+
+
+@pytest.mark.parametrize("name", TILED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_tiles_change_neither_bytes_nor_statistics(name, dtype, monkeypatch):
+    """The kernels work in cache-sized tiles of rows; any tile size gives the bytes and the (float64)
+    statistics of one tile per block, for sampled and exact statistics."""
+    import monoquant.formats.cast as cast_unit
+    import monoquant.formats.fp8 as fp8_unit
+    import monoquant.formats.integer as int_unit
+
+    g = torch.Generator().manual_seed(7)
+    w = (torch.randn(100, 96, generator=g) * 0.05).to(dtype)
+    w[3, 5] = 2.0  # an outlier row
+    want = {}
+    for tile in (1 << 30, 96, 500, 96 * 7):
+        for mod in (cast_unit, fp8_unit, int_unit):
+            monkeypatch.setattr(mod, "TILE_ELEMENTS", tile)
+        for stats_rows in (1, 3, 8):
+            got = _run_blocks(name, w, stats_rows)
+            if tile == 1 << 30:
+                want[stats_rows] = got
+                continue
+            blocks, st = got
+            assert st == want[stats_rows][1], (tile, stats_rows)
+            for b, wb in zip(blocks, want[stats_rows][0], strict=True):
+                assert b.keys() == wb.keys()
+                for sfx in b:
+                    assert torch.equal(b[sfx].view(torch.uint8), wb[sfx].view(torch.uint8)), (tile, sfx)

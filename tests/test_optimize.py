@@ -42,7 +42,7 @@ def scheme_of(name: str, optimize: bool = True):
 
 
 def llama_like(rows: int, cols: int, seed: int, dtype=torch.bfloat16) -> torch.Tensor:
-    """Gaussian rows with log-normal gains and a few 10–30x outlier columns (torch RNG, fixed seed)."""
+    """Gaussian rows with log-normal gains and a few 10-30x outlier columns (torch RNG, fixed seed)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g) / math.sqrt(cols)
     w *= torch.exp(0.3 * torch.randn(rows, 1, generator=g))

@@ -89,7 +89,7 @@ class FP8Kernel(Kernel):
         xf_buf = ws.get("xf", tile * c, torch.float32)
         y_buf = ws.get("tmp", tile * c, torch.float32)
         q8 = ws.get("q", r * c, torch.float8_e4m3fn).view(r, c)
-        scales = None if per_tensor else torch.empty(r, 1, dtype=sdt)
+        scales = torch.empty(0 if per_tensor else r, 1, dtype=sdt)
         sf = tensor_scale.float().view(1, 1, 1) if tensor_scale is not None else xf_buf[:0]
         xf = xf_buf[:0].view(0, 1, c)
         y = y_buf[:0].view(0, 1, c)
@@ -101,14 +101,14 @@ class FP8Kernel(Kernel):
             if not per_tensor:
                 mx, mn = group_range(xf)
                 scale = symmetric_scale(mx, mn, FP8_MAX, sdt, FP8_MAX)
-                scales[a:b] = scale  # type: ignore[index]  # not per tensor: allocated above
+                scales[a:b] = scale
                 sf = scale.float().unsqueeze(-1)
             y = y_buf[: t * c].view(t, 1, c)
             torch.div(xf, sf, out=y)
             y.clamp_(-FP8_MAX, FP8_MAX)
             q8[a:b].copy_(y.view(t, c))
         if stats is not None:
-            sf_all = scales.float().unsqueeze(-1) if scales is not None else sf
+            sf_all = sf if per_tensor else scales.float().unsqueeze(-1)
             if tile == r:  # one tile: the block itself
                 xs = contiguous_rows(xf[::k], ws)
                 ys = y[::k]
@@ -120,7 +120,7 @@ class FP8Kernel(Kernel):
             ys.copy_(q8.view(r, 1, c)[::k])  # fp8 codes as float32
             stats.add_error(xs, decode_error(xs, ys, per_row(sf_all, r, k), None, ws, sdt))
         out = {"": q8}
-        if scales is not None:
+        if not per_tensor:
             out["_scale"] = scales
         return out
 

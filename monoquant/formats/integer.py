@@ -199,8 +199,9 @@ class IntKernel(Kernel):
             raise SchemeError("a per-tensor scheme needs the tensor scale (absmax pass)")
         tile = r if (stats is not None and k == 1) else max(1, min(r, TILE_ELEMENTS // max(c, 1)))
         codes = code_buffer(r, c, s.bits, self.packed, ws)
-        scales = None if s.strategy == "tensor" else torch.empty(r, groups, dtype=sdt)
-        zps = None if s.symmetric else torch.empty(r, groups, dtype=torch.float32)
+        per_tensor = s.strategy == "tensor"
+        scales = torch.empty(0 if per_tensor else r, groups, dtype=sdt)
+        zps = torch.empty(0 if s.symmetric else r, groups, dtype=torch.float32)
         gather = stats is not None and tile < r
         m = -(-r // k)
         xs = ws.get("xs", m * c, torch.float32).view(m, groups, g) if gather else None
@@ -230,8 +231,8 @@ class IntKernel(Kernel):
                     except DecodeOverflowError as e:  # raised once the whole block is checked for NaN
                         pending = pending or e
                         continue
-                    zps[a:b] = zp  # type: ignore[index]  # asymmetric: allocated above
-                scales[a:b] = scale  # type: ignore[index]  # not per tensor: allocated above
+                    zps[a:b] = zp
+                scales[a:b] = scale
                 sf = scale.float().unsqueeze(-1)
             y = y_buf[: t * c].view(t, groups, g)
             torch.div(xf, sf, out=y)
@@ -256,11 +257,11 @@ class IntKernel(Kernel):
         if stats is not None:
             if xs is None or ys is None:  # one tile: the block itself
                 xs, ys = xf[::k], y[::k]
-            sf_all = scales.float().unsqueeze(-1) if scales is not None else sf
-            zp_s = None if zps is None else zps.unsqueeze(-1)[::k]
+            sf_all = sf if per_tensor else scales.float().unsqueeze(-1)
+            zp_s = None if s.symmetric else zps.unsqueeze(-1)[::k]
             xs = contiguous_rows(xs, ws)
             stats.add_error(xs, decode_error(xs, ys, per_row(sf_all, r, k), zp_s, ws, sdt))
-        return self.encode(codes, scales if scales is not None else sf, zps, ws, codes=codes)
+        return self.encode(codes, sf if per_tensor else scales, None if s.symmetric else zps, ws, codes=codes)
 
     def dequantize(
         self, parts: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype | None = None

@@ -6,7 +6,7 @@ Numerics (float32; exactly compressed-tensors' ``generate_gparam``/``calculate_q
 ``quantize`` on float32 input, see docs/format.md):
 
 * global scale ``g = 448 * 6 / absmax`` (absmax over the tensor, or over the tensors an engine
-  fuses, see :func:`monoquant.formats.shared_scale_groups`); stored as ``weight_global_scale``;
+  fuses, see :func:`monoquant.fusedscales.shared_scale_groups`); stored as ``weight_global_scale``;
 * group scale ``s = fp8(clamp(g * (amax_group / 6), ±448))``, a zero becoming 0.125;
 * codes ``e2m1(clamp(x / (s / g), ±6))``, two per byte (``weight_packed``, uint8);
 * dequantize ``code * (s / g)``.
