@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .atomicfile import atomic_write as atomic_write  # re-exported: callers import it from here
 from .errors import OutputError, PlanMismatchError
 from .outnames import STATE_DIR as STATE_DIR  # re-exported: callers import it from here
 from .outnames import partial_name
@@ -39,33 +40,6 @@ from .schemes import FORMAT_VERSION
 DIGEST_FIELD = "crc32"
 #: the field journals of earlier versions hold instead (a sha256 of every byte; still checked)
 LEGACY_DIGEST_FIELD = "sha256"
-
-
-def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync directory).
-
-    The temp file goes to ``tmp_dir`` (same filesystem; default: ``path``'s directory); give the
-    job state directory so that a kill cannot leave it in the output."""
-    tmp = (tmp_dir or path.parent) / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 class JobState:

@@ -27,9 +27,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .atomicfile import atomic_write
 from .dtypes import dtype_name
 from .errors import OutputError
-from .journal import atomic_write
 from .outnames import CONFIG_NAME, INDEX_NAME, STATE_DIR
 from .plan import Plan, module_of
 from .schemes import FORMAT_VERSION, Scheme

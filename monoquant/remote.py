@@ -564,6 +564,6 @@ def pin_inputs(state_dir: Path, files: list[Any]) -> None:
                 )
         if all(url in old for url in ident):
             return
-    from .journal import atomic_write
+    from .atomicfile import atomic_write
 
     atomic_write(path, (json.dumps(ident, indent=1, sort_keys=True) + "\n").encode(), state_dir)

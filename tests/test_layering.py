@@ -84,10 +84,9 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     return found
 
 
-#: Edges left out of the cycle check, each with its reason. ``remote`` writes its resume record
-#: with ``journal.atomic_write`` (a lazy import) while ``journal`` -> ``plan`` -> ``reader`` ->
-#: ``remote``: a cycle in the I/O layer, to be removed by moving ``atomic_write`` below both.
-KNOWN_EDGES = {("remote", "journal")}
+#: Edges left out of the cycle check, each with its reason (none now: ``remote`` -> ``journal``
+#: went away when ``atomic_write`` moved to the leaf ``atomicfile``).
+KNOWN_EDGES: set[tuple[str, str]] = set()
 
 
 def import_graph() -> dict[str, set[str]]:
