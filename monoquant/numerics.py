@@ -441,7 +441,10 @@ class ErrorStats:
         """Add one block: ``x`` the input, ``err`` its error (either sign), same dtype."""
         xf = x.reshape(-1)
         flat = err.reshape(-1)
-        mx = max(float(flat.amax()), -float(flat.amin())) if flat.numel() else 0.0
+        mx = 0.0
+        if flat.numel():
+            lo, hi = torch.aminmax(flat)
+            mx = max(float(hi), -float(lo))
         self.add_sums(xf.numel(), float(torch.dot(xf, xf)), float(torch.dot(flat, flat)), mx)
 
     def add(self, x: torch.Tensor, dq: torch.Tensor) -> None:

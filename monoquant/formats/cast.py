@@ -71,11 +71,11 @@ class CastKernel(Kernel):
             return {"": ws.get("cast", 0, target).view(x.shape)}
         out = ws.get("cast", x.numel(), target).view(x.shape)
         if x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16):
-            over = self._cast_tiles(x, out, ws, clamp_fp16)
+            self._cast_tiles(x, out, ws, clamp_fp16, stats, k)
         else:
             over = self._cast_whole(x, out, clamp_fp16)
-        if stats is not None:
-            self._measure(x[::k], out[::k], ws, stats, over)
+            if stats is not None:
+                self._measure(x[::k], out[::k], ws, stats, over)
         return {"": out}
 
     def _cast_whole(self, x: torch.Tensor, out: torch.Tensor, clamp_fp16: bool) -> bool:
@@ -92,29 +92,41 @@ class CastKernel(Kernel):
             self._check_finite_cast(top, x, out)
         return over
 
-    def _cast_tiles(self, x: torch.Tensor, out: torch.Tensor, ws: Workspace, clamp_fp16: bool) -> bool:
+    def _cast_tiles(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        ws: Workspace,
+        clamp_fp16: bool,
+        stats: ErrorStats | None,
+        k: int,
+    ) -> None:
         """The same, tile by tile for 16-bit inputs: each tile is widened to float32 once (exact),
-        its range read there (float32 reductions are several times faster than 16-bit ones) and
-        cast from it while it is in the cache; the bytes are those of the direct cast."""
+        its range read there (float32 reductions are several times faster than 16-bit ones),
+        cast from it and, with ``stats``, measured while it is in the cache (every ``k``-th row);
+        the bytes are those of the direct cast."""
         r, c = x.shape
         tile = max(1, min(r, TILE_ELEMENTS // max(c, 1)))
         buf = ws.get("tile", tile * c, torch.float32)
-        over = False
         for a in range(0, r, tile):
             b = min(a + tile, r)
             f = buf[: (b - a) * c].view(b - a, c)
             f.copy_(x[a:b])
-            hi, lo = float(f.amax()), float(f.amin())
+            lo_t, hi_t = torch.aminmax(f)
+            hi, lo = float(hi_t), float(lo_t)
             if not (math.isfinite(hi) and math.isfinite(lo)):
                 raise NonFiniteError("NaN or Inf")
             top = max(hi, -lo)
-            if self._overflows(top, x, clamp_fp16):
-                over = True
+            over = self._overflows(top, x, clamp_fp16)
+            if over:
                 out[a:b].copy_(torch.clamp(x[a:b], -FP16_MAX, FP16_MAX))
             else:
                 out[a:b].copy_(f)
                 self._check_finite_cast(top, x, out[a:b])
-        return over
+            if stats is not None:
+                i0 = -(-a // k) * k - a  # the first measured row of this tile
+                if i0 < b - a:
+                    self._measure(f[i0::k], out[a:b][i0::k], ws, stats, over)
 
     def _overflows(self, top: float, x: torch.Tensor, clamp_fp16: bool) -> bool:
         """Whether values beyond fp16 must be clamped; raises when they may not be (the message
@@ -137,8 +149,11 @@ class CastKernel(Kernel):
     def _measure(xs: torch.Tensor, os_: torch.Tensor, ws: Workspace, stats: ErrorStats, over: bool) -> None:
         target = os_.dtype
         n = xs.numel()
-        xf = ws.get("xf", n, torch.float32).view(xs.shape)
-        xf.copy_(xs)
+        if xs.dtype == torch.float32 and xs.is_contiguous():
+            xf = xs  # already widened (a tile)
+        else:
+            xf = ws.get("xf", n, torch.float32).view(xs.shape)
+            xf.copy_(xs)
         err = ws.get("tmp", n, torch.float32).view(xs.shape)
         err.copy_(os_)
         if over:
@@ -146,7 +161,7 @@ class CastKernel(Kernel):
         # values flushed to zero; counting is slow, so only where some |x| is that small
         smallest = torch.finfo(target).tiny * torch.finfo(target).eps
         if float(torch.abs(xf, out=ws.get("err", n, torch.float32).view(xs.shape)).amin()) < smallest:
-            stats.underflow += int(torch.count_nonzero(xs)) - int(torch.count_nonzero(os_))
+            stats.underflow += int(torch.count_nonzero(xf)) - int(torch.count_nonzero(os_))
         err.sub_(xf)
         stats.add_error(xf, err)
 

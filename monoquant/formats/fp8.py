@@ -85,7 +85,9 @@ class FP8Kernel(Kernel):
         if per_tensor and tensor_scale is None:
             raise SchemeError("a per-tensor scheme needs the tensor scale (absmax pass)")
         # tiles of whole rows that fit the cache, as the integer unit (bytes independent of it)
-        tile = r if (stats is not None and k == 1) else max(1, min(r, TILE_ELEMENTS // max(c, 1)))
+        # exact statistics (k == 1) are measured on each tile while it is in the cache
+        tile = max(1, min(r, TILE_ELEMENTS // max(c, 1)))
+        per_tile = stats is not None and k == 1
         xf_buf = ws.get("xf", tile * c, torch.float32)
         y_buf = ws.get("tmp", tile * c, torch.float32)
         q8 = ws.get("q", r * c, torch.float8_e4m3fn).view(r, c)
@@ -107,7 +109,10 @@ class FP8Kernel(Kernel):
             torch.div(xf, sf, out=y)
             y.clamp_(-FP8_MAX, FP8_MAX)
             q8[a:b].copy_(y.view(t, c))
-        if stats is not None:
+            if per_tile and stats is not None:
+                y.copy_(q8[a:b].view(t, 1, c))  # the fp8 codes as float32
+                stats.add_error(xf, decode_error(xf, y, sf, None, ws, sdt))
+        if stats is not None and not per_tile:
             sf_all = sf if per_tensor else scales.float().unsqueeze(-1)
             if tile == r:  # one tile: the block itself
                 xs = contiguous_rows(xf[::k], ws)

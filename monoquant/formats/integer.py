@@ -185,9 +185,10 @@ class IntKernel(Kernel):
         of a tile (float32 copy, range, scale, divide, round, clamp, encode) reads what the
         previous one left in the cache, instead of streaming the whole block through memory
         once per step. Every element and every row's scale is
-        computed exactly as on the whole block, so the bytes do not depend on the tiling; the
-        statistics gather the sampled rows and are summed over the block as before. Exact
-        statistics (``k == 1``) keep the whole block as one tile.
+        computed exactly as on the whole block, so the bytes do not depend on the tiling. Exact
+        statistics (``k == 1``) are measured on each tile while it is in the cache (float32
+        terms, float64 sums across tiles); sampled ones gather every ``k``-th row and are
+        measured once per block.
         """
         s = self.scheme
         r, c = x.shape
@@ -197,12 +198,13 @@ class IntKernel(Kernel):
         mag = self.magnitude
         if s.strategy == "tensor" and tensor_scale is None:
             raise SchemeError("a per-tensor scheme needs the tensor scale (absmax pass)")
-        tile = r if (stats is not None and k == 1) else max(1, min(r, TILE_ELEMENTS // max(c, 1)))
+        tile = max(1, min(r, TILE_ELEMENTS // max(c, 1)))
         codes = code_buffer(r, c, s.bits, self.packed, ws)
         per_tensor = s.strategy == "tensor"
         scales = torch.empty(0 if per_tensor else r, groups, dtype=sdt)
         zps = torch.empty(0 if s.symmetric else r, groups, dtype=torch.float32)
-        gather = stats is not None and tile < r
+        per_tile = stats is not None and k == 1
+        gather = stats is not None and k > 1 and tile < r
         m = -(-r // k)
         xs = ws.get("xs", m * c, torch.float32).view(m, groups, g) if gather else None
         ys = ws.get("ys", m * c, torch.float32).view(m, groups, g) if gather else None
@@ -241,7 +243,10 @@ class IntKernel(Kernel):
             y.round_().clamp_(s.qmin, s.qmax)
             if zp is not None:
                 worst = max(worst, decode_worst(y, scale, zp, mag, sdt))
-            if xs is not None and ys is not None:
+            if per_tile and stats is not None:
+                zp_t = None if zp is None else zp.unsqueeze(-1)
+                stats.add_error(xf, decode_error(xf, y, sf, zp_t, ws, sdt))
+            elif xs is not None and ys is not None:
                 i0 = -(-a // k) * k  # the first sampled row of this tile
                 if i0 < b:
                     src = slice(i0 - a, t, k)
@@ -254,7 +259,7 @@ class IntKernel(Kernel):
             raise pending
         if worst > torch.finfo(sdt).max:
             raise DecodeOverflowError(decode_overflow_message(worst, sdt, s.name))
-        if stats is not None:
+        if stats is not None and not per_tile:
             if xs is None or ys is None:  # one tile: the block itself
                 xs, ys = xf[::k], y[::k]
             sf_all = sf if per_tensor else scales.float().unsqueeze(-1)
