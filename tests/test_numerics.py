@@ -139,3 +139,29 @@ def test_tiles_change_neither_bytes_nor_statistics(name, dtype, monkeypatch):
                 assert b.keys() == wb.keys()
                 for sfx in b:
                     assert torch.equal(b[sfx].view(torch.uint8), wb[sfx].view(torch.uint8)), (tile, sfx)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("stats_rows", [1, 3])
+def test_cast_counts_values_flushed_to_zero(dtype, stats_rows, monkeypatch):
+    """The fp16 cast's statistics count exactly the non-zero inputs that become 0 (zeros of the
+    input are not counted), on every measured row, whatever the tiling."""
+    import monoquant.formats.cast as cast_unit
+    from monoquant.kernels import get_kernel
+    from monoquant.schemes import get_scheme
+
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(60, 64, generator=g) * 0.05).to(dtype)
+    w[::2, 0] = 1e-9  # below half of fp16's smallest subnormal: flushed to 0
+    w[::5, 1] = 0.0  # a zero stays zero: not an underflow
+    w[::7, 2] = -3e-8  # rounds to -2^-24 (not flushed)
+    k = get_kernel(get_scheme("fp16"))
+    for tile in (1 << 30, 64 * 7):
+        monkeypatch.setattr(cast_unit, "TILE_ELEMENTS", tile)
+        st = ErrorStats()
+        out = k.quantize_block(w, ws=Workspace(), stats=st, stats_rows=stats_rows)[""]
+        rows = w[::stats_rows]
+        want = int(((rows != 0) & (out[::stats_rows] == 0)).sum())
+        assert want == len(range(0, 60, 2 * stats_rows)) if stats_rows == 1 else want > 0
+        assert st.underflow == want, tile
+        assert st.numel == rows.numel()
