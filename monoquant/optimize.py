@@ -48,8 +48,8 @@ Guarantees (pinned by ``tests/test_optimize.py``):
   threads, and a tensor quantized block by block gives exactly the bytes of one call on the
   whole tensor (the block contract of :mod:`monoquant.kernels`).
 * **Bounded memory.** The search runs over sub-blocks of about :data:`SUB_BLOCK_ELEMENTS`
-  elements (at least one group), with one scratch buffer of ``13 x`` that size from the
-  caller's :class:`~monoquant.numerics.Workspace` (7 MB), plus the float32 copy of the block
+  elements (at least one group), with one scratch buffer of ``11 x`` that size from the
+  caller's :class:`~monoquant.numerics.Workspace` (6 MB), plus the float32 copy of the block
   that the RTN kernel makes too.
 * **Per-tensor scales** (``--per-tensor``) are not searched: that scale is one constant fixed
   by the absmax pass before any block is seen, so those schemes are written exactly as RTN

@@ -382,16 +382,19 @@ def test_optimize_is_never_worse_than_round_to_nearest_per_group(name):
     w = torch.randn(256, 512, generator=torch.Generator().manual_seed(4)) * torch.rand(256, 1)
     w[:, 7] *= 8  # outlier columns make clipping worthwhile
     g = 16 if name.startswith("nv") else 32
+    # the objective: the error weighted by |w| (NVFP4) or w² (MXFP4), as in monoquant.optimize
+    weight = w.abs() if name.startswith("nv") else w.square()
     e = {}
     for label, k in (("rtn", rtn), ("opt", opt)):
         st_ = ErrorStats()
         dq = k.dequantize(k.quantize_tensor(w, stats=st_), (256, 512), torch.float32)
-        e[label] = ((dq - w) ** 2).view(256, -1, g).sum(-1)
+        e[label] = (weight * (dq - w) ** 2).view(256, -1, g).sum(-1)
         assert st_.err_sq == pytest.approx(float(((dq - w) ** 2).double().sum()), rel=1e-4)
     assert bool((e["opt"] <= e["rtn"] * (1 + 1e-6) + 1e-12).all())
     # and it does help: the fp8 group scale of NVFP4 has 3 mantissa bits to search; MXFP4 only
-    # its power-of-two exponent (measured here: -9% and -1.2% squared error)
-    assert float(e["opt"].sum()) < (0.95 if name.startswith("nv") else 0.995) * float(e["rtn"].sum())
+    # its power-of-two exponent, and w² rarely prefers a neighbour on Gaussian weights (measured
+    # here: -12 % and -0.012 % of the objective)
+    assert float(e["opt"].sum()) < (0.9 if name.startswith("nv") else 1.0) * float(e["rtn"].sum())
 
 
 # ---- NVFP4: the global scale of fused layers ---------------------------------------------------

@@ -159,10 +159,13 @@ __all__ = [
 ]
 
 
-def group_sq_err(dq: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Σ(dq - x)² over the last dimension (a power of two) by a fixed pairwise tree of
-    elementwise adds: the same value whatever the number of rows or threads. ``dq`` is consumed."""
+def group_sq_err(dq: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ weight·(dq - x)² over the last dimension (a power of two; ``weight`` 1 when ``None``) by
+    a fixed pairwise tree of elementwise adds: the same value whatever the number of rows or
+    threads. ``dq`` is consumed."""
     e = dq.sub_(x).square_()
+    if weight is not None:
+        e.mul_(weight)
     w = e.shape[-1]
     while w > 1:
         h = w // 2

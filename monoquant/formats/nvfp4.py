@@ -162,14 +162,15 @@ class NVFP4Kernel(Kernel):
         y: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per group, the candidate scale (clipping ratio in :data:`SEARCH`) with the least
-        squared error; round-to-nearest (ratio 1.0) wins ties, so it is never worse."""
+        error ``Σ |w|·(w - ŵ)²``; round-to-nearest (ratio 1.0) wins ties, so it is never worse."""
         best_err = None
+        wgt = v.abs()  # each error weighted by its weight's magnitude, as the int search does
         for ratio in SEARCH:
             cand = s8 if ratio == 1.0 else group_scales(amax, g, ratio)
             ce = eff if ratio == 1.0 else cand.float() / g
             torch.div(v, ce.unsqueeze(-1), out=y)
             dq = value_of_keys(e2m1_keys(y)).mul_(ce.unsqueeze(-1))
-            err = group_sq_err(dq, v)
+            err = group_sq_err(dq, v, wgt)
             if best_err is None:
                 best_err, s8, eff = err, cand, ce
             else:
