@@ -65,6 +65,9 @@ DEFAULT_VARIANTS = [
     "ref-rtn:int4-g32-asym",
     "int4-g32-asym",
     "int4-g32-asym+optimize",
+    "int4-g32+optimize",
+    "int4-asym+optimize",
+    "int4-asym+optimize+target_bpw=6",
 ]
 
 
