@@ -415,6 +415,22 @@ def tensor_sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     return st.sqnr_db
 
 
+def unsafe_square_sums(ss: float, es: float, max_err: float) -> bool:
+    """Whether float32 sums of squares may have overflowed or underflowed (values beyond about
+    1e19 or below about 1e-12): then they are redone in float64, so a tensor of huge values does
+    not read ``nan`` dB, nor one of tiny values ``inf`` (exact) when it is not.
+
+    Example:
+        >>> unsafe_square_sums(400.0, 0.01, 0.002), unsafe_square_sums(float("inf"), 1.0, 1.0)
+        (False, True)
+        >>> unsafe_square_sums(1e-30, 0.0, 1e-16)  # errors that squared to 0 in float32
+        True
+    """
+    if not (math.isfinite(ss) and math.isfinite(es)):
+        return True
+    return 0.0 < ss < 1e-24 or 0.0 < es < 1e-24 or (es == 0.0 and max_err > 0.0)
+
+
 @dataclass
 class ErrorStats:
     """Accumulated reconstruction error of one tensor (float64 sums over blocks).
@@ -445,7 +461,11 @@ class ErrorStats:
         if flat.numel():
             lo, hi = torch.aminmax(flat)
             mx = max(float(hi), -float(lo))
-        self.add_sums(xf.numel(), float(torch.dot(xf, xf)), float(torch.dot(flat, flat)), mx)
+        ss, es = float(torch.dot(xf, xf)), float(torch.dot(flat, flat))
+        if unsafe_square_sums(ss, es, mx):  # rare: squares beyond float32's range, redone in float64
+            xd, ed = xf.double(), flat.double()
+            ss, es = float(torch.dot(xd, xd)), float(torch.dot(ed, ed))
+        self.add_sums(xf.numel(), ss, es, mx)
 
     def add(self, x: torch.Tensor, dq: torch.Tensor) -> None:
         """Add one block: ``x`` the input, ``dq`` its decode (same float dtype)."""

@@ -92,6 +92,7 @@ from .numerics import (
     int_half_range,
     scale_dtype_for,
     stored_scale,
+    unsafe_square_sums,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -222,12 +223,18 @@ def optimized_block(
         xg[i:j].copy_(xt.t())
         err_sq += e2
         max_err = max(max_err, emax)
-    if stats is not None:
-        stats.add_sums(n, sum_sq, err_sq, max_err)
     if zp is not None:
         check_decodes_finite(xf.view(r, groups, g), scale, zp, mag, s.name, sdt)
     # ---- xf now holds the codes: encode them exactly as round-to-nearest does ----
-    return kernel.encode(xf, scale, zp, ws)
+    out = kernel.encode(xf, scale, zp, ws)
+    if stats is not None:
+        if unsafe_square_sums(sum_sq, err_sq, max_err):  # rare: huge or tiny values, in float64
+            dq = kernel.dequantize(out, (r, c)).double()
+            xd = x.double()
+            stats.add_error(xd, dq.sub_(xd))
+        else:
+            stats.add_sums(n, sum_sq, err_sq, max_err)
+    return out
 
 
 def _search(

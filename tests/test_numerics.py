@@ -165,3 +165,22 @@ def test_cast_counts_values_flushed_to_zero(dtype, stats_rows, monkeypatch):
         assert want == len(range(0, 60, 2 * stats_rows)) if stats_rows == 1 else want > 0
         assert st.underflow == want, tile
         assert st.numel == rows.numel()
+
+
+@pytest.mark.parametrize("magnitude", [1e30, 1e-30, 0.02])
+@pytest.mark.parametrize(
+    ("scheme", "opts"), [("int4", {}), ("int8", {}), ("int4", {"optimize": True}), ("fp8", {})]
+)
+def test_run_statistics_survive_huge_and_tiny_values(magnitude, scheme, opts):
+    """The kernels' float32 sums of squares overflow beyond ~1e19 and underflow below ~1e-12; the
+    run's figures are then redone in float64 and equal verify's exact ones (before: nan dB for
+    huge weights, inf dB, i.e. "exact", for tiny ones)."""
+    import monoquant
+    from monoquant.exactstats import ExactStats
+
+    w = torch.randn(24, 256, generator=torch.Generator().manual_seed(5)) * magnitude
+    q = monoquant.quantize({"l.weight": w}, scheme, stats=True, **opts)
+    exact = ExactStats()
+    exact.add(w, monoquant.dequantize(q)["l.weight"])
+    assert math.isfinite(exact.sqnr_db)
+    assert q.stats["l.weight"].sqnr_db == pytest.approx(exact.sqnr_db, abs=0.01)
