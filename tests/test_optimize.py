@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import monoquant
 import monoquant.optimize as opt
+from monoquant.jobs import torch_threads
 from monoquant.kernels import ErrorStats, NonFiniteError, Workspace, get_kernel
 from monoquant.packing import unpack_dim0, unpack_rows
 from monoquant.schemes import get_scheme
@@ -69,16 +70,6 @@ def sub_block(elements: int):
         yield
     finally:
         opt.SUB_BLOCK_ELEMENTS = old
-
-
-@contextlib.contextmanager
-def threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def group_errors(w: torch.Tensor, dq: torch.Tensor, g: int) -> torch.Tensor:
@@ -158,12 +149,12 @@ def test_chunked_is_byte_identical_to_whole(name, rows, cols, block, sub, dtype,
 def test_same_bytes_with_any_thread_count_and_on_every_run(name):
     w = llama_like(256, 4096, seed=11)  # large enough for torch to split elementwise ops across threads
     k = get_kernel(scheme_of(name))
-    with threads(1):
+    with torch_threads(1):
         a = k.quantize_tensor(w)
         b = k.quantize_tensor(w)
-    with threads(4):
+    with torch_threads(4):
         c = k.quantize_tensor(w)
-    with threads(3), sub_block(1 << 13):
+    with torch_threads(3), sub_block(1 << 13):
         d = chunked(k, w, 64)
     assert same_bytes(a, b) and same_bytes(a, c) and same_bytes(a, d)
 
@@ -273,10 +264,8 @@ def test_nonfinite_values_are_an_error():
 
 def weighted_gain_db(w: torch.Tensor, rtn: torch.Tensor, opt: torch.Tensor) -> float:
     """How much smaller --optimize's objective Σ|w|·err² is than round-to-nearest's, in dB."""
-    wd = w.double()
-    e_rtn = float((wd.abs() * (wd - rtn.double()).pow(2)).sum())
-    e_opt = float((wd.abs() * (wd - opt.double()).pow(2)).sum())
-    return 10 * math.log10(e_rtn / e_opt)
+    cols = w.shape[-1]
+    return 10 * math.log10(float(group_errors(w, rtn, cols).sum()) / float(group_errors(w, opt, cols).sum()))
 
 
 def test_clear_gain_on_outlier_weights():
