@@ -12,49 +12,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-import monoquant
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import perplexity as ppl  # noqa: E402  (the fixed text)
+from embeddings import embedder  # noqa: E402  (scripts/embeddings.py: the figures of docs/fidelity.md)
 
 sys.path.pop(0)
 
 
 @pytest.fixture(scope="module")
 def embed(minilm):
-    from safetensors.torch import load_file
-    from transformers import AutoModel, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(minilm)
-    model = AutoModel.from_pretrained(minilm).eval()
-    lines = [line.strip() for line in ppl.fixed_text().split("\n") if len(line.strip()) > 40][:64]
-    enc = tok(lines, padding=True, truncation=True, max_length=128, return_tensors="pt")
-    sd = load_file(str(Path(minilm) / "model.safetensors"))
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def run(weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        model.load_state_dict({**original, **weights})
-        out = model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        e = (out * mask).sum(1) / mask.sum(1)
-        model.load_state_dict(original)
-        return torch.nn.functional.normalize(e, dim=-1)
-
-    ref = run({})
-
-    def cosines(scheme: str, **opts) -> torch.Tensor:
-        q = monoquant.quantize(sd, scheme, **opts)
-        assert len(q.schemes) == 37
-        dense = monoquant.dequantize(q, torch.float32)
-        return (run({n: dense[n] for n in q.schemes}) * ref).sum(-1)
-
-    return cosines
+    return embedder(minilm, 64)
 
 
 @pytest.mark.parametrize(("group_size", "asymmetric"), [(128, False), (64, False), (128, True), (64, True)])
