@@ -159,8 +159,8 @@ def stream(
         threads: torch intra-op threads during the run (``None`` leaves the setting alone).
         stats: per-tensor error statistics (SQNR, relative and max abs error) measured during the
             run: ``"exact"`` (default: every row, the figures ``monoquant verify --against``
-            measures, so the worst tensors agree; about 0.5 s of CPU per GB of bf16 input over
-            no statistics, see docs/benchmarks.md), ``"sample"`` (every 8th row, every 16th for
+            measures, so the worst tensors agree; 0.25-0.6 s of wall time per GB of bf16 input
+            more than sampling, see docs/benchmarks.md), ``"sample"`` (every 8th row, every 16th for
             casts: cheaper, but an estimate: a tensor whose error sits in a few rows can read a few
             dB better than it is and be missing from the worst list) or ``"off"``.
         block_bytes: input bytes per processing block (memory vs. speed; output unchanged).
