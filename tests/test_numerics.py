@@ -184,3 +184,65 @@ def test_run_statistics_survive_huge_and_tiny_values(magnitude, scheme, opts):
     exact.add(w, monoquant.dequantize(q)["l.weight"])
     assert math.isfinite(exact.sqnr_db)
     assert q.stats["l.weight"].sqnr_db == pytest.approx(exact.sqnr_db, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"), sorted(__import__("monoquant.formats.cast").formats.cast.EXACT_ABOVE, key=str)
+)
+def test_casts_are_exact_above_their_gate(src, dst):
+    """Every finite 16-bit pattern whose magnitude bits reach the gate casts exactly (the claim the
+    gated statistics rest on), checked over all 65536 patterns; and the gate is tight enough to be
+    worth having: bf16 -> fp16 changes values just below it."""
+    from monoquant.formats.cast import EXACT_ABOVE
+
+    gate = EXACT_ABOVE[(src, dst)]
+    x = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(src)
+    mag = x.view(torch.int16).to(torch.int32) & 0x7FFF
+    xf = x.float()
+    keep = torch.isfinite(xf) & (xf.abs() <= torch.finfo(dst).max) & (mag >= gate)
+    back = xf[keep].to(dst).float()
+    assert torch.equal(back, xf[keep])
+    if gate:
+        below = torch.isfinite(xf) & (mag < gate)
+        assert not torch.equal(xf[below].to(dst).float(), xf[below])
+
+
+@pytest.mark.parametrize("shape", [(300, 1000), (7, 77), (1, 1 << 12), (2000, 300)])
+def test_gated_cast_statistics_equal_measuring_everything(shape, monkeypatch):
+    """bf16 -> fp16's exact statistics, measured only in the chunks that hold a value the cast
+    changes, equal those of measuring every element: tiny and flushed values at chunk edges and in
+    the tail, zeros, whole tiny rows; the bytes do not change."""
+    import monoquant.formats.cast as cast_unit
+    from monoquant.kernels import get_kernel
+    from monoquant.schemes import get_scheme
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(*shape, generator=g) * 0.02
+    flat = w.view(-1)
+    n = flat.numel()
+    for i in (0, 255, 256, 511, n - 1, n // 2):
+        flat[i % n] = 1e-9  # flushed to 0
+    flat[3 % n] = 0.0
+    flat[(n - 5) % n] = -3e-6  # rounded, not flushed
+    w[-1] = torch.randn(shape[1], generator=g) * 1e-6  # a row of values the cast rounds
+    w = w.to(torch.bfloat16)
+    k = get_kernel(get_scheme("fp16"))
+    got = []
+    for table in (cast_unit.EXACT_ABOVE, {}):
+        monkeypatch.setattr(cast_unit, "EXACT_ABOVE", table)
+        for tile in (1 << 30, 1000):
+            monkeypatch.setattr(cast_unit, "TILE_ELEMENTS", tile)
+            st = ErrorStats()
+            out = k.quantize_block(w, ws=Workspace(), stats=st)[""]
+            got.append((out, st))
+    ref_out, ref = got[-2]  # every element measured, one tile
+    assert ref.underflow > 0 and ref.err_sq > 0
+    for out, st in got:
+        assert torch.equal(out.view(torch.int16), ref_out.view(torch.int16))
+        assert (st.numel, st.max_abs_err, st.underflow, st.overflow) == (
+            ref.numel,
+            ref.max_abs_err,
+            ref.underflow,
+            ref.overflow,
+        )
+        assert (st.sum_sq, st.err_sq) == pytest.approx((ref.sum_sq, ref.err_sq), rel=1e-4)  # float32 sums
