@@ -167,3 +167,27 @@ def test_sigterm_stops_cleanly_and_the_rerun_completes(tmp_path):
     ref = tmp_path / "ref"
     assert subprocess.run([*cmd[:5], str(ref), *cmd[6:]], capture_output=True).returncode == 0
     assert read_dir_bytes(out) == read_dir_bytes(ref)
+
+
+def test_console_command_flushes_output_and_keeps_exit_codes(src, tmp_path):
+    """The console command leaves through ``os._exit`` (no interpreter teardown, ~0.5 s with
+    torch): what it printed still arrives whole through a pipe, and every exit code is main's."""
+    from tests.cli_helpers import run_cli
+
+    res = run_cli("stream", src, tmp_path / "o", "--int8", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["complete"] is True
+    res = run_cli("verify", tmp_path / "o", "--against", src, "--min-sqnr", "999")
+    assert res.returncode == 3 and "below 999" in res.stdout + res.stderr
+    assert run_cli("stream", src, tmp_path / "o2", "--bogus").returncode == 2
+    res = run_cli("stream", tmp_path / "nope", tmp_path / "o3")
+    assert res.returncode == 1 and res.stderr.startswith("monoquant: error:")
+    code = (
+        "import atexit, sys\n"
+        "import monoquant.cli as c\n"
+        "atexit.register(lambda: print('TEARDOWN'))\n"
+        "sys.argv = ['monoquant', '--help']\n"
+        "c.entry()\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "Usage:" in res.stdout and "TEARDOWN" not in res.stdout
