@@ -23,7 +23,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 
 import torch
 
@@ -56,13 +58,18 @@ def process_tensor(
     clamp_fp16: bool = False,
     stats: ErrorStats | None = None,
     stats_every: int = 1,
+    helper: Executor | None = None,
 ) -> None:
     """Read ``pt``'s input block by block, convert it, and submit every output block to ``sink``
     (in order within each output). Each block works in a workspace of ``pool`` that the sink
     returns once the block is written; consumed input pages are released then too.
 
     Error statistics, when ``stats`` is given, are measured on every ``stats_every``-th row of
-    each block, so their cost stays small while every part of every tensor is covered."""
+    each block, so their cost stays small while every part of every tensor is covered.
+
+    With ``helper`` (a one-thread executor), every other block is quantized on it while this
+    thread does the next one (:func:`_alternate_blocks`); ``pool`` then needs a workspace more.
+    The output is the same."""
     ref, d = pt.ref, pt.decision
 
     def done(ws: Workspace, lo: int, hi: int) -> Callable[[], None]:
@@ -115,20 +122,32 @@ def process_tensor(
                 amax = max(amax, shared_absmax(pt.shared, ref, br))
             tscale = kernel.tensor_scale(amax, ref.dtype)
         outs = {o.spec.suffix: o for o in pt.outputs}
-        for a in range(0, rows, br):
-            b = min(a + br, rows)
-            ws = pool.acquire()
-            try:
-                x = reader.rows(ref, a, b, ws=ws)
-                res = kernel.quantize_block(
-                    x, tensor_scale=tscale, ws=ws, stats=stats, clamp_fp16=clamp_fp16, stats_rows=stats_every
-                )
-            except BaseException:
-                pool.release(ws)
-                raise
-            del x
+
+        def quantize(x: torch.Tensor, ws: Workspace, st: ErrorStats | None) -> dict[str, torch.Tensor]:
+            return kernel.quantize_block(
+                x, tensor_scale=tscale, ws=ws, stats=st, clamp_fp16=clamp_fp16, stats_rows=stats_every
+            )
+
+        def emit(a: int, b: int, ws: Workspace, res: dict[str, torch.Tensor]) -> None:
             items = [(outs[k], _block_offset(outs[k], a), t) for k, t in res.items()]
             sink.submit(items, done(ws, a * row_bytes, b * row_bytes))
+
+        if helper is None:
+            for a in range(0, rows, br):
+                b = min(a + br, rows)
+                ws = pool.acquire()
+                try:
+                    x = reader.rows(ref, a, b, ws=ws)
+                    res = quantize(x, ws, stats)
+                except BaseException:
+                    pool.release(ws)
+                    raise
+                del x
+                emit(a, b, ws, res)
+        else:
+            _alternate_blocks(
+                rows, br, lambda a, b, ws: reader.rows(ref, a, b, ws=ws), pool, quantize, emit, stats, helper
+            )
         consts = kernel.constants(ref.shape, tscale)
         sink.submit([(outs[k], 0, t) for k, t in consts.items()], None)
     except NonFiniteError:
@@ -143,6 +162,57 @@ def process_tensor(
         raise fp16_overflow_error(ref.name, str(e), where) from None
     except DecodeOverflowError as e:
         raise decode_overflow_error(ref.name, str(e), where) from None
+
+
+def _alternate_blocks(
+    rows: int,
+    br: int,
+    read: Callable[[int, int, Workspace], torch.Tensor],
+    pool: WorkspacePool,
+    quantize: Callable[[torch.Tensor, Workspace, ErrorStats | None], dict[str, torch.Tensor]],
+    emit: Callable[[int, int, Workspace, dict[str, torch.Tensor]], None],
+    stats: ErrorStats | None,
+    helper: Executor,
+) -> None:
+    """The block loop on two threads: ``helper`` quantizes the even blocks while this thread
+    quantizes the odd ones; blocks are read (the reader's bookkeeping stays on this thread) and
+    emitted in order, so the sink sees exactly the sequence of the one-thread loop and the bytes
+    are the same. Each thread sums its own statistics; the helper's are merged at the end (the
+    same figures, added in another order). A failure on either thread is raised here once the
+    other thread's block is done, and every workspace goes back to ``pool``."""
+    hst = ErrorStats() if stats is not None else None
+    pending: tuple[int, int, Workspace, Future[dict[str, torch.Tensor]]] | None = None
+    try:
+        for a in range(0, rows, br):
+            b = min(a + br, rows)
+            ws = pool.acquire()
+            try:
+                x = read(a, b, ws)
+                if pending is None:
+                    pending = (a, b, ws, helper.submit(quantize, x, ws, hst))
+                    continue
+                res = quantize(x, ws, stats)
+                del x
+                pa, pb, pws, fut = pending
+                pres = fut.result()
+            except BaseException:
+                pool.release(ws)
+                raise
+            pending = None
+            emit(pa, pb, pws, pres)
+            emit(a, b, ws, res)
+        if pending is not None:
+            pa, pb, pws, fut = pending
+            pres = fut.result()
+            pending = None
+            emit(pa, pb, pws, pres)
+    finally:
+        if pending is not None:  # failed: the helper's block must finish before its workspace is reused
+            with contextlib.suppress(BaseException):
+                pending[3].result()
+            pool.release(pending[2])
+    if stats is not None and hst is not None:
+        stats.merge(hst)
 
 
 def _block_offset(out: PlannedOutput, first_row: int) -> int:

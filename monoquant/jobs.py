@@ -28,6 +28,7 @@ import queue
 import shutil
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,9 +195,10 @@ def _run_shards(run: ShardRun, mine: list[ShardPlan]) -> None:
     failure: list[BaseException] = []
 
     def work() -> None:
-        # 2: one block computing, one writing (3 thrashed caches)
-        pool = WorkspacePool(2 if run.opts.overlap else 1)
-        with RowReader(run.opts.backend, readahead=READAHEAD_BYTES) as reader:
+        # overlap: one block writing and two computing, one of them on the kernel helper thread
+        pool = WorkspacePool(3 if run.opts.overlap else 1)
+        helper = ThreadPoolExecutor(1, thread_name_prefix="monoquant-kernel") if run.opts.overlap else None
+        with RowReader(run.opts.backend, readahead=READAHEAD_BYTES) as reader, _shut(helper):
             while not failure:
                 try:
                     shard = todo.get_nowait()
@@ -221,7 +223,7 @@ def _run_shards(run: ShardRun, mine: list[ShardPlan]) -> None:
                         run.advance(shard_in, "shard_skipped", shard.filename, True)
                         continue
                     try:
-                        _write_shard(run, shard, reader, pool)
+                        _write_shard(run, shard, reader, pool, helper)
                     except BaseException as e:
                         failure.append(e)
                         return
@@ -247,7 +249,19 @@ def _journaled_ok(p: Plan, shard: ShardPlan, entry: dict[str, Any] | None, dst: 
     return entry_matches(dst / shard.filename, shard, outputs, entry)
 
 
-def _write_shard(run: ShardRun, shard: ShardPlan, reader: RowReader, pool: WorkspacePool) -> None:
+@contextlib.contextmanager
+def _shut(helper: ThreadPoolExecutor | None) -> Iterator[None]:
+    """Stop ``helper``'s thread on the way out (its last block is already collected)."""
+    try:
+        yield
+    finally:
+        if helper is not None:
+            helper.shutdown()
+
+
+def _write_shard(
+    run: ShardRun, shard: ShardPlan, reader: RowReader, pool: WorkspacePool, helper: ThreadPoolExecutor | None
+) -> None:
     p, dst, stats_every = run.plan, run.dst, run.opts.stats_every
     with contextlib.suppress(OSError):
         (dst / partial_name(shard.filename)).unlink()  # stale, from a killed run (we hold the lock)
@@ -269,6 +283,8 @@ def _write_shard(run: ShardRun, shard: ShardPlan, reader: RowReader, pool: Works
                 clamp_fp16=p.clamp_fp16,
                 stats=st,
                 stats_every=every,
+                # casts are cheap: with a helper, their writer (as many bytes out as in) fell behind
+                helper=helper if pt.decision.action == "quantize" else None,
             )
             nxt = shard.tensors[k + 1] if k + 1 < len(shard.tensors) else None
             if nxt is None or p.tensors[nxt].ref.file != pt.ref.file:

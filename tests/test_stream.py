@@ -258,3 +258,54 @@ def test_stats_modes(tmp_path, sd):
     assert read_dir_bytes(tmp_path / "e") == read_dir_bytes(tmp_path / "s") == read_dir_bytes(tmp_path / "o")
     with pytest.raises(monoquant.MonoquantError, match="stats="):
         monoquant.stream(src, tmp_path / "x", "int4", stats="sometimes")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-asym", "fp8", "nvfp4", "fp16"])
+def test_kernel_helper_thread_gives_the_same_bytes_and_statistics(tmp_path, scheme):
+    """With ``overlap`` on, every other block of a quantized tensor is computed on a helper
+    thread: the bytes are those of the one-thread run, and the exact statistics the same figures
+    (summed in another order), counts included."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(1000, 256, generator=g) * 0.02
+    w[::7, 3] = 1e-9  # flushed by casts, counted in underflow
+    src = write_sharded(tmp_path / "in", {"a.weight": w.bfloat16(), "b.weight": w[:333].bfloat16()}, shards=1)
+    kw = {"block_bytes": 16 << 10, "stats": "exact"}
+    on = monoquant.stream(src, tmp_path / "on", scheme, overlap=True, **kw)
+    off = monoquant.stream(src, tmp_path / "off", scheme, overlap=False, **kw)
+    assert on.settings["overlap"] is True and off.settings["overlap"] is False
+    assert read_dir_bytes(tmp_path / "on") == read_dir_bytes(tmp_path / "off")
+    for name, st in off.stats.items():
+        got = on.stats[name]
+        assert (got.numel, got.max_abs_err, got.underflow, got.overflow) == (
+            st.numel,
+            st.max_abs_err,
+            st.underflow,
+            st.overflow,
+        )
+        assert (got.sum_sq, got.err_sq) == pytest.approx((st.sum_sq, st.err_sq), rel=1e-9)
+
+
+@pytest.mark.parametrize("bad_block", [0, 1, 6])
+def test_a_failure_on_either_thread_is_reported_and_nothing_is_left(tmp_path, bad_block):
+    """NaN in a block the helper computes (even) or this thread computes (odd), or the last one:
+    the same one-line error as without the helper, and no shard or partial file is left."""
+    from monoquant.overlap import WorkspacePool
+
+    w = torch.randn(448, 64, generator=torch.Generator().manual_seed(1))
+    rows_per_block = (8 << 10) // (64 * 2)
+    w[bad_block * rows_per_block + 3, 5] = float("nan")
+    src = write_sharded(tmp_path / "in", {"l.weight": w.bfloat16()}, shards=1)
+    sizes = []
+    real = WorkspacePool.__init__
+
+    def spy(self, size=2):
+        real(self, size)
+        sizes.append((self, size))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(WorkspacePool, "__init__", spy)
+        with pytest.raises(monoquant.MonoquantError, match=r"l\.weight.*NaN"):
+            monoquant.stream(src, tmp_path / "o", "int8", overlap=True, block_bytes=8 << 10)
+    pool, size = sizes[-1]
+    assert size == 3 and pool._free.qsize() == size  # every workspace went back
+    assert not [p for p in (tmp_path / "o").iterdir() if p.suffix in (".safetensors", ".partial")]
