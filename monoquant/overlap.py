@@ -1,7 +1,9 @@
 """Overlapping compute with writing: a pool of workspaces and block sinks.
 
 The pipeline quantizes block *k+1* while a writer thread copies block *k* into the shard file
-and hashes it (``pwrite`` and ``hashlib`` release the GIL, as do torch kernels). Kernel outputs
+and hashes it (``pwrite`` and ``zlib.crc32`` release the GIL, as do torch kernels); with a
+kernel helper thread (:func:`monoquant.convert.process_tensor`), two blocks are computed at once,
+so the pool holds three workspaces. Kernel outputs
 are views into a workspace, so each block takes a workspace from a small pool and the sink
 gives it back once the block is on its way to disk — compute never overwrites bytes that are
 still being written.

@@ -164,10 +164,12 @@ def stream(
             casts: cheaper, but an estimate: a tensor whose error sits in a few rows can read a few
             dB better than it is and be missing from the worst list) or ``"off"``.
         block_bytes: input bytes per processing block (memory vs. speed; output unchanged).
-        overlap: write and hash blocks on a background thread while the next block is computed:
-            ``True``, ``False``, or ``"auto"`` (default: on when a CPU core is idle at the start;
-            it made runs 10-40% faster on a quiet 2-core machine and slower on busy cores, see
-            docs/benchmarks.md). The output bytes are the same either way.
+        overlap: use a second core: write and hash blocks on a background thread while the next
+            block is computed, and quantize every other block of a quantized tensor on a helper
+            thread (casts keep one): ``True``, ``False``, or ``"auto"`` (default: on when a CPU
+            core is idle at the start; faster on a quiet 2-core machine, slower on busy cores, see
+            docs/benchmarks.md). The output bytes are the same either way; the statistics are the
+            same figures summed in another order.
         on_progress: called with :class:`ProgressEvent` (from worker threads, serialized).
         strict_group_size: leave tensors whose columns are not a multiple of the group size dense
             (default: quantize them with the largest halved group size that divides them).
