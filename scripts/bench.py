@@ -285,6 +285,8 @@ def run_one(tool: Tool, src: Path, work: Path, args: argparse.Namespace, meta: d
                     "peak_anon_mib": _mib(mem.get("peak_anon")),
                     "cgroup_peak_mib": _mib(mem.get("cgroup_peak")),
                     "mean_sqnr_db": j.get("mean_sqnr_db"),
+                    # --overlap auto's decision: writer and kernel helper threads on (a core was idle)
+                    "overlap": (j.get("settings") or {}).get("overlap"),
                 }
             else:
                 rec["self"] = {
@@ -363,6 +365,7 @@ def summarize(recs: list[dict], tools: list[Tool], meta: dict) -> dict:
             "cpu_s": med([r["user_s"] + r["sys_s"] for r in ok]),
             "self_seconds": med([(r.get("self") or {}).get("seconds") for r in ok]),
             "self_peak_anon_mib": med([(r.get("self") or {}).get("peak_anon_mib") for r in ok]),
+            "overlap_on": sum(1 for r in ok if (r.get("self") or {}).get("overlap")),
             "failures": len(rs) - len(ok),
         }
         if any("memcap" in r for r in rs):
