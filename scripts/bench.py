@@ -388,7 +388,13 @@ def summarize(recs: list[dict], tools: list[Tool], meta: dict) -> dict:
                 t.key, f"mq/{t.scheme}", "self.peak_anon_mib"
             )
         if t.tool == "cmd":
-            base = next((k for k in keys if k.startswith(("mq/", "mqpy/")) and k.count("/") == 1), None)
+            # a label ending in a scheme ("base-int4") is compared with that scheme's monoquant run
+            mq_schemes = sorted(
+                {u.scheme for u in tools if u.tool == "mq" and u.scheme}, key=len, reverse=True
+            )
+            same = [f"mq/{s}" for s in mq_schemes if (t.variant or "").endswith(f"-{s}")]
+            plain = [k for k in keys if k.startswith(("mq/", "mqpy/")) and k.count("/") == 1]
+            base = next((k for k in same if k in keys), None) or next(iter(plain), None)
             if base:
                 ratios[f"{t.key} / {base}"] = ratio(t.key, base)
             if "cp" in keys:
