@@ -234,6 +234,7 @@ def build_tools(args: argparse.Namespace) -> list[Tool]:
 
 
 def run_one(tool: Tool, src: Path, work: Path, args: argparse.Namespace, meta: dict) -> dict:
+    src, work = Path(src).resolve(), Path(work).resolve()
     dst = work / "out"
     if dst.exists():
         shutil.rmtree(dst)
@@ -249,7 +250,12 @@ def run_one(tool: Tool, src: Path, work: Path, args: argparse.Namespace, meta: d
     with open(so, "wb") as fo, open(se, "wb") as fe:
         t0 = time.perf_counter()
         pre = (lambda: os.nice(args.nice)) if args.nice else None
-        p = subprocess.Popen(cmd, stdout=fo, stderr=fe, env={**os.environ, **args.env}, preexec_fn=pre)
+        # cwd: the work directory, never a checkout: `python -m monoquant` imports from the current
+        # directory first, so a --cmd of another checkout (PYTHONPATH=...) run from this one's root
+        # would silently time this checkout's code
+        p = subprocess.Popen(
+            cmd, stdout=fo, stderr=fe, env={**os.environ, **args.env}, preexec_fn=pre, cwd=work
+        )
         _, status, ru = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
@@ -568,7 +574,7 @@ def profile(args: argparse.Namespace, tools: list[Tool], sink: list) -> None:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     outdir = Path(args.profile)
     outdir.mkdir(parents=True, exist_ok=True)
-    work = Path(args.workdir)
+    work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     rate = 200
     for t in tools:
@@ -595,7 +601,7 @@ def profile(args: argparse.Namespace, tools: list[Tool], sink: list) -> None:
             *t.command(args.ckpt, dst),
         ]
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=work)  # cwd: see run_one
         wall = time.perf_counter() - t0
         cache = "cold" if args.cold else "warm"
         log(
@@ -879,6 +885,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", metavar="DIR", help="profile each monoquant run with py-spy")
     ap.add_argument("--log", type=Path, help="append every JSON line to this file too")
     args = ap.parse_args(argv)
+    if args.ckpt is not None:
+        args.ckpt = args.ckpt.resolve()  # commands run in the work directory (see run_one)
     if args.analyze:
         for f in args.analyze:
             print(json.dumps({"profile": True, **analyze_raw(Path(f))}))
