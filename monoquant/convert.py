@@ -199,7 +199,11 @@ def _alternate_blocks(
                 pool.release(ws)
                 raise
             pending = None
-            emit(pa, pb, pws, pres)
+            try:
+                emit(pa, pb, pws, pres)
+            except BaseException:  # the sink refused the earlier block: this one is not handed over
+                pool.release(ws)
+                raise
             emit(a, b, ws, res)
         if pending is not None:
             pa, pb, pws, fut = pending

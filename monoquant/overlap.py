@@ -112,7 +112,10 @@ class ThreadSink:
             raise self._error
 
     def submit(self, items: list[Item], on_done: Callable[[], None] | None) -> None:
-        self._raise()
+        if self._error is not None:  # refused: its workspace still goes back, as the docstring says
+            if on_done is not None:
+                on_done()
+            raise self._error
         with self._cv:
             self._pending += 1
         self._q.put((items, on_done))

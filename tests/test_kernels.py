@@ -228,3 +228,21 @@ def test_golden_bytes(request):
             assert got[name][key] == want[name][key], (
                 f"{name} {key}: bytes changed (bump FORMAT_VERSION if intended)"
             )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 4), (12,)])
+def test_fp16_clamp_of_16_bit_inputs_gives_65504_not_inf(dtype, shape):
+    """``clamp_fp16`` on a bf16 weight: 65504 is not a bfloat16 (it rounds to 65536), so a clamp in
+    the input dtype wrote inf into the fp16 output; it is clamped in float32 now. Both the tiled
+    (2-D) and the whole-block (1-D) paths."""
+    w = torch.ones(shape, dtype=torch.float32)
+    w.view(-1)[1], w.view(-1)[5] = 7e4, -6.6e4
+    w = w.to(dtype) if dtype != torch.float16 else w.clamp(-65504, 65504).to(dtype)
+    k = get_kernel(get_scheme("fp16"))
+    st = ErrorStats()
+    out = k.quantize_block(w, ws=Workspace(), stats=st, clamp_fp16=True)[""]
+    assert out.dtype == torch.float16 and bool(torch.isfinite(out).all())
+    if dtype != torch.float16:
+        assert float(out.view(-1)[1]) == 65504.0 and float(out.view(-1)[5]) == -65504.0
+        assert st.overflow == 2 and math.isfinite(st.max_abs_err)

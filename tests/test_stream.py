@@ -309,3 +309,38 @@ def test_a_failure_on_either_thread_is_reported_and_nothing_is_left(tmp_path, ba
     pool, size = sizes[-1]
     assert size == 3 and pool._free.qsize() == size  # every workspace went back
     assert not [p for p in (tmp_path / "o").iterdir() if p.suffix in (".safetensors", ".partial")]
+
+
+def test_a_write_failure_with_the_helper_returns_every_workspace(tmp_path):
+    """The writer thread fails (disk full) while both kernel threads have blocks: the error
+    reaches the caller and every workspace is back in the pool (a refused block's too)."""
+    import errno
+
+    from monoquant.overlap import WorkspacePool
+    from monoquant.writer import ShardWriter
+
+    g = torch.Generator().manual_seed(2)
+    sd = {
+        "a.weight": torch.randn(512, 64, generator=g).bfloat16(),
+        "b.weight": torch.randn(512, 64, generator=g).bfloat16(),
+    }
+    src = write_sharded(tmp_path / "in", sd, shards=1)
+    pools = []
+    real_init, real_write = WorkspacePool.__init__, ShardWriter.write
+
+    def spy(self, size=2):
+        real_init(self, size)
+        pools.append((self, size))
+
+    def full(self, out, off, t):
+        if out.name.startswith("b.") and off > 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, out, off, t)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(WorkspacePool, "__init__", spy)
+        mp.setattr(ShardWriter, "write", full)
+        with pytest.raises((monoquant.MonoquantError, OSError)):
+            monoquant.stream(src, tmp_path / "o", "int8", overlap=True, block_bytes=4 << 10)
+    pool, size = pools[-1]
+    assert size == 3 and pool._free.qsize() == size

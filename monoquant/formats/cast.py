@@ -99,8 +99,8 @@ class CastKernel(Kernel):
             raise NonFiniteError("NaN or Inf")
         top = max(hi, -lo)
         over = self._overflows(top, x, clamp_fp16)
-        if over:
-            out.copy_(torch.clamp(x, -FP16_MAX, FP16_MAX))
+        if over:  # clamped in float32 or wider: 65504 is not a bfloat16 (it rounds to 65536, inf in fp16)
+            out.copy_(torch.clamp(x if x.itemsize >= 4 else x.float(), -FP16_MAX, FP16_MAX))
         else:
             out.copy_(x)
             self._check_finite_cast(top, x, out)
@@ -143,8 +143,8 @@ class CastKernel(Kernel):
                     raise NonFiniteError("NaN or Inf")
                 top = max(hi, -lo)
             over = self._overflows(top, x, clamp_fp16)
-            if over:
-                out[a:b].copy_(torch.clamp(x[a:b], -FP16_MAX, FP16_MAX))
+            if over:  # clamped in the float32 tile (in bfloat16, 65504 rounds to 65536: inf in fp16)
+                out[a:b].copy_(torch.clamp(f, -FP16_MAX, FP16_MAX))
             else:
                 out[a:b].copy_(f)
                 self._check_finite_cast(top, x, out[a:b])
