@@ -38,14 +38,14 @@ import torch
 from .convert import process_tensor
 from .errors import MonoquantError, OutputError
 from .journal import JobState, check_writable, entry_matches
-from .kernels import ErrorStats
+from .kernels import ErrorStats, get_kernel
 from .memwatch import MemWatch
 from .options import JobOptions
 from .outdir import completed_fingerprint, finalize
 from .outnames import INDEX_NAME, partial_name
 from .overlap import SyncSink, ThreadSink, WorkspacePool
 from .ownership import check_state_dir, finished_files, planned_files, present_files, refuse_foreign
-from .plan import Plan, PlannedOutput, ShardPlan
+from .plan import Plan, PlannedOutput, PlannedTensor, ShardPlan
 from .prefetch import READAHEAD_BYTES
 from .reader import Checkpoint, RowReader
 from .remote import pin_inputs
@@ -249,6 +249,16 @@ def _journaled_ok(p: Plan, shard: ShardPlan, entry: dict[str, Any] | None, dst: 
     return entry_matches(dst / shard.filename, shard, outputs, entry)
 
 
+def _two_kernel_threads(pt: PlannedTensor) -> bool:
+    """Whether ``pt``'s blocks may alternate with the kernel helper thread: quantized tensors whose
+    kernel works in tiles (a second block in flight costs a few MiB; the whole-block temporaries
+    of NVFP4, MX, fp8-block or ``--optimize`` would raise the peak: NVFP4 passed 300 MiB of
+    anonymous memory in the 384 MiB cap test). Casts are cheap: with a helper, their writer (as
+    many bytes out as in) fell behind."""
+    d = pt.decision
+    return d.action == "quantize" and d.scheme is not None and get_kernel(d.scheme).tiled_scratch
+
+
 @contextlib.contextmanager
 def _shut(helper: ThreadPoolExecutor | None) -> Iterator[None]:
     """Stop ``helper``'s thread on the way out (its last block is already collected)."""
@@ -283,8 +293,7 @@ def _write_shard(
                 clamp_fp16=p.clamp_fp16,
                 stats=st,
                 stats_every=every,
-                # casts are cheap: with a helper, their writer (as many bytes out as in) fell behind
-                helper=helper if pt.decision.action == "quantize" else None,
+                helper=helper if _two_kernel_threads(pt) else None,
             )
             nxt = shard.tensors[k + 1] if k + 1 < len(shard.tensors) else None
             if nxt is None or p.tensors[nxt].ref.file != pt.ref.file:

@@ -91,6 +91,14 @@ class Kernel:
     def __init__(self, scheme: Scheme):
         self.scheme = scheme
 
+    @property
+    def tiled_scratch(self) -> bool:
+        """Whether :meth:`quantize_block` works in its workspace's cache-sized tiles, so that a
+        second block in flight (the pipeline's kernel helper thread) costs a few MiB more, not a
+        second set of whole-block temporaries. Units that allocate per block say ``False`` (the
+        default) and keep one kernel thread."""
+        return False
+
     # ---- shapes -----------------------------------------------------------------------------
     def out_specs(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[OutSpec, ...]:
         """Output tensors for an input of ``shape``/``dtype``, in on-disk order."""

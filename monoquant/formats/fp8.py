@@ -67,6 +67,10 @@ class FP8Kernel(Kernel):
             raise SchemeError("a per-tensor scheme needs the tensor scale (absmax pass)")
         return {"_scale": tensor_scale}
 
+    @property
+    def tiled_scratch(self) -> bool:
+        return True
+
     def quantize_block(
         self,
         x: torch.Tensor,

@@ -170,6 +170,11 @@ class IntKernel(Kernel):
             out["_zero_point"] = pack_dim0(zp.to(torch.int8).view(r, -1), s.bits)
         return out
 
+    @property
+    def tiled_scratch(self) -> bool:
+        """Round to nearest works in tiles; ``--optimize``'s search allocates per block."""
+        return not self.scheme.optimize
+
     def rtn_block(
         self,
         x: torch.Tensor,
