@@ -454,7 +454,9 @@ class ErrorStats:
         self.max_abs_err = max(self.max_abs_err, max_abs_err)
 
     def add_error(self, x: torch.Tensor, err: torch.Tensor) -> None:
-        """Add one block: ``x`` the input, ``err`` its error (either sign), same dtype."""
+        """Add one block: ``x`` the input, ``err`` its error (either sign), same dtype. ``err``
+        may hold fewer elements than ``x``, as long as it holds every non-zero error (the gated
+        fp16 statistics measure only where the cast can change a value)."""
         xf = x.reshape(-1)
         flat = err.reshape(-1)
         mx = 0.0

@@ -31,7 +31,6 @@ from ..numerics import (
     Workspace,
     absmax,
     dtype_label,
-    unsafe_square_sums,
 )
 from .base import Kernel, register
 
@@ -203,26 +202,18 @@ class CastKernel(Kernel):
         ff, of, bf = f.view(-1), o.reshape(-1), bits.view(-1)
         g = n - n % GATE_CHUNK
         chunks = torch.nonzero(torch.amin(bf[:g].view(-1, GATE_CHUNK), dim=1) < gate).view(-1)
-        m = int(chunks.numel()) * GATE_CHUNK + (n - g)
+        sel = int(chunks.numel()) * GATE_CHUNK
+        m = sel + (n - g)  # the selected chunks and the tail
         xs = ws.get("gate_x", m, torch.float32)
         err = ws.get("tmp", m, torch.float32)
-        sel = int(chunks.numel()) * GATE_CHUNK
         if sel:
             torch.index_select(ff[:g].view(-1, GATE_CHUNK), 0, chunks, out=xs[:sel].view(-1, GATE_CHUNK))
             err[:sel].view(-1, GATE_CHUNK).copy_(of[:g].view(-1, GATE_CHUNK).index_select(0, chunks))
         xs[sel:].copy_(ff[g:])
         err[sel:].copy_(of[g:])
-        ss = float(torch.dot(ff, ff))
-        stats.underflow += _flushed(xs, err, ws) if m else 0
+        stats.underflow += _flushed(xs, err, ws)
         err.sub_(xs)
-        es, mx = 0.0, 0.0
-        if m:
-            lo, hi = torch.aminmax(err)
-            es, mx = float(torch.dot(err, err)), max(float(hi), -float(lo))
-        if unsafe_square_sums(ss, es, mx):  # rare: squares beyond float32's range, redone in float64
-            fd, ed = ff.double(), err.double()
-            ss, es = float(torch.dot(fd, fd)), float(torch.dot(ed, ed))
-        stats.add_sums(n, ss, es, mx)
+        stats.add_error(ff, err)  # Σx² over the whole tile, the error where it can be non-zero
 
     def dequantize(
         self, parts: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype | None = None
