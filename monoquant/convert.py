@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future
 
 import torch
 
@@ -41,7 +41,7 @@ from .kernels import (
     get_kernel,
 )
 from .options import DEFAULT_BLOCK_BYTES
-from .overlap import SyncSink, ThreadSink, WorkspacePool
+from .overlap import KernelHelper, SyncSink, ThreadSink, WorkspacePool
 from .peeramax import shared_absmax
 from .plan import PlannedOutput, PlannedTensor, block_rows_for
 from .reader import RowReader
@@ -58,7 +58,8 @@ def process_tensor(
     clamp_fp16: bool = False,
     stats: ErrorStats | None = None,
     stats_every: int = 1,
-    helper: Executor | None = None,
+    helper: KernelHelper | None = None,
+    scratch: Workspace | None = None,
 ) -> None:
     """Read ``pt``'s input block by block, convert it, and submit every output block to ``sink``
     (in order within each output). Each block works in a workspace of ``pool`` that the sink
@@ -67,9 +68,10 @@ def process_tensor(
     Error statistics, when ``stats`` is given, are measured on every ``stats_every``-th row of
     each block, so their cost stays small while every part of every tensor is covered.
 
-    With ``helper`` (a one-thread executor), every other block is quantized on it while this
-    thread does the next one (:func:`_alternate_blocks`); ``pool`` then needs a workspace more.
-    The output is the same."""
+    ``scratch``: this thread's workspace for the kernels' scratch (default: each block's own
+    workspace holds it too). With ``helper``, the blocks are shared out between this thread and
+    the helper's (:func:`_alternate_blocks`), each with its own scratch (``helper``'s). The output
+    is the same."""
     ref, d = pt.ref, pt.decision
 
     def done(ws: Workspace, lo: int, hi: int) -> Callable[[], None]:
@@ -110,6 +112,7 @@ def process_tensor(
                 stats=stats,
                 stats_every=stats_every,
                 done=done,
+                scratch=scratch,
             )
             return
         tscale = None
@@ -138,7 +141,7 @@ def process_tensor(
                 ws = pool.acquire()
                 try:
                     x = reader.rows(ref, a, b, ws=ws)
-                    res = quantize(x, ws, stats)
+                    res = quantize(x, ws.with_scratch(scratch), stats)
                 except BaseException:
                     pool.release(ws)
                     raise
@@ -172,7 +175,7 @@ def _alternate_blocks(
     quantize: Callable[[torch.Tensor, Workspace, ErrorStats | None], dict[str, torch.Tensor]],
     emit: Callable[[int, int, Workspace, dict[str, torch.Tensor]], None],
     stats: ErrorStats | None,
-    helper: Executor,
+    helper: KernelHelper,
 ) -> None:
     """The block loop on two threads: ``helper`` quantizes the even blocks while this thread
     quantizes the odd ones; blocks are read (the reader's bookkeeping stays on this thread) and
@@ -189,9 +192,10 @@ def _alternate_blocks(
             try:
                 x = read(a, b, ws)
                 if pending is None:
-                    pending = (a, b, ws, helper.submit(quantize, x, ws, hst))
+                    fut = helper.submit(quantize, x, ws.with_scratch(helper.helper_scratch), hst)
+                    pending = (a, b, ws, fut)
                     continue
-                res = quantize(x, ws, stats)
+                res = quantize(x, ws.with_scratch(helper.scratch), stats)
                 del x
                 pa, pb, pws, fut = pending
                 pres = fut.result()

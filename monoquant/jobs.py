@@ -28,7 +28,6 @@ import queue
 import shutil
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,12 @@ import torch
 from .convert import process_tensor
 from .errors import MonoquantError, OutputError
 from .journal import JobState, check_writable, entry_matches
-from .kernels import ErrorStats, get_kernel
+from .kernels import ErrorStats, Workspace, get_kernel
 from .memwatch import MemWatch
 from .options import JobOptions
 from .outdir import completed_fingerprint, finalize
 from .outnames import INDEX_NAME, partial_name
-from .overlap import SyncSink, ThreadSink, WorkspacePool
+from .overlap import KernelHelper, SyncSink, ThreadSink, WorkspacePool
 from .ownership import check_state_dir, finished_files, planned_files, present_files, refuse_foreign
 from .plan import Plan, PlannedOutput, PlannedTensor, ShardPlan
 from .prefetch import READAHEAD_BYTES
@@ -53,6 +52,10 @@ from .report import ProgressEvent, Report
 from .writer import ShardWriter
 
 Emit = Callable[[ProgressEvent], None]
+
+#: workspaces of a job with overlap on: a block on each kernel thread and two with the writer. They
+#: hold block outputs only (a few MiB each); the kernels' scratch is one per kernel thread
+POOL_OVERLAP = 4
 
 
 def run_job(ckpt: Checkpoint, p: Plan, dst: Path, opts: JobOptions, report: Report, emit: Emit) -> None:
@@ -195,9 +198,12 @@ def _run_shards(run: ShardRun, mine: list[ShardPlan]) -> None:
     failure: list[BaseException] = []
 
     def work() -> None:
-        # overlap: one block writing and two computing, one of them on the kernel helper thread
-        pool = WorkspacePool(3 if run.opts.overlap else 1)
-        helper = ThreadPoolExecutor(1, thread_name_prefix="monoquant-kernel") if run.opts.overlap else None
+        # overlap: blocks computing on this thread and the kernel helper's (convert._alternate_blocks)
+        # while earlier ones are written; a block's workspace holds its outputs only, the kernels'
+        # scratch is per thread
+        pool = WorkspacePool(POOL_OVERLAP if run.opts.overlap else 1)
+        helper = KernelHelper() if run.opts.overlap else None
+        scratch = helper.scratch if helper is not None else Workspace()
         with RowReader(run.opts.backend, readahead=READAHEAD_BYTES) as reader, _shut(helper):
             while not failure:
                 try:
@@ -223,7 +229,7 @@ def _run_shards(run: ShardRun, mine: list[ShardPlan]) -> None:
                         run.advance(shard_in, "shard_skipped", shard.filename, True)
                         continue
                     try:
-                        _write_shard(run, shard, reader, pool, helper)
+                        _write_shard(run, shard, reader, pool, helper, scratch)
                     except BaseException as e:
                         failure.append(e)
                         return
@@ -260,7 +266,7 @@ def _two_kernel_threads(pt: PlannedTensor) -> bool:
 
 
 @contextlib.contextmanager
-def _shut(helper: ThreadPoolExecutor | None) -> Iterator[None]:
+def _shut(helper: KernelHelper | None) -> Iterator[None]:
     """Stop ``helper``'s thread on the way out (its last block is already collected)."""
     try:
         yield
@@ -270,7 +276,12 @@ def _shut(helper: ThreadPoolExecutor | None) -> Iterator[None]:
 
 
 def _write_shard(
-    run: ShardRun, shard: ShardPlan, reader: RowReader, pool: WorkspacePool, helper: ThreadPoolExecutor | None
+    run: ShardRun,
+    shard: ShardPlan,
+    reader: RowReader,
+    pool: WorkspacePool,
+    helper: KernelHelper | None,
+    scratch: Workspace,
 ) -> None:
     p, dst, stats_every = run.plan, run.dst, run.opts.stats_every
     with contextlib.suppress(OSError):
@@ -294,6 +305,7 @@ def _write_shard(
                 stats=st,
                 stats_every=every,
                 helper=helper if _two_kernel_threads(pt) else None,
+                scratch=scratch,
             )
             nxt = shard.tensors[k + 1] if k + 1 < len(shard.tensors) else None
             if nxt is None or p.tensors[nxt].ref.file != pt.ref.file:

@@ -94,12 +94,23 @@ class OutSpec:
         return (math.prod(self.shape[1:]) if len(self.shape) > 1 else 1) * self.dtype.itemsize
 
 
+#: the workspace buffers a block's outputs (or its input) may live in until the block is written:
+#: codes (``q``, packed ``u8``), cast outputs (``cast``) and ``pread`` input (``read``). Every
+#: other buffer a kernel takes is scratch, done with when ``quantize_block`` returns.
+BLOCK_KEYS = frozenset({"q", "u8", "cast", "read"})
+
+
 @dataclass
 class Workspace:
     """Reusable flat buffers, keyed by purpose, grown on demand.
 
     Fresh allocations cost page faults (~0.7 s per GB on small VMs), so the streaming path
-    keeps one workspace per worker and reuses it for every block of every tensor.
+    keeps its workspaces and reuses them for every block of every tensor.
+
+    A block in flight (quantized, waiting to be written) needs only its :data:`BLOCK_KEYS`
+    buffers; the kernel's scratch (float32 tiles, errors, ...) is free once the kernel returns.
+    So :meth:`with_scratch` gives a view that keeps the block buffers here and takes the scratch
+    from the kernel thread's own workspace: blocks in flight then cost their outputs only.
 
     Example:
         >>> ws = Workspace()
@@ -107,11 +118,25 @@ class Workspace:
         >>> b = ws.get("xf", 4, torch.float32)   # the same memory, no new allocation
         >>> a.data_ptr() == b.data_ptr()
         True
+        >>> mine = Workspace()
+        >>> v = ws.with_scratch(mine)
+        >>> v.get("xf", 8, torch.float32).data_ptr() == mine.get("xf", 8, torch.float32).data_ptr()
+        True
+        >>> v.get("q", 8, torch.int8).data_ptr() == ws.get("q", 8, torch.int8).data_ptr()
+        True
     """
 
     buffers: dict[tuple[str, torch.dtype], torch.Tensor] = field(default_factory=dict)
+    scratch: Workspace | None = None
+
+    def with_scratch(self, scratch: Workspace | None) -> Workspace:
+        """This workspace's block buffers with ``scratch``'s for everything else (``self`` when
+        ``scratch`` is ``None``)."""
+        return self if scratch is None else Workspace(self.buffers, scratch)
 
     def get(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.scratch is not None and key not in BLOCK_KEYS:
+            return self.scratch.get(key, numel, dtype)
         buf = self.buffers.get((key, dtype))
         if buf is None or buf.numel() < numel:
             buf = torch.empty(max(numel, 1), dtype=dtype)

@@ -2,11 +2,12 @@
 
 The pipeline quantizes block *k+1* while a writer thread copies block *k* into the shard file
 and hashes it (``pwrite`` and ``zlib.crc32`` release the GIL, as do torch kernels); with a
-kernel helper thread (:func:`monoquant.convert.process_tensor`), two blocks are computed at once,
-so the pool holds three workspaces. Kernel outputs
-are views into a workspace, so each block takes a workspace from a small pool and the sink
-gives it back once the block is on its way to disk — compute never overwrites bytes that are
-still being written.
+:class:`KernelHelper` thread (:func:`monoquant.convert.process_tensor`), two blocks are computed
+at once. Kernel outputs are views into a workspace, so each block takes a workspace from a small
+pool and the sink gives it back once the block is on its way to disk — compute never overwrites
+bytes that are still being written. The kernels' scratch (float32 tiles and the like) comes from
+each kernel thread's own workspace (:meth:`~monoquant.numerics.Workspace.with_scratch`), so a
+block waiting for the writer holds only its outputs.
 
 Example:
     >>> pool = WorkspacePool(2)
@@ -22,6 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,7 +41,10 @@ class WorkspacePool:
     """``size`` reusable workspaces; :meth:`acquire` waits until one is free."""
 
     def __init__(self, size: int = 2):
-        self._free: queue.Queue[Workspace] = queue.Queue()
+        self.size = size
+        # last in, first out: a run with fewer blocks in flight than ``size`` keeps reusing the
+        # same workspaces, and the others never allocate their buffers
+        self._free: queue.LifoQueue[Workspace] = queue.LifoQueue()
         for _ in range(size):
             self._free.put(Workspace())
 
@@ -48,6 +53,30 @@ class WorkspacePool:
 
     def release(self, ws: Workspace) -> None:
         self._free.put(ws)
+
+
+class KernelHelper:
+    """A second thread for the kernels, with the scratch workspace of each kernel thread.
+
+    ``scratch`` is the calling thread's, ``helper_scratch`` the helper's: kept for the whole run,
+    so their buffers are allocated (and their pages faulted in) once.
+
+    Example:
+        >>> h = KernelHelper()
+        >>> h.submit(sum, [1, 2]).result()
+        3
+        >>> h.shutdown()
+    """
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="monoquant-kernel")
+        self.scratch = Workspace()
+        self.helper_scratch = Workspace()
+        self.submit = self._executor.submit
+
+    def shutdown(self) -> None:
+        """Stop the thread (after what it is doing)."""
+        self._executor.shutdown()
 
 
 class SyncSink:

@@ -66,8 +66,10 @@ def process_wide_rows(
     stats: ErrorStats | None,
     stats_every: int,
     done: Callable[[Workspace, int, int], Callable[[], None]],
+    scratch: Workspace | None = None,
 ) -> None:
-    """Quantize ``pt`` row by row, each row in column chunks of about ``block_bytes``."""
+    """Quantize ``pt`` row by row, each row in column chunks of about ``block_bytes`` (kernel
+    scratch from ``scratch``, as :func:`monoquant.convert.process_tensor`)."""
     ref, s = pt.ref, pt.decision.scheme
     kernel = get_kernel(s)
     rows, cols = as_rows(ref.shape)
@@ -106,7 +108,9 @@ def process_wide_rows(
             ws = pool.acquire()
             try:
                 x = chunk(a, c0, c1, ws)
-                res = ck.quantize_block(x, tensor_scale=rscale, ws=ws, stats=measure, clamp_fp16=clamp_fp16)
+                res = ck.quantize_block(
+                    x, tensor_scale=rscale, ws=ws.with_scratch(scratch), stats=measure, clamp_fp16=clamp_fp16
+                )
             except BaseException:
                 pool.release(ws)
                 raise

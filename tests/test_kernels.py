@@ -246,3 +246,28 @@ def test_fp16_clamp_of_16_bit_inputs_gives_65504_not_inf(dtype, shape):
     if dtype != torch.float16:
         assert float(out.view(-1)[1]) == 65504.0 and float(out.view(-1)[5]) == -65504.0
         assert st.overflow == 2 and math.isfinite(st.max_abs_err)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("optimize", [False, True])
+def test_block_outputs_do_not_live_in_the_kernel_scratch(name, optimize):
+    """A block waiting for the writer keeps only its workspace's block buffers: the kernel
+    thread's scratch is reused by its next block as soon as ``quantize_block`` returns. So every
+    output of every scheme must be unchanged when that scratch is overwritten afterwards."""
+    scheme = get_scheme(name)
+    if optimize:
+        if scheme.kind != "int":
+            pytest.skip("--optimize is for the integer schemes")
+        scheme = get_scheme(name, optimize=True)
+    k = get_kernel(scheme)
+    x = det_weight(128, 256, seed=3).to(torch.bfloat16)
+    ts = k.tensor_scale(float(x.float().abs().max()), x.dtype) if k.needs_absmax else None
+    ref = {n: t.clone() for n, t in k.quantize_block(x, tensor_scale=ts, ws=Workspace()).items()}
+    scratch = Workspace()
+    got = k.quantize_block(x, tensor_scale=ts, ws=Workspace().with_scratch(scratch))
+    assert scratch.buffers  # the kernel did use the thread's scratch
+    for buf in scratch.buffers.values():
+        buf.view(torch.uint8).fill_(0xA5)
+    assert sorted(got) == sorted(ref)
+    for n, t in got.items():
+        assert torch.equal(t.contiguous().view(torch.uint8), ref[n].contiguous().view(torch.uint8)), n

@@ -60,7 +60,7 @@ def test_quantizes_under_a_cap_smaller_than_the_largest_tensor(big, tmp_path, sc
         "--max-shard-size",
         "200MB",
         "--overlap",
-        "on",  # the most memory: writer thread, kernel helper thread, three workspaces
+        "on",  # the most memory: writer thread, kernel helper thread and its scratch, four workspaces
     ]
     run = run_capped(cmd, CAP)
     assert run.returncode == 0 and not run.oom_killed, run.stderr[-2000:]

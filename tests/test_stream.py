@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 import monoquant
 from monoquant import CheckpointError, OutputError
+from monoquant.jobs import POOL_OVERLAP
 from monoquant.outdir import CONFIG_KEYS
 from monoquant.plan import INDEX_NAME
 from tests.helpers import read_dir_bytes, tiny_llama_sd, write_sharded
@@ -307,7 +308,7 @@ def test_a_failure_on_either_thread_is_reported_and_nothing_is_left(tmp_path, ba
         with pytest.raises(monoquant.MonoquantError, match=r"l\.weight.*NaN"):
             monoquant.stream(src, tmp_path / "o", "int8", overlap=True, block_bytes=8 << 10)
     pool, size = sizes[-1]
-    assert size == 3 and pool._free.qsize() == size  # every workspace went back
+    assert size == POOL_OVERLAP and pool._free.qsize() == size  # every workspace went back
     assert not [p for p in (tmp_path / "o").iterdir() if p.suffix in (".safetensors", ".partial")]
 
 
@@ -343,4 +344,4 @@ def test_a_write_failure_with_the_helper_returns_every_workspace(tmp_path):
         with pytest.raises((monoquant.MonoquantError, OSError)):
             monoquant.stream(src, tmp_path / "o", "int8", overlap=True, block_bytes=4 << 10)
     pool, size = pools[-1]
-    assert size == 3 and pool._free.qsize() == size
+    assert size == POOL_OVERLAP and pool._free.qsize() == size
