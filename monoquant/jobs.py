@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from .convert import process_tensor
+from .copylane import CopyLane
 from .errors import MonoquantError, OutputError
 from .journal import JobState, check_writable, entry_matches
 from .kernels import ErrorStats, Workspace, get_kernel
@@ -44,7 +45,7 @@ from .outdir import completed_fingerprint, finalize
 from .outnames import INDEX_NAME, partial_name
 from .overlap import KernelHelper, SyncSink, ThreadSink, WorkspacePool
 from .ownership import check_state_dir, finished_files, planned_files, present_files, refuse_foreign
-from .plan import Plan, PlannedOutput, PlannedTensor, ShardPlan
+from .plan import Plan, PlannedTensor, ShardPlan
 from .prefetch import READAHEAD_BYTES
 from .reader import Checkpoint, RowReader
 from .remote import pin_inputs
@@ -265,6 +266,12 @@ def _two_kernel_threads(pt: PlannedTensor) -> bool:
     return d.action == "quantize" and d.scheme is not None and get_kernel(d.scheme).tiled_scratch
 
 
+def _on_copy_lane(pt: PlannedTensor, block_bytes: int) -> bool:
+    """Whether ``pt`` is kept and large enough (two blocks or more) to be written on the shard's
+    copy lane (:mod:`monoquant.copylane`); small ones are not worth a thread's switch."""
+    return pt.decision.action == "copy" and pt.ref.nbytes >= 2 * block_bytes
+
+
 @contextlib.contextmanager
 def _shut(helper: KernelHelper | None) -> Iterator[None]:
     """Stop ``helper``'s thread on the way out (its last block is already collected)."""
@@ -288,9 +295,30 @@ def _write_shard(
         (dst / partial_name(shard.filename)).unlink()  # stale, from a killed run (we hold the lock)
     writer = ShardWriter(dst, shard)
     sink: SyncSink | ThreadSink = ThreadSink(writer.write) if run.opts.overlap else SyncSink(writer.write)
-    outputs: list[PlannedOutput] = []
+    outputs = [o for i in shard.tensors for o in p.tensors[i].outputs]
+
+    def finished(pt: PlannedTensor, st: ErrorStats | None) -> None:
+        with run.lock:
+            if st is not None:
+                run.report.stats[pt.ref.name] = st
+            run.report.bytes_in += pt.ref.nbytes
+            run.report.bytes_out += pt.out_bytes
+        run.advance(pt.ref.nbytes, "tensor", pt.ref.name)
+
+    # large kept tensors go to a copy lane of their own while the kernels do the rest
+    laned = {i for i in shard.tensors if run.opts.overlap and _on_copy_lane(p.tensors[i], p.block_bytes)}
+    lane: CopyLane | None = None
+    mine = [i for i in shard.tensors if i not in laned]
     try:
-        for k, i in enumerate(shard.tensors):
+        if laned:
+            lane = CopyLane(
+                [p.tensors[i] for i in shard.tensors if i in laned],
+                writer.write,
+                backend=run.opts.backend,
+                block_bytes=p.block_bytes,
+                on_tensor=lambda pt: finished(pt, None),
+            )
+        for k, i in enumerate(mine):
             pt = p.tensors[i]
             st = ErrorStats() if (stats_every and pt.decision.action != "copy") else None
             # a cast's error is small and uniform, and its kernel is cheap: sample it more thinly
@@ -307,19 +335,17 @@ def _write_shard(
                 helper=helper if _two_kernel_threads(pt) else None,
                 scratch=scratch,
             )
-            nxt = shard.tensors[k + 1] if k + 1 < len(shard.tensors) else None
+            nxt = mine[k + 1] if k + 1 < len(mine) else None
             if nxt is None or p.tensors[nxt].ref.file != pt.ref.file:
                 sink.drain()  # views of this file's mapping must be written before it is closed
-            outputs.extend(pt.outputs)
-            with run.lock:
-                if st is not None:
-                    run.report.stats[pt.ref.name] = st
-                run.report.bytes_in += pt.ref.nbytes
-                run.report.bytes_out += pt.out_bytes
-            run.advance(pt.ref.nbytes, "tensor", pt.ref.name)
+            finished(pt, st)
         sink.drain()
+        if lane is not None:
+            lane.join()
         size, digest = writer.finish(outputs)
     except BaseException:
+        if lane is not None:
+            lane.stop()
         with contextlib.suppress(BaseException):
             sink.drain()
         writer.abort()

@@ -31,6 +31,7 @@ import errno
 import hashlib
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -99,6 +100,7 @@ class ShardWriter:
         self.partial = out_dir / partial_name(shard.filename)
         self.flush_bytes = flush_bytes
         self._since_flush = 0
+        self._lock = threading.Lock()  # two threads may write (a copy lane and the block writer)
         self._written: dict[str, int] = {}
         self._crc: dict[str, int] = {}
         self._data_start = 8 + len(shard.header)
@@ -124,7 +126,8 @@ class ShardWriter:
 
     def write(self, out: PlannedOutput, offset: int, t: torch.Tensor) -> None:
         """Write tensor ``t``'s bytes at byte ``offset`` of output ``out``. Within one output,
-        writes must come in order (``offset`` = bytes written so far)."""
+        writes must come in order (``offset`` = bytes written so far), from one thread; other
+        outputs may be written by another thread at the same time."""
         done = self._written.get(out.name, 0)
         if offset != done:
             raise RuntimeError(f"{out.name}: write at {offset}, expected {done} (blocks out of order)")
@@ -138,14 +141,17 @@ class ShardWriter:
             raise os_error(e, self.partial, f"writing {out.name}") from None
         self._crc[out.name] = zlib.crc32(buf, self._crc.get(out.name, 0))
         self._written[out.name] = done + n
-        self._since_flush += n
-        if self._since_flush >= self.flush_bytes:
+        with self._lock:
+            self._since_flush += n
+            flush = self._since_flush >= self.flush_bytes
+            if flush:
+                self._since_flush = 0
+        if flush:
             self._flush()
 
     def _flush(self) -> None:
         """Bound dirty page cache: wait for the writeback started last time, drop what is
         clean, start writeback of what is dirty now."""
-        self._since_flush = 0
         try:
             _sync_range(self._fd, _WAIT_BEFORE)
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -345,3 +345,100 @@ def test_a_write_failure_with_the_helper_returns_every_workspace(tmp_path):
             monoquant.stream(src, tmp_path / "o", "int8", overlap=True, block_bytes=4 << 10)
     pool, size = pools[-1]
     assert size == POOL_OVERLAP and pool._free.qsize() == size
+
+
+def _lane_spy(mp):
+    """Record the tensors each copy lane is given."""
+    from monoquant.copylane import CopyLane
+
+    seen: list[list[str]] = []
+    real = CopyLane.__init__
+
+    def spy(self, tensors, write, **kw):
+        seen.append([pt.ref.name for pt in tensors])
+        real(self, tensors, write, **kw)
+
+    mp.setattr(CopyLane, "__init__", spy)
+    return seen
+
+
+def _lanes_alive() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name == "monoquant-copy"]
+
+
+def test_kept_tensors_on_the_copy_lane_give_the_same_bytes_and_digests(tmp_path):
+    """With overlap on, large kept tensors (embeddings, lm_head) are written by a copy lane
+    while the kernels quantize the rest: the same files, the same journal digests and byte
+    counts as the one-thread run."""
+    from monoquant.journal import JobState
+
+    src = write_sharded(tmp_path / "in", tiny_llama_sd(), shards=2)
+    records: list[tuple[str, int, str]] = []
+    real_record = JobState.record
+
+    def record(self, name, size, digest):
+        records.append((name, size, digest))
+        real_record(self, name, size, digest)
+
+    kw = {"block_bytes": 16 << 10}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(JobState, "record", record)
+        seen = _lane_spy(mp)
+        on = monoquant.stream(src, tmp_path / "on", "int8", overlap=True, **kw)
+        lanes_on = list(seen)
+        off = monoquant.stream(src, tmp_path / "off", "int8", overlap=False, **kw)
+    assert sorted(n for names in lanes_on for n in names) == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert len(seen) == len(lanes_on)  # overlap off: no lane
+    assert read_dir_bytes(tmp_path / "on") == read_dir_bytes(tmp_path / "off")
+    half = len(records) // 2
+    assert records[:half] == records[half:] and len(records) == 2 * half > 0
+    assert (on.bytes_in, on.bytes_out, sorted(on.stats)) == (off.bytes_in, off.bytes_out, sorted(off.stats))
+    assert not _lanes_alive()
+
+
+def test_a_write_failure_on_the_copy_lane_fails_the_shard_cleanly(tmp_path):
+    """Disk full while the lane writes: the one-line error (naming the tensor) reaches the
+    caller, the kernels stop, no shard or partial file is left, and the lane's thread is gone."""
+    import errno
+    import threading
+
+    from monoquant.writer import ShardWriter
+
+    src = write_sharded(tmp_path / "in", tiny_llama_sd(), shards=1)
+    real = ShardWriter._pwrite
+    lane_writes = []
+
+    def full(self, data, pos):
+        if threading.current_thread().name == "monoquant-copy":
+            lane_writes.append(pos)
+            if len(lane_writes) > 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data, pos)
+
+    with pytest.MonkeyPatch.context() as mp:
+        seen = _lane_spy(mp)
+        mp.setattr(ShardWriter, "_pwrite", full)
+        with pytest.raises(
+            monoquant.MonoquantError, match=r"disk full while writing (lm_head|model\.embed_tokens)\.weight"
+        ):
+            monoquant.stream(src, tmp_path / "o", "int8", overlap=True, block_bytes=16 << 10)
+    assert seen and len(lane_writes) == 4
+    assert not [p for p in (tmp_path / "o").iterdir() if p.suffix in (".safetensors", ".partial")]
+    assert not _lanes_alive()
+
+
+def test_a_kernel_failure_stops_the_copy_lane(tmp_path):
+    """NaN in a weight the kernels quantize while the lane copies: the usual one-line error,
+    the lane is stopped and waited for, nothing of the shard is left."""
+    sd = tiny_llama_sd()
+    sd["model.layers.0.mlp.up_proj.weight"][7, 3] = float("nan")
+    src = write_sharded(tmp_path / "in", sd, shards=1)
+    with pytest.MonkeyPatch.context() as mp:
+        seen = _lane_spy(mp)
+        with pytest.raises(monoquant.MonoquantError, match=r"up_proj\.weight.*NaN"):
+            monoquant.stream(src, tmp_path / "o", "int8", overlap=True, block_bytes=16 << 10)
+    assert seen
+    assert not [p for p in (tmp_path / "o").iterdir() if p.suffix in (".safetensors", ".partial")]
+    assert not _lanes_alive()

@@ -1,0 +1,119 @@
+"""Kept tensors written on a thread of their own while the kernels work on the rest of the shard.
+
+A tensor kept as it is (the ``copy`` decision: embeddings and ``lm_head`` by default, norms,
+biases) needs no compute: its bytes go from the input to the output shard. In the block loop,
+the kernel threads sat idle while the writer copied them, and in a Llama-style checkpoint the
+kept embeddings and ``lm_head`` are an eighth to a quarter of the bytes. With overlap on,
+:func:`monoquant.jobs` hands a shard's kept tensors to a :class:`CopyLane`: one thread, with its
+own reader (its own mapping of the input files, its own read-ahead), that writes them through
+the shard's :class:`~monoquant.writer.ShardWriter` at their planned offsets while the block loop
+quantizes the others.
+
+The output bytes and the shard digest are the same: every byte has its planned place whoever
+writes it, and each output's CRC-32 runs over that output's bytes in order, on the one thread
+that writes them. The shard is finished (fsynced, renamed, journaled) only once both are done;
+a failure on either side stops the other and removes the partial file, as before.
+
+Example:
+    >>> import torch
+    >>> from pathlib import Path
+    >>> from tempfile import mkdtemp
+    >>> from safetensors.torch import save_file
+    >>> from monoquant.plan import make_plan
+    >>> from monoquant.reader import open_checkpoint
+    >>> d = mkdtemp(); save_file({"norm.weight": torch.ones(64)}, d + "/model.safetensors")
+    >>> p = make_plan(open_checkpoint(d), "int8")
+    >>> got = {}
+    >>> lane = CopyLane(p.tensors, lambda o, off, t: got.setdefault(o.name, t.clone()))
+    >>> lane.join()
+    >>> got["norm.weight"].view(torch.float32).tolist() == [1.0] * 64
+    True
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+from .convert import process_tensor
+from .options import DEFAULT_BLOCK_BYTES
+from .overlap import Item, SyncSink, WorkspacePool, Write
+from .plan import PlannedTensor
+from .prefetch import READAHEAD_BYTES
+from .reader import Backend, RowReader
+
+
+class _Stopped(Exception):
+    """The lane was told to stop (the shard failed elsewhere)."""
+
+
+class _StoppableSink(SyncSink):
+    """Writes at once, unless the lane was told to stop: then the block is refused."""
+
+    def __init__(self, write: Write, stop: threading.Event):
+        super().__init__(write)
+        self._stop = stop
+
+    def submit(self, items: list[Item], on_done: Callable[[], None] | None) -> None:
+        if self._stop.is_set():
+            if on_done is not None:
+                on_done()
+            raise _Stopped
+        super().submit(items, on_done)
+
+
+class CopyLane:
+    """Writes ``tensors`` (all ``copy`` decisions) with ``write`` on a thread started at once.
+
+    Args:
+        tensors: the kept tensors, in the order to write them.
+        write: the shard writer's ``write(output, offset, tensor)``.
+        backend: how the lane reads its input (``mmap`` or ``pread``).
+        block_bytes: bytes per write.
+        on_tensor: called on the lane's thread after each tensor is written.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[PlannedTensor],
+        write: Write,
+        *,
+        backend: Backend = "mmap",
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+        on_tensor: Callable[[PlannedTensor], None] | None = None,
+    ):
+        self._tensors = [pt for pt in tensors if pt.decision.action == "copy"]
+        self._write = write
+        self._backend: Backend = backend
+        self._block_bytes = block_bytes
+        self._on_tensor = on_tensor
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="monoquant-copy", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with RowReader(self._backend, readahead=READAHEAD_BYTES) as reader:
+                sink = _StoppableSink(self._write, self._stop)
+                pool = WorkspacePool(1)
+                for pt in self._tensors:
+                    process_tensor(pt, reader, pool, sink, block_bytes=self._block_bytes)
+                    if self._on_tensor is not None:
+                        self._on_tensor(pt)
+        except _Stopped:
+            pass
+        except BaseException as e:  # raised by join() on the shard's thread
+            self._error = e
+
+    def join(self) -> None:
+        """Wait until every kept tensor is written; raise the lane's error, if any."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """Stop after the block being written and wait for the thread (errors are dropped: the
+        shard failed already)."""
+        self._stop.set()
+        self._thread.join()
