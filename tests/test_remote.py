@@ -113,6 +113,7 @@ def test_sharded_from_s3_matches_local_run(
         ("int8", {"target_bpw": 6.0}),  # mixed precision samples rows first
         ("nvfp4a16", {}),  # q/k/v and gate/up share a global scale: the peers are read from s3:// too
         ("mxfp4a16", {"target_bpw": 5.0}),  # mixed among the float formats (nvfp4 included)
+        ("int8", {"block_bytes": 64 << 10, "overlap": True}),  # kept tensors on the copy lane: a 2nd reader
     ],
 )
 def test_schemes_from_s3_match_local(
