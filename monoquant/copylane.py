@@ -25,7 +25,7 @@ Example:
     >>> p = make_plan(open_checkpoint(d), "int8")
     >>> got = {}
     >>> lane = CopyLane(p.tensors, lambda o, off, t: got.setdefault(o.name, t.clone()))
-    >>> lane.join()
+    >>> lane.start(); lane.join()
     >>> got["norm.weight"].view(torch.float32).tolist() == [1.0] * 64
     True
 """
@@ -63,7 +63,9 @@ class _StoppableSink(SyncSink):
 
 
 class CopyLane:
-    """Writes ``tensors`` (all ``copy`` decisions) with ``write`` on a thread started at once.
+    """Writes ``tensors`` (all ``copy`` decisions) with ``write`` on a thread of its own, from
+    :meth:`start` on. :meth:`check` raises the lane's error as soon as it has one, so the shard's
+    block loop can stop at once (``sink.guard = lane.check``) instead of finding out at the end.
 
     Args:
         tensors: the kept tensors, in the order to write them.
@@ -90,7 +92,16 @@ class CopyLane:
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="monoquant-copy", daemon=True)
+
+    def start(self) -> None:
+        """Start the thread. Separate from construction, so that whoever holds the lane can
+        always stop it: an interrupt may arrive while ``start`` waits for the thread."""
         self._thread.start()
+
+    def check(self) -> None:
+        """Raise the lane's error, if it has failed (any thread may call this)."""
+        if self._error is not None:
+            raise self._error
 
     def _run(self) -> None:
         try:
@@ -109,11 +120,11 @@ class CopyLane:
     def join(self) -> None:
         """Wait until every kept tensor is written; raise the lane's error, if any."""
         self._thread.join()
-        if self._error is not None:
-            raise self._error
+        self.check()
 
     def stop(self) -> None:
-        """Stop after the block being written and wait for the thread (errors are dropped: the
-        shard failed already)."""
+        """Stop after the block being written and wait for the thread, if it was started
+        (errors are dropped: the shard failed already)."""
         self._stop.set()
-        self._thread.join()
+        if self._thread.ident is not None:
+            self._thread.join()

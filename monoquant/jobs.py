@@ -309,15 +309,18 @@ def _write_shard(
     laned = {i for i in shard.tensors if run.opts.overlap and _on_copy_lane(p.tensors[i], p.block_bytes)}
     lane: CopyLane | None = None
     mine = [i for i in shard.tensors if i not in laned]
+    if laned:
+        lane = CopyLane(
+            [p.tensors[i] for i in shard.tensors if i in laned],
+            writer.write,
+            backend=run.opts.backend,
+            block_bytes=p.block_bytes,
+            on_tensor=lambda pt: finished(pt, None),
+        )
+        sink.guard = lane.check  # a failed lane stops the block loop at its next block
     try:
-        if laned:
-            lane = CopyLane(
-                [p.tensors[i] for i in shard.tensors if i in laned],
-                writer.write,
-                backend=run.opts.backend,
-                block_bytes=p.block_bytes,
-                on_tensor=lambda pt: finished(pt, None),
-            )
+        if lane is not None:
+            lane.start()
         for k, i in enumerate(mine):
             pt = p.tensors[i]
             st = ErrorStats() if (stats_every and pt.decision.action != "copy") else None

@@ -80,13 +80,19 @@ class KernelHelper:
 
 
 class SyncSink:
-    """Writes each block at once, on the calling thread."""
+    """Writes each block at once, on the calling thread.
+
+    ``guard``, when set, is called before every block and may raise to refuse it (a failure
+    elsewhere, such as the shard's copy lane); the block's ``on_done`` still runs."""
 
     def __init__(self, write: Write):
         self.write = write
+        self.guard: Callable[[], None] | None = None
 
     def submit(self, items: list[Item], on_done: Callable[[], None] | None) -> None:
         try:
+            if self.guard is not None:
+                self.guard()
             for o, off, t in items:
                 self.write(o, off, t)
         finally:
@@ -105,13 +111,14 @@ class ThreadSink:
 
     An error on the writer thread is raised by the next :meth:`submit`, :meth:`drain` or
     :meth:`close` on the calling thread; ``on_done`` callbacks always run, so workspaces
-    return to their pool even then.
+    return to their pool even then. ``guard``: as :class:`SyncSink`'s.
     """
 
     def __init__(self, write: Write, depth: int = 2):
         self.write = write
         self._q: queue.Queue[tuple[list[Item], Callable[[], None] | None] | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
+        self.guard: Callable[[], None] | None = None
         self._pending = 0
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="monoquant-writer", daemon=True)
@@ -141,10 +148,14 @@ class ThreadSink:
             raise self._error
 
     def submit(self, items: list[Item], on_done: Callable[[], None] | None) -> None:
-        if self._error is not None:  # refused: its workspace still goes back, as the docstring says
+        try:
+            if self.guard is not None:
+                self.guard()
+            self._raise()
+        except BaseException:  # refused: its workspace still goes back, as the docstring says
             if on_done is not None:
                 on_done()
-            raise self._error
+            raise
         with self._cv:
             self._pending += 1
         self._q.put((items, on_done))

@@ -398,47 +398,89 @@ def test_kept_tensors_on_the_copy_lane_give_the_same_bytes_and_digests(tmp_path)
     assert not _lanes_alive()
 
 
-def test_a_write_failure_on_the_copy_lane_fails_the_shard_cleanly(tmp_path):
-    """Disk full while the lane writes: the one-line error (naming the tensor) reaches the
-    caller, the kernels stop, no shard or partial file is left, and the lane's thread is gone."""
+def test_a_write_failure_on_the_copy_lane_stops_the_kernels_at_once(tmp_path):
+    """Disk full while the lane writes: the one-line error (naming the tensor) reaches the caller
+    within a few blocks of the kernels (not at the end of the shard), no shard or partial file is
+    left, and the lane's thread is gone."""
     import errno
     import threading
 
+    from monoquant.formats.integer import IntKernel
     from monoquant.writer import ShardWriter
 
-    src = write_sharded(tmp_path / "in", tiny_llama_sd(), shards=1)
-    real = ShardWriter._pwrite
-    lane_writes = []
+    src = write_sharded(tmp_path / "in", tiny_llama_sd(layers=4), shards=1)
+    real_pwrite, real_q = ShardWriter._pwrite, IntKernel.quantize_block
+    failed = threading.Event()
+    after = []
 
     def full(self, data, pos):
         if threading.current_thread().name == "monoquant-copy":
-            lane_writes.append(pos)
-            if len(lane_writes) > 3:
-                raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, data, pos)
+            failed.set()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(self, data, pos)
+
+    def count(self, *a, **kw):
+        if failed.is_set():
+            after.append(1)
+        return real_q(self, *a, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
         seen = _lane_spy(mp)
         mp.setattr(ShardWriter, "_pwrite", full)
+        mp.setattr(IntKernel, "quantize_block", count)
         with pytest.raises(
             monoquant.MonoquantError, match=r"disk full while writing (lm_head|model\.embed_tokens)\.weight"
         ):
             monoquant.stream(src, tmp_path / "o", "int8", overlap=True, block_bytes=16 << 10)
-    assert seen and len(lane_writes) == 4
+    assert seen and failed.is_set()
+    assert len(after) <= 8  # the shard has hundreds of blocks; the loop stopped at its next ones
     assert not [p for p in (tmp_path / "o").iterdir() if p.suffix in (".safetensors", ".partial")]
     assert not _lanes_alive()
 
 
 def test_a_kernel_failure_stops_the_copy_lane(tmp_path):
-    """NaN in a weight the kernels quantize while the lane copies: the usual one-line error,
-    the lane is stopped and waited for, nothing of the shard is left."""
+    """NaN in a weight the kernels quantize while the lane is still writing: the usual one-line
+    error, the lane stops after the block it is on (it does not write the rest of its tensors
+    into a file being removed) and is waited for, and nothing of the shard is left."""
+    import threading
+    import time
+
+    from monoquant.copylane import CopyLane
+    from monoquant.writer import ShardWriter
+
     sd = tiny_llama_sd()
     sd["model.layers.0.mlp.up_proj.weight"][7, 3] = float("nan")
     src = write_sharded(tmp_path / "in", sd, shards=1)
+    real_pwrite, real_stop = ShardWriter._pwrite, CopyLane.stop
+    go = threading.Event()
+    lane_writes = []
+
+    real_abort = ShardWriter.abort
+    alive_at_abort = []
+
+    def held(self, data, pos):
+        if threading.current_thread().name == "monoquant-copy":
+            assert go.wait(10), "the lane was never told to stop"
+            time.sleep(0.2)  # a slow disk: the write is still going when the lane is told to stop
+            lane_writes.append(pos)
+        return real_pwrite(self, data, pos)
+
+    def stop(self):
+        go.set()  # the kernels failed: let the lane's held write go, then stop it
+        real_stop(self)
+
+    def abort(self):
+        alive_at_abort.extend(_lanes_alive())  # the file must not be closed under the lane
+        real_abort(self)
+
     with pytest.MonkeyPatch.context() as mp:
         seen = _lane_spy(mp)
+        mp.setattr(ShardWriter, "_pwrite", held)
+        mp.setattr(ShardWriter, "abort", abort)
+        mp.setattr(CopyLane, "stop", stop)
         with pytest.raises(monoquant.MonoquantError, match=r"up_proj\.weight.*NaN"):
             monoquant.stream(src, tmp_path / "o", "int8", overlap=True, block_bytes=16 << 10)
-    assert seen
+    assert seen and go.is_set()
+    assert len(lane_writes) == 1 and not alive_at_abort  # the block it was on (of 64), then joined
     assert not [p for p in (tmp_path / "o").iterdir() if p.suffix in (".safetensors", ".partial")]
     assert not _lanes_alive()
