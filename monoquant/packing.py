@@ -132,6 +132,18 @@ def encode_codes(
     if bits == 8 and c == nb:
         u8.view(torch.int8).copy_(y)
         u8.bitwise_xor_(0x80)  # q + 128 on the bytes of two's complement codes
+    elif bits == 4 and 2 * nb == c and sys.byteorder == "little":
+        # offset-binary codes u = q + 8 as int8; a pair read as one little-endian int16 is
+        # w = u0 | u1 << 8, and the low byte of w | w >> 4 is u0 | u1 << 4: the packed byte
+        # (contiguous integer passes, several times faster than a float add over strided pairs)
+        q8 = ws.get("q4", r * c, torch.int8).view(r, c)
+        q8.copy_(y)
+        q8.add_(8)
+        w = q8.view(torch.int16)
+        t = ws.get("w16", r * (c // 2), torch.int16).view(r, c // 2)
+        torch.bitwise_right_shift(w, 4, out=t)
+        t.bitwise_or_(w)
+        u8.copy_(t)  # int16 -> uint8 keeps the low byte
     elif bits == 4 and 2 * nb == c:
         half = ws.get("half", r * (c // 2), torch.float32).view(r, c // 2)
         pair = y.view(r, c // 2, 2)
