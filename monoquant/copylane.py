@@ -16,7 +16,6 @@ a failure on either side stops the other and removes the partial file, as before
 
 Example:
     >>> import torch
-    >>> from pathlib import Path
     >>> from tempfile import mkdtemp
     >>> from safetensors.torch import save_file
     >>> from monoquant.plan import make_plan
@@ -37,7 +36,7 @@ from collections.abc import Callable, Sequence
 
 from .convert import process_tensor
 from .options import DEFAULT_BLOCK_BYTES
-from .overlap import Item, SyncSink, WorkspacePool, Write
+from .overlap import SyncSink, WorkspacePool, Write
 from .plan import PlannedTensor
 from .prefetch import READAHEAD_BYTES
 from .reader import Backend, RowReader
@@ -45,21 +44,6 @@ from .reader import Backend, RowReader
 
 class _Stopped(Exception):
     """The lane was told to stop (the shard failed elsewhere)."""
-
-
-class _StoppableSink(SyncSink):
-    """Writes at once, unless the lane was told to stop: then the block is refused."""
-
-    def __init__(self, write: Write, stop: threading.Event):
-        super().__init__(write)
-        self._stop = stop
-
-    def submit(self, items: list[Item], on_done: Callable[[], None] | None) -> None:
-        if self._stop.is_set():
-            if on_done is not None:
-                on_done()
-            raise _Stopped
-        super().submit(items, on_done)
 
 
 class CopyLane:
@@ -84,7 +68,7 @@ class CopyLane:
         block_bytes: int = DEFAULT_BLOCK_BYTES,
         on_tensor: Callable[[PlannedTensor], None] | None = None,
     ):
-        self._tensors = [pt for pt in tensors if pt.decision.action == "copy"]
+        self._tensors = list(tensors)
         self._write = write
         self._backend: Backend = backend
         self._block_bytes = block_bytes
@@ -103,10 +87,15 @@ class CopyLane:
         if self._error is not None:
             raise self._error
 
+    def _stopped(self) -> None:
+        if self._stop.is_set():
+            raise _Stopped
+
     def _run(self) -> None:
         try:
             with RowReader(self._backend, readahead=READAHEAD_BYTES) as reader:
-                sink = _StoppableSink(self._write, self._stop)
+                sink = SyncSink(self._write)
+                sink.guard = self._stopped  # refuses the next block once the lane is told to stop
                 pool = WorkspacePool(1)
                 for pt in self._tensors:
                     process_tensor(pt, reader, pool, sink, block_bytes=self._block_bytes)
