@@ -21,11 +21,10 @@ Example:
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from ..numerics import FP8_MAX, ErrorStats, absmax, ceil_div, sampled
+from ..packing import pack_nibbles
 from .base import Kernel
 
 #: The base of the units (kept under its former name).
@@ -105,15 +104,6 @@ def value_of_keys(keys: torch.Tensor) -> torch.Tensor:
 def pack_keys(keys: torch.Tensor) -> torch.Tensor:
     """``[r, c]`` rounding keys (contiguous, c even) -> ``[r, c/2]`` packed code bytes."""
     return pack_nibbles(codes_of_keys(keys))
-
-
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """``[r, c]`` codes (contiguous, c even) -> ``[r, c/2]`` bytes, column ``2j`` in the low
-    nibble: on the little-endian 16-bit pairs, ``lo | hi << 4`` is ``w | w >> 4``'s low byte."""
-    if sys.byteorder != "little":
-        return codes[:, 0::2] | (codes[:, 1::2] << 4)
-    w = codes.contiguous().view(torch.int16)
-    return torch.bitwise_or(w, w >> 4).to(torch.uint8)
 
 
 def group_absmax(a: torch.Tensor) -> torch.Tensor:
