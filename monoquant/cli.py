@@ -367,6 +367,18 @@ def stream(src: str, dst: str, **kw: Any) -> None:
       monoquant stream ckpt/ out/ --int4 --worker 0/4        # one of four workers
       monoquant stream s3://bucket/model/ out/ --int8        # straight from object storage
     """
+    from . import headstart
+
+    # before torch is imported: the disk starts on the input's first bytes while torch loads
+    early = None if kw["dry_run"] else headstart.begin(src, dst, worker=kw["worker"], restart=kw["restart"])
+    try:
+        _stream(src, dst, kw)
+    finally:
+        if early is not None:
+            early.stop()
+
+
+def _stream(src: str, dst: str, kw: dict[str, Any]) -> None:
     from . import pipeline
 
     verbose, quiet, as_json, dry = kw.pop("verbose"), kw.pop("quiet"), kw.pop("as_json"), kw.pop("dry_run")

@@ -1,0 +1,250 @@
+"""The head start (monoquant.headstart): the input files in reading order, nothing outside the
+input, a budget that holds, really reading ahead, started by the CLI before torch is imported, and
+invisible in the output bytes."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import mmap
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from monoquant import headstart
+from monoquant.headstart import HeadStart, begin, budget, input_files
+from tests.cli_helpers import ENV, run_cli
+from tests.helpers import read_dir_bytes, tiny_llama_sd, write_sharded
+
+MiB = 1 << 20
+
+
+def _file(path: Path, size: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+    return path
+
+
+def _recorder() -> tuple[list[tuple[str, int, int]], object]:
+    calls: list[tuple[str, int, int]] = []
+
+    def advise(fd: int, off: int, n: int) -> None:
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), off, n))
+
+    return calls, advise
+
+
+# ---- which files, in which order ----------------------------------------------------------------
+def test_files_follow_the_index_sorted_as_the_reader_sorts_them(tmp_path: Path) -> None:
+    for name in ("b.safetensors", "a.safetensors", "stray.safetensors"):
+        _file(tmp_path / name, 1024)
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "b.safetensors", "y": "a.safetensors", "z": "b.safetensors"}})
+    )
+    assert [p.name for p in input_files(tmp_path)] == ["a.safetensors", "b.safetensors"]
+
+
+def test_files_without_an_index_single_files_and_what_gets_none(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    for name in ("model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors"):
+        _file(d / name, 1024)
+    _file(d / "config.json", 10)
+    assert [p.name for p in input_files(d)] == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    one = d / "model-00001-of-00002.safetensors"
+    assert input_files(one) == [one]
+    bins = tmp_path / "bins"
+    _file(bins / "pytorch_model.bin", 1024)
+    assert input_files(bins) == []  # torch pickles: no head start
+    assert input_files("s3://bucket/model/") == []
+    assert input_files(tmp_path / "missing") == []
+
+
+def test_nothing_outside_the_input_is_asked_for(tmp_path: Path) -> None:
+    outside = _file(tmp_path / "secret" / "s.safetensors", 4 * MiB)
+    d = tmp_path / "ckpt"
+    _file(d / "a.safetensors", MiB)
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "a.safetensors", "y": "../secret/s.safetensors"}})
+    )
+    assert input_files(d) == []  # an index naming a file outside: no head start at all
+    (d / "model.safetensors.index.json").unlink()
+    (d / "link.safetensors").symlink_to(outside)
+    assert [p.name for p in input_files(d)] == ["a.safetensors"]  # the symlink out is left alone
+
+
+# ---- the budget --------------------------------------------------------------------------------
+def test_requests_go_in_order_and_stop_at_the_budget(tmp_path: Path) -> None:
+    a = _file(tmp_path / "a.safetensors", 5 * MiB)
+    b = _file(tmp_path / "b.safetensors", 5 * MiB)
+    calls, advise = _recorder()
+    hs = HeadStart([a, b], budget=7 * MiB, step=2 * MiB, advise=advise)  # type: ignore[arg-type]
+    hs.start().join(10)
+    assert [(Path(p).name, off, n) for p, off, n in calls] == [
+        ("a.safetensors", 0, 2 * MiB),
+        ("a.safetensors", 2 * MiB, 2 * MiB),
+        ("a.safetensors", 4 * MiB, MiB),
+        ("b.safetensors", 0, 2 * MiB),
+    ]
+    assert hs.requested == 7 * MiB
+
+
+def test_stop_ends_the_requests(tmp_path: Path) -> None:
+    a = _file(tmp_path / "a.safetensors", 8 * MiB)
+    gate, calls = threading.Event(), []
+
+    def slow(fd: int, off: int, n: int) -> None:
+        calls.append(off)
+        gate.wait(5)
+
+    hs = HeadStart([a], budget=8 * MiB, step=MiB, advise=slow).start()
+    while not calls:
+        time.sleep(0.01)
+    hs.stop(timeout=0)  # while a request is in flight
+    gate.set()
+    hs.join(5)
+    assert calls == [0]  # the request in flight finished; none followed
+    assert hs.requested == MiB
+
+
+def test_budget_is_the_least_of_the_limit_memory_and_cgroup_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(headstart, "_mem_available", lambda: 16 << 30)
+    monkeypatch.setattr(headstart, "_cgroup_headroom", lambda: None)
+    assert budget() == headstart.LIMIT  # 1 GiB
+    monkeypatch.setattr(headstart, "_mem_available", lambda: 2 << 30)
+    assert budget() == 256 * MiB  # an eighth of MemAvailable
+    monkeypatch.setattr(headstart, "_cgroup_headroom", lambda: 400 * MiB)
+    assert budget() == 100 * MiB  # a quarter of the room under a memory cap
+    monkeypatch.setattr(headstart, "_cgroup_headroom", lambda: 0)
+    assert budget() == 0
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_cgroup_room_reads_the_tightest_limit_up_the_tree(tmp_path: Path, version: str) -> None:
+    root = tmp_path / "cg"
+    if version == "v1":
+        table = "4:memory:/outer/job\n0::/\n"
+        base, lim, use = root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+        base.mkdir(parents=True)
+        (base / lim).write_text(str(1 << 62))  # v1's "no limit"
+        (base / use).write_text("5")
+    else:
+        table = "0::/outer/job\n"
+        base, lim, use = root, "memory.max", "memory.current"
+        base.mkdir(parents=True)
+        (base / "cgroup.controllers").write_text("memory\n")
+    (base / "outer" / "job").mkdir(parents=True)
+    (base / "outer" / lim).write_text(str(300 * MiB))
+    (base / "outer" / use).write_text(str(100 * MiB))
+    (base / "outer" / "job" / lim).write_text("max" if version == "v2" else str(1 << 62))
+    (base / "outer" / "job" / use).write_text(str(50 * MiB))
+    (tmp_path / "table").write_text(table)
+    got = headstart._cgroup_headroom(str(root), str(tmp_path / "table"))
+    assert got == 200 * MiB  # the outer cgroup's limit binds
+    (base / "outer" / "job" / lim).write_text(str(80 * MiB))
+    assert headstart._cgroup_headroom(str(root), str(tmp_path / "table")) == 30 * MiB
+    (tmp_path / "table").write_text("0::/\n" if version == "v1" else "4:memory:/\n")
+    assert headstart._cgroup_headroom(str(root), str(tmp_path / "table")) is None  # no limit
+
+
+# ---- when there is none ---------------------------------------------------------------------------
+def test_begin_skips_workers_resumed_jobs_remote_inputs_and_the_switch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "ckpt"
+    _file(src / "a.safetensors", MiB)
+    out = tmp_path / "out"
+    monkeypatch.setattr(headstart, "budget", lambda: 4 * MiB)
+    hs = begin(str(src), str(out))
+    assert hs is not None
+    hs.join(10)
+    assert hs.requested == MiB
+    assert begin(str(src), str(out), worker="0/2") is None
+    assert begin("s3://bucket/ckpt/", str(out)) is None
+    (out / ".monoquant").mkdir(parents=True)
+    assert begin(str(src), str(out)) is None  # a job to resume: its first shards may be done
+    assert begin(str(src), str(out), restart=True) is not None
+    monkeypatch.setenv(headstart.ENV, "0")
+    assert begin(str(src), str(tmp_path / "fresh")) is None
+
+
+# ---- it really reads ahead ---------------------------------------------------------------------
+def _resident(path: Path) -> list[bool]:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        try:
+            buf = ctypes.c_char.from_buffer(mm)
+            pages = -(-size // mmap.PAGESIZE)
+            vec = (ctypes.c_ubyte * pages)()
+            rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(size), vec)
+            del buf
+            assert rc == 0, os.strerror(ctypes.get_errno())
+            return [bool(v & 1) for v in vec]
+        finally:
+            mm.close()
+
+
+def test_the_first_bytes_reach_the_page_cache(tmp_path: Path) -> None:
+    f = _file(tmp_path / "a.safetensors", 32 * MiB)
+    fd = os.open(f, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    if any(_resident(f)):
+        pytest.skip("this filesystem keeps the file in memory (tmpfs?): nothing to read ahead")
+    hs = HeadStart([f], budget=8 * MiB, step=2 * MiB).start()
+    hs.join(10)
+    per_mib = MiB // mmap.PAGESIZE
+    deadline = time.monotonic() + 10
+    while True:  # WILLNEED starts the reads and returns: wait for them
+        pages = _resident(f)
+        if all(pages[: 8 * per_mib]) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert all(pages[: 8 * per_mib]), f"{sum(pages[: 8 * per_mib])} of {8 * per_mib} pages read"
+    assert not any(pages[24 * per_mib :]), "read far beyond the budget"
+
+
+# ---- the CLI starts it before torch, and the bytes do not depend on it ---------------------------
+def test_the_cli_starts_it_before_importing_torch(tmp_path: Path) -> None:
+    src = write_sharded(tmp_path / "ckpt", tiny_llama_sd(), shards=2)
+    code = (
+        "import sys, monoquant.headstart as h\n"
+        "real = h.begin\n"
+        "def spy(*a, **k):\n"
+        "    hs = real(*a, **k)\n"
+        "    print('torch loaded:', 'torch' in sys.modules, 'started:', hs is not None, file=sys.stderr)\n"
+        "    return hs\n"
+        "h.begin = spy\n"
+        "from monoquant.cli import main\n"
+        f"main(['stream', {str(src)!r}, {str(tmp_path / 'out')!r}, '--int8', '-q'])\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "torch loaded: False started: True" in p.stderr
+
+
+def test_output_bytes_are_the_same_without_it(tmp_path: Path) -> None:
+    src = write_sharded(tmp_path / "ckpt", tiny_llama_sd(), shards=2)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli("stream", src, a, "--int4", "-q").returncode == 0
+    off = subprocess.run(
+        [sys.executable, "-m", "monoquant", "stream", str(src), str(b), "--int4", "-q"],
+        capture_output=True,
+        text=True,
+        env={**ENV, headstart.ENV: "0"},
+        timeout=300,
+    )
+    assert off.returncode == 0, off.stderr
+    assert read_dir_bytes(a) == read_dir_bytes(b)
