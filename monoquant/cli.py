@@ -369,8 +369,14 @@ def stream(src: str, dst: str, **kw: Any) -> None:
     """
     from . import headstart
 
-    # before torch is imported: the disk starts on the input's first bytes while torch loads
-    early = None if kw["dry_run"] else headstart.begin(src, dst, worker=kw["worker"], restart=kw["restart"])
+    # before torch is imported: the disk starts on the input's first bytes while torch loads (not
+    # for a plan, nor for mixed precision, which first samples rows of every tensor)
+    sampling = kw["target_bpw"] is not None or kw["min_sqnr"] is not None
+    early = (
+        None
+        if kw["dry_run"] or sampling
+        else headstart.begin(src, dst, worker=kw["worker"], restart=kw["restart"])
+    )
     try:
         _stream(src, dst, kw)
     finally:

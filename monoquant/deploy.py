@@ -105,7 +105,7 @@ def model_task(path: str | os.PathLike[str]) -> str:
     cfg = Path(path) / "config.json"
     try:
         archs = json.loads(cfg.read_text()).get("architectures") or []
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, AttributeError, RecursionError) as e:
         raise MonoquantError(
             f"{cfg}: cannot read it ({e}); an engine needs the model's config.json"
         ) from None

@@ -76,7 +76,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if cfg is not None and cfg.exists():
         try:
             qc = json.loads(cfg.read_text()).get("quantization_config")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             qc = None
     return {
         "path": str(root),

@@ -100,7 +100,7 @@ class Checkpoint:
         check_inside(p, self.root, "config.json")
         try:
             cfg = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
             raise CheckpointError(f"{p}: config.json is not valid JSON ({e}); fix or remove it") from None
         return cfg if isinstance(cfg, dict) else None
 
@@ -338,7 +338,7 @@ def _open_indexed(root: Path, index_path: Path) -> Checkpoint:
     check_inside(index_path, root, "index")
     try:
         index = json.loads(index_path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise CheckpointError(f"{index_path}: not valid JSON ({e}); re-download the index") from None
     wmap = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(wmap, dict) or not all(

@@ -109,7 +109,7 @@ def _check_config(
         return []
     try:
         cfg = json.loads(cfg_path.read_text())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         return [f"config.json: not valid JSON ({e})"]
     qc = cfg.get("quantization_config")
     if qc is None:

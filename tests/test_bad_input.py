@@ -195,6 +195,12 @@ def _index_not_json(d: Path) -> tuple[Path, Path]:
     return src, d / "out"
 
 
+def _index_too_deep(d: Path) -> tuple[Path, Path]:
+    src = sharded(d)
+    (src / "model.safetensors.index.json").write_text("[" * 100_000 + "]" * 100_000)
+    return src, d / "out"
+
+
 def _dup_indexed(d: Path) -> tuple[Path, Path]:
     src = sharded(d)
     p1 = src / "model-00001-of-00003.safetensors"
@@ -456,6 +462,12 @@ CASES = [
         (T2,),
     ),
     Case("index-not-json", "the index file is not JSON", _index_not_json, ("model.safetensors.index.json",)),
+    Case(
+        "index-too-deep",
+        "the index is JSON nested too deep to parse",
+        _index_too_deep,
+        ("model.safetensors.index.json",),
+    ),
     Case("tensor-in-two-shards", "the same tensor in two shards (with index)", _dup_indexed, (T2,)),
     Case("tensor-in-two-files", "the same tensor in two shards (no index)", _dup_no_index, (T2,)),
     Case(

@@ -32,6 +32,14 @@ def _file(path: Path, size: int) -> Path:
     return path
 
 
+def _st(path: Path, header: int, data: int) -> Path:
+    """A file laid out like a safetensors file: 8-byte length, ``header`` bytes, ``data`` bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(header.to_bytes(8, "little") + b"{}" + b" " * (header - 2) + os.urandom(data))
+    return path
+
+
 def _recorder() -> tuple[list[tuple[str, int, int]], object]:
     calls: list[tuple[str, int, int]] = []
 
@@ -73,33 +81,94 @@ def test_nothing_outside_the_input_is_asked_for(tmp_path: Path) -> None:
     outside = _file(tmp_path / "secret" / "s.safetensors", 4 * MiB)
     d = tmp_path / "ckpt"
     _file(d / "a.safetensors", MiB)
-    (d / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"x": "a.safetensors", "y": "../secret/s.safetensors"}})
-    )
+    index = d / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"x": "a.safetensors", "y": "../secret/s.safetensors"}}))
     assert input_files(d) == []  # an index naming a file outside: no head start at all
-    (d / "model.safetensors.index.json").unlink()
+    index.unlink()
     (d / "link.safetensors").symlink_to(outside)
     assert [p.name for p in input_files(d)] == ["a.safetensors"]  # the symlink out is left alone
+    (d / "link.safetensors").unlink()
+    # an index that is itself a symlink out is not read, whatever it names (here: a shard inside)
+    (tmp_path / "secret" / "index.json").write_text(json.dumps({"weight_map": {"x": "a.safetensors"}}))
+    index.symlink_to(tmp_path / "secret" / "index.json")
+    assert input_files(d) == []
+    index.unlink()
+    os.mkfifo(tmp_path / "secret" / "fifo.json")  # reading it would block forever
+    index.symlink_to(tmp_path / "secret" / "fifo.json")
+    assert input_files(d) == []
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        {"weight_map": {"x": ["a.safetensors"]}},  # unhashable values
+        {"weight_map": {"x": "a.safetensors", "y": 7}},  # values of mixed types
+        {"weight_map": None},
+        ["a.safetensors"],  # not an object
+        "[" * 100000 + "]" * 100000,  # nested too deep for the JSON parser
+    ],
+)
+def test_an_unusable_index_gives_none_and_the_cli_its_one_line_error(tmp_path: Path, index: object) -> None:
+    d = write_sharded(tmp_path / "ckpt", tiny_llama_sd(), shards=2)
+    text = index if isinstance(index, str) else json.dumps(index)
+    (d / "model.safetensors.index.json").write_text(text)
+    assert input_files(d) == []
+    if isinstance(index, str):
+        return  # the reader's own message for this one is not the head start's business
+    p = run_cli("stream", d, tmp_path / "out", "--int8", "-q")
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.startswith("monoquant: error: ") and p.stderr.count("\n") == 1, p.stderr
+    assert "weight_map" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_bin_index_means_torch_pickles_whatever_else_lies_there(tmp_path: Path) -> None:
+    _file(tmp_path / "stray.safetensors", 1024)
+    _file(tmp_path / "pytorch_model.bin", 1024)
+    (tmp_path / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": {"x": "pytorch_model.bin"}})
+    )
+    assert input_files(tmp_path) == []  # the reader follows the .bin index
 
 
 # ---- the budget --------------------------------------------------------------------------------
-def test_requests_go_in_order_and_stop_at_the_budget(tmp_path: Path) -> None:
-    a = _file(tmp_path / "a.safetensors", 5 * MiB)
-    b = _file(tmp_path / "b.safetensors", 5 * MiB)
+def test_headers_first_then_the_data_in_order_until_the_budget(tmp_path: Path) -> None:
+    a = _st(tmp_path / "a.safetensors", 1000, 5 * MiB)
+    b = _st(tmp_path / "b.safetensors", 2000, 5 * MiB)
     calls, advise = _recorder()
     hs = HeadStart([a, b], budget=7 * MiB, step=2 * MiB, advise=advise)  # type: ignore[arg-type]
     hs.start().join(10)
+    left = 7 * MiB - 1008 - 2008
     assert [(Path(p).name, off, n) for p, off, n in calls] == [
-        ("a.safetensors", 0, 2 * MiB),
-        ("a.safetensors", 2 * MiB, 2 * MiB),
-        ("a.safetensors", 4 * MiB, MiB),
-        ("b.safetensors", 0, 2 * MiB),
+        ("a.safetensors", 0, 1008),  # every header first: the run reads them all before any data
+        ("b.safetensors", 0, 2008),
+        ("a.safetensors", 1008, 2 * MiB),
+        ("a.safetensors", 1008 + 2 * MiB, 2 * MiB),
+        ("a.safetensors", 1008 + 4 * MiB, MiB),
+        ("b.safetensors", 2008, left - 5 * MiB),
     ]
     assert hs.requested == 7 * MiB
 
 
+def test_a_header_length_beyond_the_file_asks_for_the_file_only(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((1 << 62).to_bytes(8, "little") + b"x" * 100)
+    calls, advise = _recorder()
+    HeadStart([bad], budget=MiB, advise=advise).start().join(10)  # type: ignore[arg-type]
+    assert [(off, n) for _, off, n in calls] == [(0, 108)]
+
+
+def test_only_regular_files_are_opened(tmp_path: Path) -> None:
+    fifo = tmp_path / "f.safetensors"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes
+    calls, advise = _recorder()
+    hs = HeadStart([fifo], budget=MiB, advise=advise).start()  # type: ignore[arg-type]
+    hs.join(5)
+    assert hs._thread is not None and not hs._thread.is_alive()
+    assert calls == []
+
+
 def test_stop_ends_the_requests(tmp_path: Path) -> None:
-    a = _file(tmp_path / "a.safetensors", 8 * MiB)
+    a = _st(tmp_path / "a.safetensors", 100, 8 * MiB)
     gate, calls = threading.Event(), []
 
     def slow(fd: int, off: int, n: int) -> None:
@@ -107,13 +176,14 @@ def test_stop_ends_the_requests(tmp_path: Path) -> None:
         gate.wait(5)
 
     hs = HeadStart([a], budget=8 * MiB, step=MiB, advise=slow).start()
-    while not calls:
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:
         time.sleep(0.01)
     hs.stop(timeout=0)  # while a request is in flight
     gate.set()
     hs.join(5)
     assert calls == [0]  # the request in flight finished; none followed
-    assert hs.requested == MiB
+    assert hs.requested == 108  # the header (8 + 100 bytes), and no data
 
 
 def test_budget_is_the_least_of_the_limit_memory_and_cgroup_room(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -152,8 +222,33 @@ def test_cgroup_room_reads_the_tightest_limit_up_the_tree(tmp_path: Path, versio
     assert got == 200 * MiB  # the outer cgroup's limit binds
     (base / "outer" / "job" / lim).write_text(str(80 * MiB))
     assert headstart._cgroup_headroom(str(root), str(tmp_path / "table")) == 30 * MiB
+    # inactive page cache is room: the kernel reclaims it before failing an allocation
+    stat_name, stat_key = ("memory.stat", "total_inactive_file" if version == "v1" else "inactive_file")
+    (base / "outer" / "job" / stat_name).write_text(f"active_file 1\n{stat_key} {20 * MiB}\nfile 9\n")
+    assert headstart._cgroup_headroom(str(root), str(tmp_path / "table")) == 50 * MiB
     (tmp_path / "table").write_text("0::/\n" if version == "v1" else "4:memory:/\n")
-    assert headstart._cgroup_headroom(str(root), str(tmp_path / "table")) is None  # no limit
+    assert headstart._cgroup_headroom(str(root), str(tmp_path / "table")) is None  # no hierarchy
+    (tmp_path / "table").write_text(table)
+    for d in (base / "outer", base / "outer" / "job"):
+        (d / lim).write_text("max" if version == "v2" else str(1 << 62))
+    assert headstart._cgroup_headroom(str(root), str(tmp_path / "table")) is None  # no limit anywhere
+
+
+def test_cgroup_room_on_hybrid_hosts_comma_lists_and_bad_tables(tmp_path: Path) -> None:
+    root = tmp_path / "cg"
+    (root / "unified" / "job").mkdir(parents=True)  # v2 mounted beside v1, no cgroup.controllers at the top
+    (root / "unified" / "job" / "memory.max").write_text(str(100 * MiB))
+    (root / "unified" / "job" / "memory.current").write_text(str(40 * MiB))
+    (root / "memory" / "job").mkdir(parents=True)
+    (root / "memory" / "job" / "memory.limit_in_bytes").write_text(str(64 * MiB))
+    (root / "memory" / "job" / "memory.usage_in_bytes").write_text(str(60 * MiB))
+    table = tmp_path / "table"
+    table.write_text("0::/job\n")
+    assert headstart._cgroup_headroom(str(root), str(table)) == 60 * MiB
+    table.write_text("0::/job\n5:cpuacct,memory:/job\n")  # v1 memory in a comma list: the least room
+    assert headstart._cgroup_headroom(str(root), str(table)) == 4 * MiB
+    table.write_bytes(b"0::/caf\xe9\n")  # not UTF-8
+    assert headstart._cgroup_headroom(str(root), str(table)) is None
 
 
 # ---- when there is none ---------------------------------------------------------------------------
@@ -173,8 +268,22 @@ def test_begin_skips_workers_resumed_jobs_remote_inputs_and_the_switch(
     (out / ".monoquant").mkdir(parents=True)
     assert begin(str(src), str(out)) is None  # a job to resume: its first shards may be done
     assert begin(str(src), str(out), restart=True) is not None
-    monkeypatch.setenv(headstart.ENV, "0")
-    assert begin(str(src), str(tmp_path / "fresh")) is None
+    for value in ("0", "off", "False", "no "):
+        monkeypatch.setenv(headstart.ENV, value)
+        assert begin(str(src), str(tmp_path / "fresh")) is None, value
+    monkeypatch.setenv(headstart.ENV, "1")
+    assert begin(str(src), str(tmp_path / "fresh")) is not None
+
+
+def test_begin_never_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "ckpt"
+    _file(src / "a.safetensors", MiB)
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    assert begin(str(src), str(tmp_path / "out")) is None
 
 
 # ---- it really reads ahead ---------------------------------------------------------------------
@@ -212,39 +321,57 @@ def test_the_first_bytes_reach_the_page_cache(tmp_path: Path) -> None:
         if all(pages[: 8 * per_mib]) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
+    if not any(pages):
+        pytest.skip("this filesystem ignores WILLNEED (nothing was read): nothing to measure")
     assert all(pages[: 8 * per_mib]), f"{sum(pages[: 8 * per_mib])} of {8 * per_mib} pages read"
     assert not any(pages[24 * per_mib :]), "read far beyond the budget"
 
 
 # ---- the CLI starts it before torch, and the bytes do not depend on it ---------------------------
-def test_the_cli_starts_it_before_importing_torch(tmp_path: Path) -> None:
-    src = write_sharded(tmp_path / "ckpt", tiny_llama_sd(), shards=2)
+def _spied_stream(
+    *args: object, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run ``monoquant stream ARGS`` in a fresh interpreter with ``headstart.begin`` spied on;
+    returns the process and one line per call: whether torch was loaded then, and whether a head
+    start began."""
     code = (
         "import sys, monoquant.headstart as h\n"
         "real = h.begin\n"
         "def spy(*a, **k):\n"
         "    hs = real(*a, **k)\n"
-        "    print('torch loaded:', 'torch' in sys.modules, 'started:', hs is not None, file=sys.stderr)\n"
+        "    t = 'torch' in sys.modules\n"
+        "    print('HEADSTART torch loaded:', t, 'started:', hs is not None, file=sys.stderr)\n"
         "    return hs\n"
         "h.begin = spy\n"
         "from monoquant.cli import main\n"
-        f"main(['stream', {str(src)!r}, {str(tmp_path / 'out')!r}, '--int8', '-q'])\n"
+        f"main(['stream', *{[str(a) for a in args]!r}])\n"
     )
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env or ENV, timeout=300
+    )
+    return p, [ln for ln in p.stderr.splitlines() if ln.startswith("HEADSTART")]
+
+
+def test_the_cli_starts_it_before_importing_torch(tmp_path: Path) -> None:
+    src = write_sharded(tmp_path / "ckpt", tiny_llama_sd(), shards=2)
+    p, calls = _spied_stream(src, tmp_path / "out", "--int8", "-q")
     assert p.returncode == 0, p.stderr
-    assert "torch loaded: False started: True" in p.stderr
+    assert calls == ["HEADSTART torch loaded: False started: True"]
+
+
+@pytest.mark.parametrize("extra", [["--dry-run"], ["--target-bpw", "6"], ["--worker", "0/2"]])
+def test_the_cli_starts_none_for_plans_mixed_precision_and_workers(tmp_path: Path, extra: list[str]) -> None:
+    src = write_sharded(tmp_path / "ckpt", tiny_llama_sd(), shards=2)
+    p, calls = _spied_stream(src, tmp_path / "out", "--int8", "-q", *extra)
+    assert p.returncode == 0, p.stderr
+    assert calls in ([], ["HEADSTART torch loaded: False started: False"])
 
 
 def test_output_bytes_are_the_same_without_it(tmp_path: Path) -> None:
     src = write_sharded(tmp_path / "ckpt", tiny_llama_sd(), shards=2)
     a, b = tmp_path / "a", tmp_path / "b"
-    assert run_cli("stream", src, a, "--int4", "-q").returncode == 0
-    off = subprocess.run(
-        [sys.executable, "-m", "monoquant", "stream", str(src), str(b), "--int4", "-q"],
-        capture_output=True,
-        text=True,
-        env={**ENV, headstart.ENV: "0"},
-        timeout=300,
-    )
-    assert off.returncode == 0, off.stderr
+    p, calls = _spied_stream(src, a, "--int4", "-q")
+    assert p.returncode == 0 and calls == ["HEADSTART torch loaded: False started: True"], p.stderr
+    off, calls = _spied_stream(src, b, "--int4", "-q", env={**ENV, headstart.ENV: "0"})
+    assert off.returncode == 0 and calls == ["HEADSTART torch loaded: False started: False"], off.stderr
     assert read_dir_bytes(a) == read_dir_bytes(b)
