@@ -46,7 +46,6 @@ Example (two shards with 16-byte headers and 3 MiB of data each):
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import stat
 import threading
@@ -54,6 +53,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .containment import index_entry, is_inside
+from .memwatch import memory_cgroups
+from .weightfiles import find_index, listed_weight_files, read_index
 
 #: the most bytes a head start asks for
 LIMIT = 1 << 30
@@ -78,19 +79,16 @@ def input_files(src: str | os.PathLike[str]) -> list[Path]:
             return [root] if root.suffix == ".safetensors" else []
         if not root.is_dir():
             return []
-        index = sorted(root.glob("*.safetensors.index.json"))
-        if index:
-            if not (index[0].is_file() and is_inside(index[0], root)):
-                return []
-            obj = json.loads(index[0].read_text())
-            wmap = obj.get("weight_map") if isinstance(obj, dict) else None
-            if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
-                return []
-            files = [index_entry(root, s, index[0].name) for s in sorted(set(wmap.values()))]
-        elif any(root.glob("*.bin.index.json")):
-            return []  # the reader follows that index: torch pickles
+        index = find_index(root)
+        if index is None:
+            files = listed_weight_files(root)
+        elif index.name.endswith(".safetensors.index.json") and index.is_file():  # never a FIFO
+            wmap = read_index(root, index)["weight_map"]
+            files = [index_entry(root, s, index.name) for s in sorted(set(wmap.values()))]
         else:
-            files = sorted(p for p in root.iterdir() if p.suffix == ".safetensors")
+            return []
+        if any(p.suffix != ".safetensors" for p in files):
+            return []  # torch pickles: no head start
         return [p for p in files if p.is_file() and is_inside(p, root)]
     except Exception:  # a hint: whatever is wrong, the run itself reports it
         return []
@@ -257,19 +255,9 @@ def _cgroup_headroom(root: str = "/sys/fs/cgroup", table: str = "/proc/self/cgro
     counts as room: the kernel reclaims it first, and a capped job that has read much has its
     usage near the limit in page cache alone."""
     try:
-        with open(table) as f:
-            lines = [ln.strip().split(":", 2) for ln in f if ln.count(":") >= 2]
         best: int | None = None
-        for _hid, ctrls, rel in lines:
-            if ctrls == "":  # v2
-                top, v1 = Path(root), False
-                if not (top / "cgroup.controllers").exists():  # a hybrid host mounts v2 beside v1
-                    top = top / "unified"
-            elif "memory" in ctrls.split(","):
-                top, v1 = Path(root) / "memory", True
-            else:
-                continue
-            room = _room(top, top / rel.lstrip("/"), v1)
+        for d, top, v1 in memory_cgroups(root, table):
+            room = _room(top, d, v1)
             if room is not None:
                 best = room if best is None else min(best, room)
         return best

@@ -27,24 +27,47 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
+def memory_cgroups(
+    root: str = "/sys/fs/cgroup", table: str = "/proc/self/cgroup"
+) -> list[tuple[Path, Path, bool]]:
+    """This process's memory cgroups from ``table``: ``(directory, top of its hierarchy, v1?)``
+    for the v1 ``memory`` controller (``root/memory/...``) and for v2 (``root/...``, or
+    ``root/unified/...`` on a host that mounts v2 beside v1). ``[]`` when ``table`` cannot be read.
+
+    Example:
+        >>> memory_cgroups("/cg", "/nonexistent")
+        []
+    """
+    try:
+        lines = Path(table).read_text().splitlines()
+    except (OSError, ValueError):  # ValueError: not UTF-8
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        if "memory" in controllers.split(","):
+            top, v1 = Path(root) / "memory", True
+        elif controllers == "":
+            top, v1 = Path(root), False
+            if not (top / "cgroup.controllers").exists():  # a hybrid host mounts v2 beside v1
+                top = top / "unified"
+        else:
+            continue
+        out.append((top / rel.lstrip("/"), top, v1))
+    return out
+
+
 def cgroup_peak() -> int | None:
     """Max usage of this process's memory cgroup in bytes (v1 or v2), when the process runs alone
     in its own cgroup (as under ``memcap``); ``None`` otherwise (a shared cgroup's peak says
     nothing about this run)."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            f = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.max_usage_in_bytes"
-        elif controllers == "":
-            f = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.peak"
-        else:
-            continue
+    for d, _top, v1 in memory_cgroups():
+        f = d / ("memory.max_usage_in_bytes" if v1 else "memory.peak")
         try:
-            procs = {int(x) for x in (f.parent / "cgroup.procs").read_text().split()}
+            procs = {int(x) for x in (d / "cgroup.procs").read_text().split()}
             if procs - _own_tree():
                 return None
             return int(f.read_text().strip())

@@ -42,7 +42,7 @@ from .errors import CheckpointError
 from .numerics import Workspace, as_rows
 from .prefetch import ReadAhead, mapping_address
 from .remote import RangeReader, RemotePath, is_remote
-from .weightfiles import select_weight_files
+from .weightfiles import find_index, listed_weight_files, read_index, select_weight_files
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -281,13 +281,10 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         _check_unique(refs)
         _check_not_empty(root, refs)
         return Checkpoint(root, refs, [root])
-    index_files = sorted(root.glob("*.safetensors.index.json")) or sorted(root.glob("*.bin.index.json"))
-    if index_files:
-        return _open_indexed(root, index_files[0])
-    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix == ".safetensors")
-    if not files:
-        files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in (".bin", ".pt", ".pth"))
-    files, notes = select_weight_files(root, files)
+    index_path = find_index(root)
+    if index_path is not None:
+        return _open_indexed(root, index_path)
+    files, notes = select_weight_files(root, listed_weight_files(root))
     for f in files:
         check_inside(f, root, "weight file")
     if not files:
@@ -335,16 +332,8 @@ def _check_not_empty(where: Path, refs: list[TensorRef]) -> None:
 
 
 def _open_indexed(root: Path, index_path: Path) -> Checkpoint:
-    check_inside(index_path, root, "index")
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
-        raise CheckpointError(f"{index_path}: not valid JSON ({e}); re-download the index") from None
-    wmap = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(wmap, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()
-    ):
-        raise CheckpointError(f"{index_path}: no valid 'weight_map' object; the index is corrupt")
+    index = read_index(root, index_path)
+    wmap: dict[str, str] = index["weight_map"]
     shards = sorted(set(wmap.values()))
     files = []
     entry_of: dict[Path, str] = {}  # file -> the index entry naming it (``sub/x.safetensors`` allowed inside)
@@ -387,7 +376,8 @@ def _open_indexed(root: Path, index_path: Path) -> Checkpoint:
                 "shards do not match"
             )
     _check_not_empty(index_path, refs)
-    meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+    meta = index.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
     return Checkpoint(root, refs, files, _side_files(root, set(files) | {index_path}), meta)
 
 

@@ -23,9 +23,12 @@ Example:
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
+from .containment import check_inside
 from .errors import CheckpointError
 
 TRAINING_STATE = re.compile(
@@ -58,3 +61,41 @@ def select_weight_files(root: Path, files: list[Path]) -> tuple[list[Path], list
             "saved twice; point monoquant at one file, or move the other files away"
         )
     return keep, notes
+
+
+def find_index(root: Any) -> Any | None:
+    """The index a checkpoint directory is read through: its first ``*.safetensors.index.json``,
+    else its first ``*.bin.index.json``; ``None`` without one (``root``: a ``Path`` or a remote
+    path)."""
+    found = sorted(root.glob("*.safetensors.index.json")) or sorted(root.glob("*.bin.index.json"))
+    return found[0] if found else None
+
+
+def read_index(root: Any, index_path: Any) -> dict[str, Any]:
+    """The index ``index_path`` of ``root`` as a JSON object whose ``weight_map`` maps tensor
+    names to shard entries (strings both).
+
+    Raises:
+        CheckpointError: the index resolves outside ``root``, is not JSON, or has no such
+            ``weight_map``.
+    """
+    check_inside(index_path, root, "index")
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
+        raise CheckpointError(f"{index_path}: not valid JSON ({e}); re-download the index") from None
+    wmap = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wmap, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()
+    ):
+        raise CheckpointError(f"{index_path}: no valid 'weight_map' object; the index is corrupt")
+    return index
+
+
+def listed_weight_files(root: Any) -> list[Any]:
+    """The weight files of a directory without an index, before :func:`select_weight_files`:
+    its ``*.safetensors`` files, else its torch zip checkpoints, sorted by name."""
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix == ".safetensors")
+    if not files:
+        files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in (".bin", ".pt", ".pth"))
+    return files
