@@ -5,8 +5,10 @@
 
 Prints one JSON line ``{"<op>": microseconds}`` (mean over ``--repeats`` calls, after one warm-up)
 for the operations docs/benchmarks.md compares: the casts of the fp16 path (bfloat16 -> float32
--> float16 against a direct bfloat16 -> float16 copy) and the int4 packing (the float add over
-strided pairs it replaced, against ``monoquant.packing.encode_codes`` as it is now).
+-> float16 against a direct bfloat16 -> float16 copy), the int4 packing (the float add over
+strided pairs it replaced, against ``monoquant.packing.encode_codes`` as it is now), the int8
+kernel on one tile with and without its exact statistics, and three ways to get the bf16 decode
+``bf16(q * scale)`` those statistics need (checked equal).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from collections.abc import Callable
 
 import torch
 
-from monoquant.numerics import Workspace
+from monoquant.kernels import get_kernel
+from monoquant.numerics import ErrorStats, Workspace
 from monoquant.packing import code_buffer, encode_codes
+from monoquant.schemes import get_scheme
 
 
 def _us(fn: Callable[[], object], n: int) -> float:
@@ -62,6 +66,29 @@ def main() -> None:
         "int4 pack, float add over strided pairs": _us(strided_float_pack, n),
         "int4 pack, encode_codes": _us(lambda: encode_codes(y, 4, True, ws, out=codes), n),
     }
+    # int8 (per channel) on one tile, as the stream runs it: exact statistics on or off
+    k8 = get_kernel(get_scheme("int8"))
+    ws8 = Workspace()
+    res["int8 tile, no statistics"] = _us(lambda: k8.quantize_block(x, ws=ws8), n)
+    res["int8 tile, exact statistics"] = _us(lambda: k8.quantize_block(x, ws=ws8, stats=ErrorStats()), n)
+    # the decode the statistics measure, three ways
+    xf = x.float()
+    sb = (xf.abs().amax(1, keepdim=True) / 127.5).to(torch.bfloat16)
+    q = (xf / sb.float()).round().clamp(-128, 127)
+    q8, qb = q.to(torch.int8), torch.empty(r, c, dtype=torch.bfloat16)
+    e, dec = torch.empty(r, c), torch.empty(r, c, dtype=torch.bfloat16)
+    ref = (q * sb.float()).to(torch.bfloat16)
+    torch.mul(q8, sb, out=dec)
+    assert torch.equal(dec, ref), "int8 x bf16 decode differs"
+    qb.copy_(q)
+    torch.mul(qb, sb, out=dec)
+    assert torch.equal(dec, ref), "bf16 x bf16 decode differs"
+    res["bf16 decode: float32 multiply, then round to bf16 (as now)"] = _us(
+        lambda: (torch.mul(q, sb.float(), out=e), dec.copy_(e)), n
+    )
+    res["bf16 decode: int8 codes x bf16 scale"] = _us(lambda: torch.mul(q8, sb, out=dec), n)
+    res["bf16 decode: codes to bf16 (the cast alone)"] = _us(lambda: qb.copy_(q), n)
+    res["bf16 decode: bf16 codes x bf16 scale"] = _us(lambda: torch.mul(qb, sb, out=dec), n)
     print(json.dumps(res))
 
 
