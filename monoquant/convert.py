@@ -24,8 +24,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 
 import torch
 
@@ -41,7 +41,7 @@ from .kernels import (
     get_kernel,
 )
 from .options import DEFAULT_BLOCK_BYTES
-from .overlap import KernelHelper, SyncSink, ThreadSink, WorkspacePool
+from .overlap import BlockQueue, BlockTask, KernelHelper, SyncSink, ThreadSink, WorkspacePool
 from .peeramax import shared_absmax
 from .plan import PlannedOutput, PlannedTensor, block_rows_for
 from .reader import RowReader
@@ -70,7 +70,7 @@ def process_tensor(
 
     ``scratch``: this thread's workspace for the kernels' scratch (default: each block's own
     workspace holds it too). With ``helper``, the blocks are shared out between this thread and
-    the helper's (:func:`_alternate_blocks`), each with its own scratch (``helper``'s). The output
+    the helper's (:func:`_shared_blocks`), each with its own scratch (``helper``'s). The output
     is the same."""
     ref, d = pt.ref, pt.decision
 
@@ -148,7 +148,7 @@ def process_tensor(
                 del x
                 emit(a, b, ws, res)
         else:
-            _alternate_blocks(
+            _shared_blocks(
                 rows, br, lambda a, b, ws: reader.rows(ref, a, b, ws=ws), pool, quantize, emit, stats, helper
             )
         consts = kernel.constants(ref.shape, tscale)
@@ -167,7 +167,13 @@ def process_tensor(
         raise decode_overflow_error(ref.name, str(e), where) from None
 
 
-def _alternate_blocks(
+#: blocks of one tensor read but not yet handed to the sink, at most (each holds a workspace of
+#: the pool, which must keep one more for the writer): one on each kernel thread and two waiting,
+#: so that the helper can go on while this thread computes a block
+HELD_BLOCKS = 4
+
+
+def _shared_blocks(
     rows: int,
     br: int,
     read: Callable[[int, int, Workspace], torch.Tensor],
@@ -177,50 +183,72 @@ def _alternate_blocks(
     stats: ErrorStats | None,
     helper: KernelHelper,
 ) -> None:
-    """The block loop on two threads: ``helper`` quantizes the even blocks while this thread
-    quantizes the odd ones; blocks are read (the reader's bookkeeping stays on this thread) and
-    emitted in order, so the sink sees exactly the sequence of the one-thread loop and the bytes
-    are the same. Each thread sums its own statistics; the helper's are merged at the end (the
-    same figures, added in another order). A failure on either thread is raised here once the
-    other thread's block is done, and every workspace goes back to ``pool``."""
-    hst = ErrorStats() if stats is not None else None
-    pending: tuple[int, int, Workspace, Future[dict[str, torch.Tensor]]] | None = None
+    """The block loop on two threads that never wait for each other between blocks.
+
+    This thread reads up to :data:`HELD_BLOCKS` blocks ahead (the reader's bookkeeping stays
+    here) into a :class:`~monoquant.overlap.BlockQueue` and computes one itself only when another
+    is left waiting; the helper takes the next one as soon as it is free, so it goes on while this
+    thread is slow (a core shared with the writer) instead of waiting for it. Blocks are emitted in order
+    by this thread, so the sink sees exactly the sequence of the one-thread loop and the bytes
+    are the same. Each block's statistics are its own, merged in block order: the figures do not
+    depend on which thread computed what. A failure is raised here when its block's turn to be
+    emitted comes (the first failing block in order, as in the one-thread loop), once the helper
+    has stopped; every workspace goes back to ``pool``."""
+    if pool.size <= HELD_BLOCKS:
+        raise ValueError(f"the pool needs more than {HELD_BLOCKS} workspaces, it has {pool.size}")
+    todo = BlockQueue()
+
+    def compute(t: BlockTask, scratch: Workspace) -> None:
+        st = ErrorStats() if stats is not None else None
+        try:
+            assert t.x is not None  # read, not yet computed
+            t.result = quantize(t.x, t.ws.with_scratch(scratch), st)
+        except Exception as e:  # raised by the reading thread, in block order
+            t.error = e
+        finally:
+            t.x, t.stats = None, st
+            t.done.set()
+
+    served = helper.submit(todo.serve, lambda t: compute(t, helper.helper_scratch))
+    held: deque[BlockTask] = deque()
+    starts = iter(range(0, rows, br))
+    a = next(starts, None)
     try:
-        for a in range(0, rows, br):
-            b = min(a + br, rows)
-            ws = pool.acquire()
-            try:
-                x = read(a, b, ws)
-                if pending is None:
-                    fut = helper.submit(quantize, x, ws.with_scratch(helper.helper_scratch), hst)
-                    pending = (a, b, ws, fut)
-                    continue
-                res = quantize(x, ws.with_scratch(helper.scratch), stats)
-                del x
-                pa, pb, pws, fut = pending
-                pres = fut.result()
-            except BaseException:
-                pool.release(ws)
-                raise
-            pending = None
-            try:
-                emit(pa, pb, pws, pres)
-            except BaseException:  # the sink refused the earlier block: this one is not handed over
-                pool.release(ws)
-                raise
-            emit(a, b, ws, res)
-        if pending is not None:
-            pa, pb, pws, fut = pending
-            pres = fut.result()
-            pending = None
-            emit(pa, pb, pws, pres)
+        while True:
+            while held and held[0].done.is_set():  # hand over what is finished, in order
+                head = held[0]
+                if head.error is not None:
+                    raise head.error
+                held.popleft()
+                if stats is not None and head.stats is not None:
+                    stats.merge(head.stats)
+                assert head.result is not None  # done without an error
+                emit(head.a, head.b, head.ws, head.result)
+            while a is not None and len(held) < HELD_BLOCKS:  # read ahead: blocks for the helper
+                b = min(a + br, rows)
+                ws = pool.acquire()
+                try:
+                    x = read(a, b, ws)
+                except BaseException:
+                    pool.release(ws)
+                    raise
+                held.append(BlockTask(a, b, ws, x))
+                todo.add(held[-1])
+                a = next(starts, None)
+            # compute one here only if another is left for the helper meanwhile (or none is to come)
+            mine = todo.take() if todo.waiting() >= (2 if a is not None else 1) else None
+            if mine is not None:
+                compute(mine, helper.scratch)
+            elif held:
+                held[0].done.wait()  # the oldest block is on the helper, or about to be
+            else:
+                break
     finally:
-        if pending is not None:  # failed: the helper's block must finish before its workspace is reused
-            with contextlib.suppress(BaseException):
-                pending[3].result()
-            pool.release(pending[2])
-    if stats is not None and hst is not None:
-        stats.merge(hst)
+        todo.close()
+        with contextlib.suppress(BaseException):
+            served.result()  # the helper's last block is done before its workspace is reused
+        for left in held:
+            pool.release(left.ws)
 
 
 def _block_offset(out: PlannedOutput, first_row: int) -> int:

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .convert import process_tensor
+from .convert import HELD_BLOCKS, process_tensor
 from .copylane import CopyLane
 from .errors import MonoquantError, OutputError
 from .journal import JobState, check_writable, entry_matches
@@ -54,9 +54,10 @@ from .writer import ShardWriter
 
 Emit = Callable[[ProgressEvent], None]
 
-#: workspaces of a job with overlap on: a block on each kernel thread and two with the writer. They
-#: hold block outputs only (a few MiB each); the kernels' scratch is one per kernel thread
-POOL_OVERLAP = 4
+#: workspaces of a job with overlap on: the blocks a tensor holds (``convert.HELD_BLOCKS``: one on
+#: each kernel thread, one waiting, one finished) and two with the writer. They hold block outputs
+#: only (a few MiB each); the kernels' scratch is one per kernel thread
+POOL_OVERLAP = HELD_BLOCKS + 2
 
 
 def run_job(ckpt: Checkpoint, p: Plan, dst: Path, opts: JobOptions, report: Report, emit: Emit) -> None:
@@ -199,7 +200,7 @@ def _run_shards(run: ShardRun, mine: list[ShardPlan]) -> None:
     failure: list[BaseException] = []
 
     def work() -> None:
-        # overlap: blocks computing on this thread and the kernel helper's (convert._alternate_blocks)
+        # overlap: blocks computing on this thread and the kernel helper's (convert._shared_blocks)
         # while earlier ones are written; a block's workspace holds its outputs only, the kernels'
         # scratch is per thread
         pool = WorkspacePool(POOL_OVERLAP if run.opts.overlap else 1)
@@ -257,7 +258,7 @@ def _journaled_ok(p: Plan, shard: ShardPlan, entry: dict[str, Any] | None, dst: 
 
 
 def _two_kernel_threads(pt: PlannedTensor) -> bool:
-    """Whether ``pt``'s blocks may alternate with the kernel helper thread: quantized tensors whose
+    """Whether ``pt``'s blocks may be shared with the kernel helper thread: quantized tensors whose
     kernel works in tiles (a second block in flight costs a few MiB; the whole-block temporaries
     of NVFP4, MX, fp8-block or ``--optimize`` would raise the peak: NVFP4 passed 300 MiB of
     anonymous memory in the 384 MiB cap test). Casts are cheap: with a helper, their writer (as

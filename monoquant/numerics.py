@@ -43,9 +43,14 @@ from .errors import MonoquantError
 
 FP16_MAX = 65504.0
 FP8_MAX = 448.0
-#: Elements per tile of the round-to-nearest kernels (4 MiB of float32: the steps of one tile
-#: run in the cache). Speed only: the bytes do not depend on it.
+#: Elements per tile of the cast and fp8 kernels (4 MiB of float32: the steps of one tile run in
+#: the cache). Speed only: the bytes do not depend on it.
 TILE_ELEMENTS = 1 << 20
+#: Elements per tile of the integer kernels: half as many. A tile of theirs holds four float32
+#: temporaries (the input, the codes, the decode and its error), and the two kernel threads of a
+#: stream share the cache: with 1 M elements, two threads did 1.24x the work of one, with 512 K
+#: 1.35x (``scripts/two_cores.py``; docs/benchmarks.md). Speed only, as above.
+INT_TILE_ELEMENTS = 1 << 19
 
 
 # ---- errors the kernels raise (callers add the tensor name) ------------------------------------

@@ -78,8 +78,8 @@ class JobOptions:
         backend: ``mmap`` or ``pread``.
         threads: torch intra-op threads (``None``: leave the setting alone).
         stats: ``exact``, ``sample`` or ``off``.
-        overlap: write and hash on a background thread, and quantize every other block on a
-            helper thread (the tiled kernels: integer round-to-nearest, fp8).
+        overlap: write and hash on a background thread, and share each tensor's blocks with a
+            kernel helper thread (the tiled kernels: integer round-to-nearest, fp8).
     """
 
     worker: tuple[int, int] = (0, 1)

@@ -22,13 +22,14 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
 
-from .kernels import Workspace
+from .kernels import ErrorStats, Workspace
 
 if TYPE_CHECKING:  # annotations only: overlap sits below the plan layer
     from .plan import PlannedOutput
@@ -77,6 +78,88 @@ class KernelHelper:
     def shutdown(self) -> None:
         """Stop the thread (after what it is doing)."""
         self._executor.shutdown()
+
+
+class BlockTask:
+    """One block of a tensor: rows ``a:b`` read into ``ws`` as ``x``; once :attr:`done` is set,
+    its outputs (``result``) or its failure (``error``), and the statistics it measured."""
+
+    __slots__ = ("a", "b", "done", "error", "result", "stats", "ws", "x")
+
+    def __init__(self, a: int, b: int, ws: Workspace, x: torch.Tensor):
+        self.a, self.b, self.ws = a, b, ws
+        self.x: torch.Tensor | None = x
+        self.result: dict[str, torch.Tensor] | None = None
+        self.error: BaseException | None = None
+        self.stats: ErrorStats | None = None
+        self.done = threading.Event()
+
+
+class BlockQueue:
+    """Blocks waiting for a kernel thread, taken first in, first out by whichever thread is free.
+
+    The thread that reads the blocks hands them over with :meth:`add` and computes some itself
+    (:meth:`take`); the kernel helper runs :meth:`serve`, which takes blocks as soon as they
+    come until :meth:`close`. Neither thread waits for the other between blocks: a block that one thread
+    has not started yet goes to the other one when it is free (the blocks are still emitted in
+    order by the reading thread, so the output does not depend on which thread computed what).
+
+    Example:
+        >>> from concurrent.futures import ThreadPoolExecutor
+        >>> q = BlockQueue()
+        >>> tasks = [BlockTask(i, i + 1, Workspace(), torch.tensor([float(i)])) for i in range(4)]
+        >>> def compute(t):
+        ...     t.result = {"": t.x * 2}
+        ...     t.done.set()
+        >>> with ThreadPoolExecutor(1) as ex:
+        ...     fut = ex.submit(q.serve, compute)
+        ...     for t in tasks:
+        ...         q.add(t)
+        ...     while (t := q.take()) is not None:
+        ...         compute(t)
+        ...     q.close()
+        ...     fut.result()
+        >>> [float(t.result[""]) for t in tasks if t.done.wait()]
+        [0.0, 2.0, 4.0, 6.0]
+    """
+
+    def __init__(self) -> None:
+        self._todo: deque[BlockTask] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+
+    def add(self, task: BlockTask) -> None:
+        with self._cv:
+            self._todo.append(task)
+            self._cv.notify()
+
+    def take(self) -> BlockTask | None:
+        """The oldest block no thread has started, or ``None``."""
+        with self._cv:
+            return self._todo.popleft() if self._todo else None
+
+    def waiting(self) -> int:
+        """How many blocks no thread has started yet."""
+        with self._cv:
+            return len(self._todo)
+
+    def close(self) -> None:
+        """No more blocks: :meth:`serve` returns after the block it is computing; blocks not yet
+        started stay here (after a failure, the caller gives their workspaces back)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    def serve(self, compute: Callable[[BlockTask], None]) -> None:
+        """Compute blocks as they come until :meth:`close` (the kernel helper's loop)."""
+        while True:
+            with self._cv:
+                while not self._todo and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                task = self._todo.popleft()
+            compute(task)
 
 
 class SyncSink:

@@ -165,11 +165,12 @@ def stream(
             dB better than it is and be missing from the worst list) or ``"off"``.
         block_bytes: input bytes per processing block (memory vs. speed; output unchanged).
         overlap: use a second core: write and hash blocks on a background thread while the next
-            block is computed, and quantize every other block on a helper thread (the tiled
-            integer and fp8 kernels): ``True``, ``False``, or ``"auto"`` (default: on when a CPU
-            core is idle at the start; faster on a quiet 2-core machine, slower on busy cores, see
-            docs/benchmarks.md). The output bytes are the same either way; the statistics are the
-            same figures summed in another order.
+            block is computed, and share each tensor's blocks with a kernel helper thread (the
+            tiled integer and fp8 kernels; whichever thread is free takes the next block):
+            ``True``, ``False``, or ``"auto"`` (default: on when a CPU core is idle at the start;
+            faster on a quiet 2-core machine, slower on busy cores, see docs/benchmarks.md). The
+            output bytes are the same either way; the statistics are the same figures summed in
+            another order (block by block, in block order: the same every run).
         on_progress: called with :class:`ProgressEvent` (from worker threads, serialized).
         strict_group_size: leave tensors whose columns are not a multiple of the group size dense
             (default: quantize them with the largest halved group size that divides them).

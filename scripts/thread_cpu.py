@@ -41,9 +41,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ckpt")
     ap.add_argument("--interval", type=float, default=0.5)
-    ap.add_argument("args", nargs=argparse.REMAINDER, help="-- then monoquant stream options")
-    a = ap.parse_args()
-    extra = a.args[1:] if a.args[:1] == ["--"] else a.args
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)  # after "--": monoquant stream options
+    a = ap.parse_args(argv[:cut])
+    extra = argv[cut + 1 :]
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "monoquant", "stream", a.ckpt, os.path.join(tmp, "out"), *extra]
         p = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

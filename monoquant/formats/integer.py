@@ -29,7 +29,7 @@ import torch
 
 from ..errors import SchemeError
 from ..numerics import (
-    TILE_ELEMENTS,
+    INT_TILE_ELEMENTS,
     DecodeOverflowError,
     ErrorStats,
     OutSpec,
@@ -186,7 +186,7 @@ class IntKernel(Kernel):
         """Round-to-nearest outputs of the block ``x``; ``stats`` measures every ``k``-th row.
 
         The block is processed in tiles of whole rows of about
-        :data:`~monoquant.numerics.TILE_ELEMENTS` (4 MiB of float32, cache-sized): every step
+        :data:`~monoquant.numerics.INT_TILE_ELEMENTS` (2 MiB of float32, cache-sized): every step
         of a tile (float32 copy, range, scale, divide, round, clamp, encode) reads what the
         previous one left in the cache, instead of streaming the whole block through memory
         once per step. Every element and every row's scale is
@@ -203,7 +203,7 @@ class IntKernel(Kernel):
         mag = self.magnitude
         if s.strategy == "tensor" and tensor_scale is None:
             raise SchemeError("a per-tensor scheme needs the tensor scale (absmax pass)")
-        tile = max(1, min(r, TILE_ELEMENTS // max(c, 1)))
+        tile = max(1, min(r, INT_TILE_ELEMENTS // max(c, 1)))
         codes = code_buffer(r, c, s.bits, self.packed, ws)
         per_tensor = s.strategy == "tensor"
         scales = torch.empty(0 if per_tensor else r, groups, dtype=sdt)

@@ -1,0 +1,223 @@
+"""The two-thread block loop (``convert._shared_blocks``): order, statistics, bounds, failures.
+
+The loop is driven here with fake read / quantize / emit functions whose timing is random, so
+that either thread may be the slow one; what must hold whatever the timing: blocks are emitted
+in order, statistics are merged in block order (the same float sums every run), at most
+``HELD_BLOCKS`` workspaces are taken, the first failing block in order is the one raised, every
+workspace goes back and the helper's loop has stopped.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from monoquant.convert import HELD_BLOCKS, _shared_blocks
+from monoquant.numerics import ErrorStats
+from monoquant.overlap import BlockQueue, KernelHelper, WorkspacePool
+
+
+class CountingPool(WorkspacePool):
+    """A pool that records the most workspaces out at once."""
+
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.out = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def acquire(self):
+        ws = super().acquire()
+        with self._lock:
+            self.out += 1
+            self.most = max(self.most, self.out)
+        return ws
+
+    def release(self, ws):
+        with self._lock:
+            self.out -= 1
+        super().release(ws)
+
+
+def _run(n_blocks, *, seed, fail=(), slow_main=0.0, pool_size=HELD_BLOCKS + 2):
+    """Run the loop over ``n_blocks`` one-row blocks; returns (emitted, stats, threads, pool)."""
+    rng = random.Random(seed)
+    delays = [rng.random() * 0.004 for _ in range(n_blocks)]
+    pool = CountingPool(pool_size)
+    helper = KernelHelper()
+    emitted: list[int] = []
+    threads: dict[int, str] = {}
+    main = threading.get_ident()
+
+    def read(a, b, ws):
+        return torch.tensor([float(a)])
+
+    def quantize(x, ws, st):
+        a = int(x[0])
+        on_main = threading.get_ident() == main
+        threads[a] = "main" if on_main else "helper"
+        time.sleep(delays[a] + (slow_main if on_main else 0.0))
+        if a in fail:
+            raise ValueError(f"block {a}")
+        if st is not None:  # sums that depend on the order they are added in
+            st.add_sums(1, 0.1 * (a + 1) ** 0.5, 1e-7 * (a + 3) ** 1.5, float(a))
+        return {"": x}
+
+    def emit(a, b, ws, res):
+        emitted.append(a)
+        pool.release(ws)
+
+    stats = ErrorStats()
+    try:
+        _shared_blocks(n_blocks, 1, read, pool, quantize, emit, stats, helper)
+    finally:
+        helper.shutdown()
+    return emitted, stats, threads, pool
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_blocks_are_emitted_in_order_with_the_same_statistics_whatever_the_timing(seed):
+    emitted, stats, threads, pool = _run(23, seed=seed)
+    assert emitted == list(range(23))
+    assert pool.out == 0 and pool._free.qsize() == pool.size
+    assert pool.most <= HELD_BLOCKS
+    # the block-order merge of per-block sums, bit for bit
+    want = ErrorStats()
+    for a in range(23):
+        one = ErrorStats()
+        one.add_sums(1, 0.1 * (a + 1) ** 0.5, 1e-7 * (a + 3) ** 1.5, float(a))
+        want.merge(one)
+    assert (stats.numel, stats.sum_sq, stats.err_sq, stats.max_abs_err) == (
+        want.numel,
+        want.sum_sq,
+        want.err_sq,
+        want.max_abs_err,
+    )
+    assert set(threads.values()) == {"main", "helper"}  # both threads took blocks
+
+
+def test_the_helper_takes_the_blocks_a_slow_thread_leaves():
+    """With this thread slowed down, the helper does not wait for it: it computes most blocks
+    (strict alternation would give it half)."""
+    emitted, _, threads, _ = _run(24, seed=7, slow_main=0.03)
+    assert emitted == list(range(24))
+    assert sum(1 for t in threads.values() if t == "helper") >= 16
+
+
+@pytest.mark.parametrize("fail", [(0,), (1,), (5, 9), (22,)])
+@pytest.mark.parametrize("seed", range(3))
+def test_the_first_failing_block_in_order_is_raised_and_every_workspace_goes_back(fail, seed):
+    """Whichever thread computes it and whenever a later block fails: the blocks before the
+    first failing one are emitted, none after it, its error is raised, and the helper is free."""
+    delays = [random.Random(seed * 100 + a).random() * 0.004 for a in range(23)]
+    pool = CountingPool(HELD_BLOCKS + 2)
+    helper = KernelHelper()
+    got: list[int] = []
+
+    def quantize(x, ws, st):
+        a = int(x[0])
+        time.sleep(delays[a] if a != fail[0] else 0.01)  # the first failure comes late
+        if a in fail:
+            raise ValueError(f"block {a}")
+        return {"": x}
+
+    def emit(a, b, ws, res):
+        got.append(a)
+        pool.release(ws)
+
+    with pytest.raises(ValueError, match=f"block {fail[0]}$"):
+        _shared_blocks(23, 1, lambda a, b, ws: torch.tensor([float(a)]), pool, quantize, emit, None, helper)
+    assert got == list(range(fail[0]))
+    assert pool.out == 0 and pool._free.qsize() == pool.size
+    done = helper.submit(lambda: "free")  # the helper left its loop: it takes new work
+    assert done.result(timeout=5) == "free"
+    helper.shutdown()
+
+
+def test_a_refused_block_and_the_ones_behind_it_give_their_workspaces_back():
+    """The sink refuses a block (the writer failed): the error reaches the caller, the refused
+    block's workspace comes back through the sink, the others through the loop."""
+    pool = CountingPool(HELD_BLOCKS + 2)
+    helper = KernelHelper()
+
+    def emit(a, b, ws, res):
+        pool.release(ws)  # a sink always gives the workspace back, even when it refuses
+        if a == 6:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        _shared_blocks(
+            20,
+            1,
+            lambda a, b, ws: torch.tensor([float(a)]),
+            pool,
+            lambda x, ws, st: {"": x},
+            emit,
+            None,
+            helper,
+        )
+    helper.shutdown()
+    assert pool.out == 0 and pool._free.qsize() == pool.size
+
+
+def test_a_read_failure_gives_back_every_workspace():
+    pool = CountingPool(HELD_BLOCKS + 2)
+    helper = KernelHelper()
+
+    def read(a, b, ws):
+        if a == 9:
+            raise OSError("input vanished")
+        return torch.tensor([float(a)])
+
+    emitted = []
+
+    def emit(a, b, ws, res):
+        emitted.append(a)
+        pool.release(ws)
+
+    with pytest.raises(OSError, match="vanished"):
+        _shared_blocks(20, 1, read, pool, lambda x, ws, st: {"": x}, emit, None, helper)
+    helper.shutdown()
+    assert emitted == list(range(len(emitted))) and len(emitted) <= 9
+    assert pool.out == 0 and pool._free.qsize() == pool.size
+
+
+def test_a_pool_too_small_for_the_loop_is_refused():
+    helper = KernelHelper()
+    with pytest.raises(ValueError, match="more than"):
+        _shared_blocks(4, 1, None, WorkspacePool(HELD_BLOCKS), None, None, None, helper)
+    helper.shutdown()
+
+
+def test_the_queue_hands_each_block_to_one_thread_once():
+    q = BlockQueue()
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    class T:
+        def __init__(self, i):
+            self.i = i
+
+    def compute(t):
+        with lock:
+            seen.append(t.i)
+
+    th = threading.Thread(target=q.serve, args=(compute,))
+    th.start()
+    for i in range(200):
+        q.add(T(i))
+        if i % 3 == 0 and (t := q.take()) is not None:
+            compute(t)
+    while (t := q.take()) is not None:
+        compute(t)
+    deadline = time.monotonic() + 5
+    while len(seen) < 200 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    q.close()
+    th.join(5)
+    assert not th.is_alive()
+    assert sorted(seen) == list(range(200))
