@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from collections.abc import Callable
 
@@ -41,7 +40,7 @@ from .kernels import (
     get_kernel,
 )
 from .options import DEFAULT_BLOCK_BYTES
-from .overlap import BlockQueue, BlockTask, KernelHelper, SyncSink, ThreadSink, WorkspacePool
+from .overlap import BlockTask, KernelHelper, SyncSink, ThreadSink, WorkspacePool
 from .peeramax import shared_absmax
 from .plan import PlannedOutput, PlannedTensor, block_rows_for
 from .reader import RowReader
@@ -196,7 +195,7 @@ def _shared_blocks(
     has stopped; every workspace goes back to ``pool``."""
     if pool.size <= HELD_BLOCKS:
         raise ValueError(f"the pool needs more than {HELD_BLOCKS} workspaces, it has {pool.size}")
-    todo = BlockQueue()
+    todo = helper.blocks
 
     def compute(t: BlockTask, scratch: Workspace) -> None:
         st = ErrorStats() if stats is not None else None
@@ -209,7 +208,6 @@ def _shared_blocks(
             t.x, t.stats = None, st
             t.done.set()
 
-    served = helper.submit(todo.serve, lambda t: compute(t, helper.helper_scratch))
     held: deque[BlockTask] = deque()
     starts = iter(range(0, rows, br))
     a = next(starts, None)
@@ -232,23 +230,24 @@ def _shared_blocks(
                 except BaseException:
                     pool.release(ws)
                     raise
-                held.append(BlockTask(a, b, ws, x))
-                todo.add(held[-1])
+                held.append(BlockTask(a, b, ws, x, compute))
+                helper.share(held[-1])
                 a = next(starts, None)
             # compute one here only if another is left for the helper meanwhile (or none is to come)
             mine = todo.take() if todo.waiting() >= (2 if a is not None else 1) else None
             if mine is not None:
-                compute(mine, helper.scratch)
+                mine.run(helper.scratch)
             elif held:
                 held[0].done.wait()  # the oldest block is on the helper, or about to be
             else:
                 break
     finally:
-        todo.close()
-        with contextlib.suppress(BaseException):
-            served.result()  # the helper's last block is done before its workspace is reused
-        for left in held:
-            pool.release(left.ws)
+        if held:  # failed: blocks not started are taken back, started ones finish first
+            gone = todo.withdraw(held)
+            for left in held:
+                if id(left) not in gone:
+                    left.done.wait()
+                pool.release(left.ws)
 
 
 def _block_offset(out: PlannedOutput, first_row: int) -> int:

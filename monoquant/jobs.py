@@ -295,7 +295,11 @@ def _write_shard(
     with contextlib.suppress(OSError):
         (dst / partial_name(shard.filename)).unlink()  # stale, from a killed run (we hold the lock)
     writer = ShardWriter(dst, shard)
-    sink: SyncSink | ThreadSink = ThreadSink(writer.write) if run.opts.overlap else SyncSink(writer.write)
+    # the pool bounds the blocks queued for the writer; a deeper queue only lets small outputs
+    # (scales, shapes) go in without this thread waiting for the writer
+    sink: SyncSink | ThreadSink = (
+        ThreadSink(writer.write, depth=POOL_OVERLAP) if run.opts.overlap else SyncSink(writer.write)
+    )
     outputs = [o for i in shard.tensors for o in p.tensors[i].outputs]
 
     def finished(pt: PlannedTensor, st: ErrorStats | None) -> None:

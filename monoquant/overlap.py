@@ -23,8 +23,8 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
@@ -56,43 +56,26 @@ class WorkspacePool:
         self._free.put(ws)
 
 
-class KernelHelper:
-    """A second thread for the kernels, with the scratch workspace of each kernel thread.
-
-    ``scratch`` is the calling thread's, ``helper_scratch`` the helper's: kept for the whole run,
-    so their buffers are allocated (and their pages faulted in) once.
-
-    Example:
-        >>> h = KernelHelper()
-        >>> h.submit(sum, [1, 2]).result()
-        3
-        >>> h.shutdown()
-    """
-
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="monoquant-kernel")
-        self.scratch = Workspace()
-        self.helper_scratch = Workspace()
-        self.submit = self._executor.submit
-
-    def shutdown(self) -> None:
-        """Stop the thread (after what it is doing)."""
-        self._executor.shutdown()
-
-
 class BlockTask:
-    """One block of a tensor: rows ``a:b`` read into ``ws`` as ``x``; once :attr:`done` is set,
-    its outputs (``result``) or its failure (``error``), and the statistics it measured."""
+    """One block of a tensor: rows ``a:b`` read into ``ws`` as ``x``, computed by ``fn(task,
+    scratch)`` on whichever kernel thread takes it; once :attr:`done` is set, its outputs
+    (``result``) or its failure (``error``), and the statistics it measured."""
 
-    __slots__ = ("a", "b", "done", "error", "result", "stats", "ws", "x")
+    __slots__ = ("a", "b", "done", "error", "fn", "result", "stats", "ws", "x")
 
-    def __init__(self, a: int, b: int, ws: Workspace, x: torch.Tensor):
-        self.a, self.b, self.ws = a, b, ws
+    def __init__(
+        self, a: int, b: int, ws: Workspace, x: torch.Tensor, fn: Callable[[BlockTask, Workspace], None]
+    ):
+        self.a, self.b, self.ws, self.fn = a, b, ws, fn
         self.x: torch.Tensor | None = x
         self.result: dict[str, torch.Tensor] | None = None
         self.error: BaseException | None = None
         self.stats: ErrorStats | None = None
         self.done = threading.Event()
+
+    def run(self, scratch: Workspace) -> None:
+        """Compute the block with the kernel thread's ``scratch``."""
+        self.fn(self, scratch)
 
 
 class BlockQueue:
@@ -100,23 +83,24 @@ class BlockQueue:
 
     The thread that reads the blocks hands them over with :meth:`add` and computes some itself
     (:meth:`take`); the kernel helper runs :meth:`serve`, which takes blocks as soon as they
-    come until :meth:`close`. Neither thread waits for the other between blocks: a block that one thread
-    has not started yet goes to the other one when it is free (the blocks are still emitted in
-    order by the reading thread, so the output does not depend on which thread computed what).
+    come until :meth:`close`. Neither thread waits for the other between blocks: a block that one
+    thread has not started yet goes to the other one when it is free (the blocks are still
+    emitted in order by the reading thread, so the output does not depend on which thread
+    computed what).
 
     Example:
         >>> from concurrent.futures import ThreadPoolExecutor
-        >>> q = BlockQueue()
-        >>> tasks = [BlockTask(i, i + 1, Workspace(), torch.tensor([float(i)])) for i in range(4)]
-        >>> def compute(t):
+        >>> def double(t, scratch):
         ...     t.result = {"": t.x * 2}
         ...     t.done.set()
+        >>> q = BlockQueue()
+        >>> tasks = [BlockTask(i, i + 1, Workspace(), torch.tensor([float(i)]), double) for i in range(4)]
         >>> with ThreadPoolExecutor(1) as ex:
-        ...     fut = ex.submit(q.serve, compute)
+        ...     fut = ex.submit(q.serve, lambda t: t.run(Workspace()))
         ...     for t in tasks:
         ...         q.add(t)
         ...     while (t := q.take()) is not None:
-        ...         compute(t)
+        ...         t.run(Workspace())
         ...     q.close()
         ...     fut.result()
         >>> [float(t.result[""]) for t in tasks if t.done.wait()]
@@ -143,9 +127,17 @@ class BlockQueue:
         with self._cv:
             return len(self._todo)
 
+    def withdraw(self, tasks: Iterable[BlockTask]) -> set[int]:
+        """Take back those of ``tasks`` no thread has started (after a failure); the ``id`` of
+        each one withdrawn. The others are started: wait for their :attr:`BlockTask.done`."""
+        with self._cv:
+            mine = {id(t) for t in tasks}
+            gone = {id(t) for t in self._todo if id(t) in mine}
+            self._todo = deque(t for t in self._todo if id(t) not in gone)
+            return gone
+
     def close(self) -> None:
-        """No more blocks: :meth:`serve` returns after the block it is computing; blocks not yet
-        started stay here (after a failure, the caller gives their workspaces back)."""
+        """No more blocks: :meth:`serve` returns after the block it is computing."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
@@ -160,6 +152,46 @@ class BlockQueue:
                     return
                 task = self._todo.popleft()
             compute(task)
+
+
+class KernelHelper:
+    """A second kernel thread, with the scratch workspace of each kernel thread.
+
+    The thread serves :attr:`blocks` (a :class:`BlockQueue`) for the whole run: blocks handed
+    over with :meth:`share` are computed as soon as it is free, tensor after tensor, without a
+    start or a stop per tensor. ``scratch`` is the calling thread's workspace, ``helper_scratch``
+    the helper's: kept for the whole run, so their buffers are allocated (and their pages faulted
+    in) once.
+
+    Example:
+        >>> def double(t, scratch):
+        ...     t.result = {"": t.x * 2}
+        ...     t.done.set()
+        >>> h = KernelHelper()
+        >>> t = BlockTask(0, 1, Workspace(), torch.tensor([3.0]), double)
+        >>> h.share(t)
+        >>> t.done.wait(5), float(t.result[""])
+        (True, 6.0)
+        >>> h.shutdown()
+    """
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="monoquant-kernel")
+        self.scratch = Workspace()
+        self.helper_scratch = Workspace()
+        self.blocks = BlockQueue()
+        self._served: Future[None] | None = None
+
+    def share(self, task: BlockTask) -> None:
+        """Hand ``task`` to the helper's queue (the thread starts serving it on first use)."""
+        if self._served is None:
+            self._served = self._executor.submit(self.blocks.serve, lambda t: t.run(self.helper_scratch))
+        self.blocks.add(task)
+
+    def shutdown(self) -> None:
+        """Stop the thread (after the block it is computing)."""
+        self.blocks.close()
+        self._executor.shutdown()
 
 
 class SyncSink:

@@ -112,16 +112,19 @@ def test_the_helper_takes_the_blocks_a_slow_thread_leaves():
 @pytest.mark.parametrize("seed", range(3))
 def test_the_first_failing_block_in_order_is_raised_and_every_workspace_goes_back(fail, seed):
     """Whichever thread computes it and whenever a later block fails: the blocks before the
-    first failing one are emitted, none after it, its error is raised, and the helper is free."""
+    first failing one are emitted, none after it, its error is raised, every workspace is back,
+    and the helper goes on with the next tensor."""
     delays = [random.Random(seed * 100 + a).random() * 0.004 for a in range(23)]
     pool = CountingPool(HELD_BLOCKS + 2)
     helper = KernelHelper()
     got: list[int] = []
 
+    failing = set(fail)
+
     def quantize(x, ws, st):
         a = int(x[0])
         time.sleep(delays[a] if a != fail[0] else 0.01)  # the first failure comes late
-        if a in fail:
+        if a in failing:
             raise ValueError(f"block {a}")
         return {"": x}
 
@@ -133,8 +136,13 @@ def test_the_first_failing_block_in_order_is_raised_and_every_workspace_goes_bac
         _shared_blocks(23, 1, lambda a, b, ws: torch.tensor([float(a)]), pool, quantize, emit, None, helper)
     assert got == list(range(fail[0]))
     assert pool.out == 0 and pool._free.qsize() == pool.size
-    done = helper.submit(lambda: "free")  # the helper left its loop: it takes new work
-    assert done.result(timeout=5) == "free"
+    assert helper.blocks.waiting() == 0  # no block of the failed tensor is left for the helper
+    # and the helper goes on serving: the next tensor's blocks are all computed and emitted
+    got.clear()
+    failing.clear()
+    _shared_blocks(9, 1, lambda a, b, ws: torch.tensor([float(a)]), pool, quantize, emit, None, helper)
+    assert got == list(range(9))
+    assert pool.out == 0 and pool._free.qsize() == pool.size
     helper.shutdown()
 
 
