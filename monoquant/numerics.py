@@ -209,8 +209,11 @@ def group_range(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     no write; raises :class:`NonFiniteError` when either holds NaN or Inf."""
     mx = v.amax(dim=-1)
     mn = v.amin(dim=-1)
-    # one check instead of two: NaN or ±Inf in mx or mn makes this non-finite (halves: no overflow)
-    check_finite(mx * 0.5 - mn * 0.5)
+    # NaN or ±Inf in mx or mn makes this sum NaN or ±Inf; so can finite values beyond half of
+    # float32's range (mx - mn overflows), which the exact check below then clears (halves: no
+    # overflow). Three torch calls where the exact check takes six, and each holds the GIL.
+    if not math.isfinite(float((mx - mn).sum())):
+        check_finite(mx * 0.5 - mn * 0.5)
     return mx, mn
 
 
@@ -490,10 +493,12 @@ class ErrorStats:
         xf = x.reshape(-1)
         flat = err.reshape(-1)
         mx = 0.0
-        if flat.numel():
+        if flat.numel():  # the four figures in one conversion (each torch call holds the GIL)
             lo, hi = torch.aminmax(flat)
-            mx = max(float(hi), -float(lo))
-        ss, es = float(torch.dot(xf, xf)), float(torch.dot(flat, flat))
+            lo_f, hi_f, ss, es = torch.stack((lo, hi, torch.dot(xf, xf), torch.dot(flat, flat))).tolist()
+            mx = max(hi_f, -lo_f)
+        else:
+            ss, es = float(torch.dot(xf, xf)), 0.0
         if unsafe_square_sums(ss, es, mx):  # rare: squares beyond float32's range, redone in float64
             xd, ed = xf.double(), flat.double()
             ss, es = float(torch.dot(xd, xd)), float(torch.dot(ed, ed))

@@ -217,13 +217,21 @@ class IntKernel(Kernel):
         y_buf = ws.get("tmp", tile * c, torch.float32)
         xf = xf_buf[:0].view(0, groups, g)
         y = y_buf[:0].view(0, groups, g)
+        # the views of a whole tile, made once: each torch call holds the GIL the other kernel
+        # thread may be waiting for
+        xf_tile = xf_buf[: tile * c].view(tile, groups, g)
+        y_tile = y_buf[: tile * c].view(tile, groups, g)
         sf = tensor_scale.float().view(1, 1, 1) if tensor_scale is not None else xf_buf[:0]
         worst = 0.0
         pending: DecodeOverflowError | None = None
         for a in range(0, r, tile):
             b = min(a + tile, r)
             t = b - a
-            xf = xf_buf[: t * c].view(t, groups, g)
+            if t == tile:
+                xf, y = xf_tile, y_tile
+            else:  # the last, shorter tile
+                xf = xf_buf[: t * c].view(t, groups, g)
+                y = y_buf[: t * c].view(t, groups, g)
             xf.copy_(x[a:b].reshape(t, groups, g))
             zp = None
             if s.strategy == "tensor":
@@ -241,7 +249,6 @@ class IntKernel(Kernel):
                     zps[a:b] = zp
                 scales[a:b] = scale
                 sf = scale.float().unsqueeze(-1)
-            y = y_buf[: t * c].view(t, groups, g)
             torch.div(xf, sf, out=y)
             if zp is not None:
                 y.add_(zp.unsqueeze(-1))
