@@ -7,7 +7,8 @@ Prints one JSON line ``{"<op>": microseconds}`` (mean over ``--repeats`` calls, 
 for the operations docs/benchmarks.md compares: the casts of the fp16 path (bfloat16 -> float32
 -> float16 against a direct bfloat16 -> float16 copy), the int4 packing (the float add over
 strided pairs it replaced, against ``monoquant.packing.encode_codes`` as it is now), the int8
-kernel on one tile with and without its exact statistics, and three ways to get the bf16 decode
+kernel on one tile with and without its exact statistics, what each extra tile costs in torch
+calls alone (a small block cut into one-row tiles), and three ways to get the bf16 decode
 ``bf16(q * scale)`` those statistics need (checked equal).
 """
 
@@ -20,8 +21,9 @@ from collections.abc import Callable
 
 import torch
 
+import monoquant.formats.integer as integer_unit
 from monoquant.kernels import get_kernel
-from monoquant.numerics import ErrorStats, Workspace
+from monoquant.numerics import INT_TILE_ELEMENTS, ErrorStats, Workspace
 from monoquant.packing import code_buffer, encode_codes
 from monoquant.schemes import get_scheme
 
@@ -71,6 +73,20 @@ def main() -> None:
     ws8 = Workspace()
     res["int8 tile, no statistics"] = _us(lambda: k8.quantize_block(x, ws=ws8), n)
     res["int8 tile, exact statistics"] = _us(lambda: k8.quantize_block(x, ws=ws8, stats=ErrorStats()), n)
+    # the Python side of a tile (torch calls, each holding the GIL): a [64, 256] block in 64
+    # one-row tiles against one tile, per extra tile
+    small = x[:64, :256].contiguous()
+    for label, st in (("no statistics", False), ("exact statistics", True)):
+        one, many = [], []
+
+        def run(st: bool = st) -> object:
+            return k8.quantize_block(small, ws=ws8, stats=ErrorStats() if st else None)
+
+        for tile, got in ((1 << 30, one), (256, many)):
+            integer_unit.INT_TILE_ELEMENTS = tile
+            got.append(_us(run, n))
+        integer_unit.INT_TILE_ELEMENTS = INT_TILE_ELEMENTS
+        res[f"int8 per extra tile, {label} (calls only)"] = round((many[0] - one[0]) / 63, 1)
     # the decode the statistics measure, three ways
     xf = x.float()
     sb = (xf.abs().amax(1, keepdim=True) / 127.5).to(torch.bfloat16)
