@@ -167,8 +167,8 @@ def process_tensor(
 
 
 #: blocks of one tensor read but not yet handed to the sink, at most (each holds a workspace of
-#: the pool, which must keep one more for the writer): one on each kernel thread and two waiting,
-#: so that the helper can go on while this thread computes a block
+#: the pool, which must keep one more for the writer): one on each kernel thread and two waiting
+#: (or finished behind an older one), so that the helper can go on while this thread computes
 HELD_BLOCKS = 4
 
 
@@ -202,8 +202,8 @@ def _shared_blocks(
         try:
             assert t.x is not None  # read, not yet computed
             t.result = quantize(t.x, t.ws.with_scratch(scratch), st)
-        except Exception as e:  # raised by the reading thread, in block order
-            t.error = e
+        except BaseException as e:  # raised by the reading thread, in block order
+            t.error = e  # (anything: the helper's loop must go on, and the block must not pass)
         finally:
             t.x, t.stats = None, st
             t.done.set()
@@ -217,35 +217,45 @@ def _shared_blocks(
                 head = held[0]
                 if head.error is not None:
                     raise head.error
+                if head.result is None:  # done without outputs or an error: a broken kernel
+                    raise RuntimeError(f"rows {head.a}:{head.b} were computed without outputs")
                 held.popleft()
                 if stats is not None and head.stats is not None:
                     stats.merge(head.stats)
-                assert head.result is not None  # done without an error
                 emit(head.a, head.b, head.ws, head.result)
             while a is not None and len(held) < HELD_BLOCKS:  # read ahead: blocks for the helper
                 b = min(a + br, rows)
                 ws = pool.acquire()
                 try:
                     x = read(a, b, ws)
+                except Exception as e:  # raised in its turn: an earlier block's failure comes first
+                    failed = BlockTask(a, b, ws, None, compute)
+                    failed.error = e
+                    failed.done.set()
+                    held.append(failed)
+                    a = None
+                    break
                 except BaseException:
                     pool.release(ws)
                     raise
                 held.append(BlockTask(a, b, ws, x, compute))
-                helper.share(held[-1])
                 a = next(starts, None)
+                helper.share(held[-1])
             # compute one here only if another is left for the helper meanwhile (or none is to come)
             mine = todo.take() if todo.waiting() >= (2 if a is not None else 1) else None
             if mine is not None:
                 mine.run(helper.scratch)
+                if mine.error is not None and not isinstance(mine.error, Exception):
+                    raise mine.error  # Ctrl-C here: at once, not in the block's turn
             elif held:
                 held[0].done.wait()  # the oldest block is on the helper, or about to be
             else:
                 break
     finally:
-        if held:  # failed: blocks not started are taken back, started ones finish first
+        if held:  # failed: blocks not started are taken back, the helper's finish first
             gone = todo.withdraw(held)
             for left in held:
-                if id(left) not in gone:
+                if left.on_helper and id(left) not in gone:
                     left.done.wait()
                 pool.release(left.ws)
 

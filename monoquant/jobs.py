@@ -55,8 +55,9 @@ from .writer import ShardWriter
 Emit = Callable[[ProgressEvent], None]
 
 #: workspaces of a job with overlap on: the blocks a tensor holds (``convert.HELD_BLOCKS``: one on
-#: each kernel thread, one waiting, one finished) and two with the writer. They hold block outputs
-#: only (a few MiB each); the kernels' scratch is one per kernel thread
+#: each kernel thread, two waiting or finished) and two with the writer. They hold block outputs
+#: only (a few MiB each; with ``--backend pread``, the block's input too); the kernels' scratch is
+#: one per kernel thread
 POOL_OVERLAP = HELD_BLOCKS + 2
 
 

@@ -61,17 +61,25 @@ class BlockTask:
     scratch)`` on whichever kernel thread takes it; once :attr:`done` is set, its outputs
     (``result``) or its failure (``error``), and the statistics it measured."""
 
-    __slots__ = ("a", "b", "done", "error", "fn", "result", "stats", "ws", "x")
+    __slots__ = ("a", "b", "done", "error", "fn", "on_helper", "result", "stats", "ws", "x")
 
     def __init__(
-        self, a: int, b: int, ws: Workspace, x: torch.Tensor, fn: Callable[[BlockTask, Workspace], None]
+        self,
+        a: int,
+        b: int,
+        ws: Workspace,
+        x: torch.Tensor | None,
+        fn: Callable[[BlockTask, Workspace], None],
     ):
         self.a, self.b, self.ws, self.fn = a, b, ws, fn
-        self.x: torch.Tensor | None = x
+        self.x = x
         self.result: dict[str, torch.Tensor] | None = None
         self.error: BaseException | None = None
         self.stats: ErrorStats | None = None
         self.done = threading.Event()
+        #: taken by :meth:`BlockQueue.serve` (the helper), set under the queue's lock: a task not
+        #: taken there and not withdrawn is not being computed by anyone after a failure
+        self.on_helper = False
 
     def run(self, scratch: Workspace) -> None:
         """Compute the block with the kernel thread's ``scratch``."""
@@ -151,6 +159,7 @@ class BlockQueue:
                 if self._closed:
                     return
                 task = self._todo.popleft()
+                task.on_helper = True
             compute(task)
 
 
@@ -273,7 +282,15 @@ class ThreadSink:
             raise
         with self._cv:
             self._pending += 1
-        self._q.put((items, on_done))
+        try:
+            self._q.put((items, on_done))
+        except BaseException:  # interrupted while the queue was full: never queued, so undo
+            with self._cv:
+                self._pending -= 1
+                self._cv.notify_all()
+            if on_done is not None:
+                on_done()
+            raise
 
     def drain(self) -> None:
         """Wait until every submitted block is written; raise a writer error."""

@@ -229,3 +229,166 @@ def test_the_queue_hands_each_block_to_one_thread_once():
     th.join(5)
     assert not th.is_alive()
     assert sorted(seen) == list(range(200))
+
+
+# ---- failures on every path (found by a hostile review) ------------------------------------------
+def _bounded(fn, timeout=20.0):
+    """Run ``fn`` on a thread; return what it raised (or None) and fail if it hangs."""
+    box: dict[str, BaseException | None] = {"e": None}
+
+    def target():
+        try:
+            fn()
+        except BaseException as e:  # collected for the test
+            box["e"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "the block loop hung"
+    return box["e"]
+
+
+def _read(a, b, ws):
+    return torch.tensor([float(a)])
+
+
+def _emit_into(pool, got):
+    def emit(a, b, ws, res):
+        got.append(a)
+        pool.release(ws)
+
+    return emit
+
+
+def test_ctrl_c_on_this_thread_after_taking_a_block_stops_at_once_and_gives_every_workspace_back(monkeypatch):
+    from monoquant.overlap import BlockTask
+
+    pool, helper, got = CountingPool(HELD_BLOCKS + 2), KernelHelper(), []
+    real = BlockTask.run
+    me: list[int] = []
+
+    def run(self, scratch):
+        if not threading.current_thread().name.startswith("monoquant-kernel") and not me:
+            me.append(self.a)
+            raise KeyboardInterrupt  # as if it landed between take() and the kernel
+        return real(self, scratch)
+
+    monkeypatch.setattr(BlockTask, "run", run)
+
+    def slow(x, ws, st):
+        time.sleep(0.02)
+        return {"": x}
+
+    err = _bounded(lambda: _shared_blocks(20, 1, _read, pool, slow, _emit_into(pool, got), None, helper))
+    helper.shutdown()
+    assert isinstance(err, KeyboardInterrupt) and me
+    assert pool.out == 0 and pool._free.qsize() == pool.size
+
+
+def test_a_helper_that_cannot_start_fails_the_tensor_cleanly():
+    pool, helper, got = CountingPool(HELD_BLOCKS + 2), KernelHelper(), []
+
+    def no_thread(*a, **k):
+        raise RuntimeError("can't start new thread")
+
+    helper._executor.submit = no_thread
+    err = _bounded(
+        lambda: _shared_blocks(
+            20, 1, _read, pool, lambda x, ws, st: {"": x}, _emit_into(pool, got), None, helper
+        )
+    )
+    helper.shutdown()
+    assert isinstance(err, RuntimeError) and "new thread" in str(err)
+    assert pool.out == 0 and pool._free.qsize() == pool.size
+
+
+def test_a_base_exception_on_the_helper_is_raised_here_and_the_helper_goes_on():
+    pool, helper, got = CountingPool(HELD_BLOCKS + 2), KernelHelper(), []
+    hit: list[int] = []
+
+    def quantize(x, ws, st):
+        if threading.current_thread().name.startswith("monoquant-kernel") and not hit:
+            hit.append(int(x[0]))
+            raise SystemExit(3)
+        time.sleep(0.005)
+        return {"": x}
+
+    err = _bounded(lambda: _shared_blocks(20, 1, _read, pool, quantize, _emit_into(pool, got), None, helper))
+    assert isinstance(err, SystemExit) and hit
+    assert got == list(range(hit[0]))  # the blocks before it, in order, and none after
+    assert pool.out == 0 and pool._free.qsize() == pool.size
+    got.clear()
+    assert (
+        _bounded(lambda: _shared_blocks(9, 1, _read, pool, quantize, _emit_into(pool, got), None, helper))
+        is None
+    )
+    assert got == list(range(9))
+    helper.shutdown()
+
+
+def test_an_earlier_blocks_failure_wins_over_a_later_read_error():
+    """As in the one-thread loop: block 0's NaN is raised, not block 2's read error."""
+    pool, helper, got = CountingPool(HELD_BLOCKS + 2), KernelHelper(), []
+
+    def quantize(x, ws, st):
+        if int(x[0]) == 0:
+            time.sleep(0.1)
+            raise ValueError("block 0 NaN")
+        return {"": x}
+
+    def read(a, b, ws):
+        if a == 2:
+            raise OSError("block 2 unreadable")
+        return torch.tensor([float(a)])
+
+    err = _bounded(lambda: _shared_blocks(20, 1, read, pool, quantize, _emit_into(pool, got), None, helper))
+    helper.shutdown()
+    assert isinstance(err, ValueError) and str(err) == "block 0 NaN"
+    assert got == [] and pool.out == 0 and pool._free.qsize() == pool.size
+
+
+def test_a_read_error_alone_is_raised_after_the_blocks_before_it():
+    pool, helper, got = CountingPool(HELD_BLOCKS + 2), KernelHelper(), []
+
+    def read(a, b, ws):
+        if a == 7:
+            raise OSError("block 7 unreadable")
+        return torch.tensor([float(a)])
+
+    err = _bounded(
+        lambda: _shared_blocks(
+            20, 1, read, pool, lambda x, ws, st: {"": x}, _emit_into(pool, got), None, helper
+        )
+    )
+    helper.shutdown()
+    assert isinstance(err, OSError) and "block 7" in str(err)
+    assert got == list(range(7)) and pool.out == 0 and pool._free.qsize() == pool.size
+
+
+def test_ctrl_c_while_the_writer_queue_is_full_leaves_nothing_pending(monkeypatch):
+    """``ThreadSink.submit`` interrupted in ``put``: the block's ``on_done`` runs (its workspace
+    goes back) and ``drain`` returns once the writer has written the rest."""
+    import queue
+
+    from monoquant.overlap import ThreadSink
+
+    gate = threading.Event()
+    written: list[int] = []
+    sink = ThreadSink(lambda o, off, t: (gate.wait(), written.append(off)), depth=2)
+    for i in range(3):  # one on the writer, two queued: the queue is full
+        sink.submit([(None, i, None)], None)
+    done: list[str] = []
+
+    def put(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(queue.Queue, "put", put)
+    with pytest.raises(KeyboardInterrupt):
+        sink.submit([(None, 9, None)], lambda: done.append("back"))
+    monkeypatch.undo()
+    assert done == ["back"]
+    gate.set()
+    assert _bounded(sink.drain) is None
+    assert written == [0, 1, 2]
+    sink.close()
