@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -57,7 +58,8 @@ def process_tensor(
     clamp_fp16: bool = False,
     stats: ErrorStats | None = None,
     stats_every: int = 1,
-    helper: KernelHelper | None = None,
+    line: BlockLine | None = None,
+    on_done: Callable[[], None] | None = None,
     scratch: Workspace | None = None,
 ) -> None:
     """Read ``pt``'s input block by block, convert it, and submit every output block to ``sink``
@@ -68,9 +70,12 @@ def process_tensor(
     each block, so their cost stays small while every part of every tensor is covered.
 
     ``scratch``: this thread's workspace for the kernels' scratch (default: each block's own
-    workspace holds it too). With ``helper``, the blocks are shared out between this thread and
-    the helper's (:func:`_shared_blocks`), each with its own scratch (``helper``'s). The output
-    is the same."""
+    workspace holds it too). With ``line`` (a tensor whose kernel works in tiles), the blocks go
+    through a :class:`BlockLine` shared with the kernel helper thread, and this returns once the
+    last block is read: the tensor is finished, its constants written and ``on_done`` called,
+    when its last block is handed over, during a later tensor's :meth:`BlockLine.feed` or at
+    :meth:`BlockLine.drain`. The output is the same. Without ``line``, ``on_done`` is not used
+    (the tensor is finished on return)."""
     ref, d = pt.ref, pt.decision
 
     def done(ws: Workspace, lo: int, hi: int) -> Callable[[], None]:
@@ -98,9 +103,10 @@ def process_tensor(
     rows, _cols = as_rows(ref.shape)
     br = block_rows_for(pt, block_bytes)
     row_bytes = ref.nbytes // max(rows, 1)
-    where = f"{ref.file.name}: "
     try:
         if row_bytes > 2 * block_bytes and chunkable(d.scheme):
+            if line is not None:  # one thread, in order: what the line holds goes first
+                line.drain()
             process_wide_rows(
                 pt,
                 reader,
@@ -113,6 +119,8 @@ def process_tensor(
                 done=done,
                 scratch=scratch,
             )
+            if line is not None and on_done is not None:
+                on_done()
             return
         tscale = None
         if kernel.needs_absmax:
@@ -134,42 +142,231 @@ def process_tensor(
             items = [(outs[k], _block_offset(outs[k], a), t) for k, t in res.items()]
             sink.submit(items, done(ws, a * row_bytes, b * row_bytes))
 
-        if helper is None:
-            for a in range(0, rows, br):
-                b = min(a + br, rows)
-                ws = pool.acquire()
-                try:
-                    x = reader.rows(ref, a, b, ws=ws)
-                    res = quantize(x, ws.with_scratch(scratch), stats)
-                except BaseException:
-                    pool.release(ws)
-                    raise
-                del x
-                emit(a, b, ws, res)
-        else:
-            _shared_blocks(
-                rows, br, lambda a, b, ws: reader.rows(ref, a, b, ws=ws), pool, quantize, emit, stats, helper
-            )
         consts = kernel.constants(ref.shape, tscale)
+        if line is not None:
+
+            def finish() -> None:
+                sink.submit([(outs[k], 0, t) for k, t in consts.items()], None)
+                if on_done is not None:
+                    on_done()
+
+            def map_error(e: BaseException) -> BaseException:
+                return _user_error(pt, reader, br, sink, e)
+
+            read = lambda a, b, ws: reader.rows(ref, a, b, ws=ws)  # noqa: E731
+            line.feed(rows, br, read, quantize, TensorBlocks(emit, stats, map_error, finish))
+            return
+        for a in range(0, rows, br):
+            b = min(a + br, rows)
+            ws = pool.acquire()
+            try:
+                x = reader.rows(ref, a, b, ws=ws)
+                res = quantize(x, ws.with_scratch(scratch), stats)
+            except BaseException:
+                pool.release(ws)
+                raise
+            del x
+            emit(a, b, ws, res)
         sink.submit([(outs[k], 0, t) for k, t in consts.items()], None)
-    except NonFiniteError:
+    except (NonFiniteError, Fp16OverflowError, DecodeOverflowError) as e:
+        raise _user_error(pt, reader, br, sink, e) from None
+
+
+def _user_error(
+    pt: PlannedTensor, reader: RowReader, br: int, sink: SyncSink | ThreadSink, e: BaseException
+) -> BaseException:
+    """The one-line error of a kernel failure on ``pt`` (NaN/Inf, fp16 or decode overflow), or
+    ``e`` itself for any other failure."""
+    ref = pt.ref
+    where = f"{ref.file.name}: "
+    if isinstance(e, NonFiniteError):
         sink.drain()
         count = _count_nonfinite(pt, reader, br)
         if count == 0:  # finite in float64, beyond float32 once computed
-            raise decode_overflow_error(
+            return decode_overflow_error(
                 ref.name, "its values exceed the float32 range the kernels compute in", where
-            ) from None
-        raise nonfinite_error(ref.name, count, where) from None
-    except Fp16OverflowError as e:
-        raise fp16_overflow_error(ref.name, str(e), where) from None
-    except DecodeOverflowError as e:
-        raise decode_overflow_error(ref.name, str(e), where) from None
+            )
+        return nonfinite_error(ref.name, count, where)
+    if isinstance(e, Fp16OverflowError):
+        return fp16_overflow_error(ref.name, str(e), where)
+    if isinstance(e, DecodeOverflowError):
+        return decode_overflow_error(ref.name, str(e), where)
+    return e
 
 
 #: blocks of one tensor read but not yet handed to the sink, at most (each holds a workspace of
 #: the pool, which must keep one more for the writer): one on each kernel thread and two waiting
 #: (or finished behind an older one), so that the helper can go on while this thread computes
 HELD_BLOCKS = 4
+
+
+@dataclass
+class TensorBlocks:
+    """What :class:`BlockLine` needs to hand one tensor's blocks over: the sink call of a block,
+    the tensor's statistics, how a failure becomes the user's error, and what to do once its
+    last block is handed over."""
+
+    emit: Callable[[int, int, Workspace, dict[str, torch.Tensor]], None]
+    stats: ErrorStats | None
+    map_error: Callable[[BaseException], BaseException] = lambda e: e
+    finish: Callable[[], None] | None = None
+
+
+class _After:
+    """A call queued behind the blocks before it (a tensor finished, a kept tensor written)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], None]):
+        self.fn = fn
+
+
+class BlockLine:
+    """The blocks of consecutive tensors on two kernel threads that never wait for each other.
+
+    This thread reads up to :data:`HELD_BLOCKS` blocks ahead (the reader's bookkeeping stays
+    here) into the helper's :class:`~monoquant.overlap.BlockQueue` and computes one itself only
+    when another is left waiting; the helper takes the next one as soon as it is free. A tensor's
+    :meth:`feed` returns once its last block is read, so the next tensor's blocks follow while the
+    helper finishes its last ones: no thread waits at the end of a tensor. Blocks are handed to
+    the sink in order, and each block's statistics are merged into its tensor's in block order,
+    so the bytes and the figures do not depend on which thread computed what; a tensor's
+    ``finish`` and the calls queued with :meth:`after` run in order behind them. A failure is
+    raised when its block's turn comes (the first failing block in order, as in the one-thread
+    loop). :meth:`drain` hands everything over; after a failure, :meth:`abort` stops and gives
+    every workspace back to ``pool``.
+    """
+
+    def __init__(self, pool: WorkspacePool, helper: KernelHelper):
+        if pool.size <= HELD_BLOCKS:
+            raise ValueError(f"the pool needs more than {HELD_BLOCKS} workspaces, it has {pool.size}")
+        self.pool, self.helper = pool, helper
+        self._held: deque[BlockTask | _After] = deque()
+        self._blocks = 0  # BlockTasks in _held
+        #: a block's failure was raised (the rest is for :meth:`abort`)
+        self.failed = False
+
+    def feed(
+        self,
+        rows: int,
+        br: int,
+        read: Callable[[int, int, Workspace], torch.Tensor],
+        quantize: Callable[[torch.Tensor, Workspace, ErrorStats | None], dict[str, torch.Tensor]],
+        tensor: TensorBlocks,
+    ) -> None:
+        """Read a tensor's blocks of ``br`` rows and hand them over as they are computed; returns
+        once the last one is read (its ``finish`` runs behind its blocks)."""
+
+        def compute(t: BlockTask, scratch: Workspace) -> None:
+            st = ErrorStats() if tensor.stats is not None else None
+            try:
+                assert t.x is not None  # read, not yet computed
+                t.result = quantize(t.x, t.ws.with_scratch(scratch), st)
+            except BaseException as e:  # raised by the reading thread, in block order
+                t.error = e  # (anything: the helper's loop must go on, and the block must not pass)
+            finally:
+                t.x, t.stats = None, st
+                t.done.set()
+
+        starts = iter(range(0, rows, br))
+        a = next(starts, None)
+        while True:
+            self._hand_over()
+            while a is not None and self._blocks < HELD_BLOCKS:  # read ahead: blocks for the helper
+                b = min(a + br, rows)
+                ws = self.pool.acquire()
+                try:
+                    x = read(a, b, ws)
+                except Exception as e:  # raised in its turn: an earlier block's failure comes first
+                    failed = BlockTask(a, b, ws, None, compute)
+                    failed.ctx, failed.error = tensor, e
+                    failed.done.set()
+                    self._push(failed)
+                    a = None
+                    break
+                except BaseException:
+                    self.pool.release(ws)
+                    raise
+                t = BlockTask(a, b, ws, x, compute)
+                t.ctx = tensor
+                self._push(t)
+                a = next(starts, None)
+                self.helper.share(t)
+            if a is None:
+                if tensor.finish is not None:
+                    self._held.append(_After(tensor.finish))
+                return
+            self._step(more=True)
+
+    def after(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once every block held now is handed over (at once when none is)."""
+        if self._held:
+            self._held.append(_After(fn))
+        else:
+            fn()
+
+    def drain(self) -> None:
+        """Compute and hand over every block held, and run the calls queued behind them."""
+        while True:
+            self._hand_over()
+            if not self._held:
+                return
+            self._step(more=False)
+
+    def abort(self) -> None:
+        """After a failure: blocks not started are taken back, the helper's finish first, and
+        every workspace goes back; nothing more is handed over."""
+        blocks = [t for t in self._held if isinstance(t, BlockTask)]
+        self._held.clear()
+        self._blocks = 0
+        gone = self.helper.blocks.withdraw(blocks)
+        for t in blocks:
+            if t.on_helper and id(t) not in gone:
+                t.done.wait()
+            self.pool.release(t.ws)
+
+    def _push(self, t: BlockTask) -> None:
+        self._held.append(t)
+        self._blocks += 1
+
+    def _hand_over(self) -> None:
+        """Hand over what is finished, in order, up to the first block still being computed."""
+        held = self._held
+        while held:
+            head = held[0]
+            if isinstance(head, _After):
+                held.popleft()
+                head.fn()
+                continue
+            if not head.done.is_set():
+                return
+            ctx = head.ctx
+            assert isinstance(ctx, TensorBlocks)
+            if head.error is not None:
+                self.failed = True
+                raise ctx.map_error(head.error)
+            if head.result is None:  # done without outputs or an error: a broken kernel
+                self.failed = True
+                raise RuntimeError(f"rows {head.a}:{head.b} were computed without outputs")
+            held.popleft()
+            self._blocks -= 1
+            if ctx.stats is not None and head.stats is not None:
+                ctx.stats.merge(head.stats)
+            ctx.emit(head.a, head.b, head.ws, head.result)
+
+    def _step(self, more: bool) -> None:
+        """Compute a waiting block here if another is left for the helper meanwhile (or, with
+        no ``more`` blocks to come, any), else wait for the oldest block."""
+        todo = self.helper.blocks
+        mine = todo.take() if todo.waiting() >= (2 if more else 1) else None
+        if mine is not None:
+            mine.run(self.helper.scratch)
+            if mine.error is not None and not isinstance(mine.error, Exception):
+                raise mine.error  # Ctrl-C here: at once, not in the block's turn
+            return
+        head = self._held[0]  # after _hand_over: a block still being computed, by the helper
+        assert isinstance(head, BlockTask)
+        head.done.wait()
 
 
 def _shared_blocks(
@@ -182,82 +379,15 @@ def _shared_blocks(
     stats: ErrorStats | None,
     helper: KernelHelper,
 ) -> None:
-    """The block loop on two threads that never wait for each other between blocks.
-
-    This thread reads up to :data:`HELD_BLOCKS` blocks ahead (the reader's bookkeeping stays
-    here) into a :class:`~monoquant.overlap.BlockQueue` and computes one itself only when another
-    is left waiting; the helper takes the next one as soon as it is free, so it goes on while this
-    thread is slow (a core shared with the writer) instead of waiting for it. Blocks are emitted in order
-    by this thread, so the sink sees exactly the sequence of the one-thread loop and the bytes
-    are the same. Each block's statistics are its own, merged in block order: the figures do not
-    depend on which thread computed what. A failure is raised here when its block's turn to be
-    emitted comes (the first failing block in order, as in the one-thread loop), once the helper
-    has stopped; every workspace goes back to ``pool``."""
-    if pool.size <= HELD_BLOCKS:
-        raise ValueError(f"the pool needs more than {HELD_BLOCKS} workspaces, it has {pool.size}")
-    todo = helper.blocks
-
-    def compute(t: BlockTask, scratch: Workspace) -> None:
-        st = ErrorStats() if stats is not None else None
-        try:
-            assert t.x is not None  # read, not yet computed
-            t.result = quantize(t.x, t.ws.with_scratch(scratch), st)
-        except BaseException as e:  # raised by the reading thread, in block order
-            t.error = e  # (anything: the helper's loop must go on, and the block must not pass)
-        finally:
-            t.x, t.stats = None, st
-            t.done.set()
-
-    held: deque[BlockTask] = deque()
-    starts = iter(range(0, rows, br))
-    a = next(starts, None)
+    """One tensor's blocks through a :class:`BlockLine` of their own, every one handed over on
+    return (on failure, every workspace is back in ``pool`` and the helper is free)."""
+    line = BlockLine(pool, helper)
     try:
-        while True:
-            while held and held[0].done.is_set():  # hand over what is finished, in order
-                head = held[0]
-                if head.error is not None:
-                    raise head.error
-                if head.result is None:  # done without outputs or an error: a broken kernel
-                    raise RuntimeError(f"rows {head.a}:{head.b} were computed without outputs")
-                held.popleft()
-                if stats is not None and head.stats is not None:
-                    stats.merge(head.stats)
-                emit(head.a, head.b, head.ws, head.result)
-            while a is not None and len(held) < HELD_BLOCKS:  # read ahead: blocks for the helper
-                b = min(a + br, rows)
-                ws = pool.acquire()
-                try:
-                    x = read(a, b, ws)
-                except Exception as e:  # raised in its turn: an earlier block's failure comes first
-                    failed = BlockTask(a, b, ws, None, compute)
-                    failed.error = e
-                    failed.done.set()
-                    held.append(failed)
-                    a = None
-                    break
-                except BaseException:
-                    pool.release(ws)
-                    raise
-                held.append(BlockTask(a, b, ws, x, compute))
-                a = next(starts, None)
-                helper.share(held[-1])
-            # compute one here only if another is left for the helper meanwhile (or none is to come)
-            mine = todo.take() if todo.waiting() >= (2 if a is not None else 1) else None
-            if mine is not None:
-                mine.run(helper.scratch)
-                if mine.error is not None and not isinstance(mine.error, Exception):
-                    raise mine.error  # Ctrl-C here: at once, not in the block's turn
-            elif held:
-                held[0].done.wait()  # the oldest block is on the helper, or about to be
-            else:
-                break
-    finally:
-        if held:  # failed: blocks not started are taken back, the helper's finish first
-            gone = todo.withdraw(held)
-            for left in held:
-                if left.on_helper and id(left) not in gone:
-                    left.done.wait()
-                pool.release(left.ws)
+        line.feed(rows, br, read, quantize, TensorBlocks(emit, stats))
+        line.drain()
+    except BaseException:
+        line.abort()
+        raise
 
 
 def _block_offset(out: PlannedOutput, first_row: int) -> int:

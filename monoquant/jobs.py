@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import shutil
 import threading
@@ -34,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .convert import HELD_BLOCKS, process_tensor
+from .convert import HELD_BLOCKS, BlockLine, process_tensor
 from .copylane import CopyLane
 from .errors import MonoquantError, OutputError
 from .journal import JobState, check_writable, entry_matches
@@ -311,6 +312,8 @@ def _write_shard(
             run.report.bytes_out += pt.out_bytes
         run.advance(pt.ref.nbytes, "tensor", pt.ref.name)
 
+    # blocks of consecutive tiled tensors on both kernel threads, with no wait between tensors
+    line = BlockLine(pool, helper) if helper is not None else None
     # large kept tensors go to a copy lane of their own while the kernels do the rest
     laned = {i for i in shard.tensors if run.opts.overlap and _on_copy_lane(p.tensors[i], p.block_bytes)}
     lane: CopyLane | None = None
@@ -332,6 +335,9 @@ def _write_shard(
             st = ErrorStats() if (stats_every and pt.decision.action != "copy") else None
             # a cast's error is small and uniform, and its kernel is cheap: sample it more thinly
             every = stats_every * 2 if (stats_every > 1 and pt.decision.action == "cast") else stats_every
+            shared = line is not None and _two_kernel_threads(pt)
+            if line is not None and not shared and pt.decision.action != "copy":
+                line.drain()  # a one-thread kernel: the blocks held go first (a kept tensor may pass)
             process_tensor(
                 pt,
                 reader,
@@ -341,23 +347,42 @@ def _write_shard(
                 clamp_fp16=p.clamp_fp16,
                 stats=st,
                 stats_every=every,
-                helper=helper if _two_kernel_threads(pt) else None,
+                line=line if shared else None,
+                on_done=functools.partial(finished, pt, st),
                 scratch=scratch,
             )
+            if not shared:  # finished on return; reported behind the blocks before it
+                if line is not None:
+                    line.after(functools.partial(finished, pt, st))
+                else:
+                    finished(pt, st)
             nxt = mine[k + 1] if k + 1 < len(mine) else None
             if nxt is None or p.tensors[nxt].ref.file != pt.ref.file:
+                if line is not None:
+                    line.drain()
                 sink.drain()  # views of this file's mapping must be written before it is closed
-            finished(pt, st)
+        if line is not None:
+            line.drain()
         sink.drain()
         if lane is not None:
             lane.join()
         size, digest = writer.finish(outputs)
-    except BaseException:
+    except BaseException as e:
+        earlier: BaseException | None = None
+        if line is not None:
+            if isinstance(e, Exception) and not line.failed:
+                try:  # a failure outside the line: a block before it may have failed first
+                    line.drain()
+                except BaseException as first:
+                    earlier = first
+            line.abort()
         if lane is not None:
             lane.stop()
         with contextlib.suppress(BaseException):
             sink.drain()
         writer.abort()
+        if earlier is not None:
+            raise earlier from None
         raise
     finally:
         sink.close()

@@ -61,7 +61,7 @@ class BlockTask:
     scratch)`` on whichever kernel thread takes it; once :attr:`done` is set, its outputs
     (``result``) or its failure (``error``), and the statistics it measured."""
 
-    __slots__ = ("a", "b", "done", "error", "fn", "on_helper", "result", "stats", "ws", "x")
+    __slots__ = ("a", "b", "ctx", "done", "error", "fn", "on_helper", "result", "stats", "ws", "x")
 
     def __init__(
         self,
@@ -73,6 +73,8 @@ class BlockTask:
     ):
         self.a, self.b, self.ws, self.fn = a, b, ws, fn
         self.x = x
+        #: what the reading thread needs to hand the block over (its tensor's sink, statistics)
+        self.ctx: object = None
         self.result: dict[str, torch.Tensor] | None = None
         self.error: BaseException | None = None
         self.stats: ErrorStats | None = None

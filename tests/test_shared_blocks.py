@@ -392,3 +392,117 @@ def test_ctrl_c_while_the_writer_queue_is_full_leaves_nothing_pending(monkeypatc
     assert _bounded(sink.drain) is None
     assert written == [0, 1, 2]
     sink.close()
+
+
+# ---- consecutive tensors on one line -------------------------------------------------------------
+def test_consecutive_tensors_follow_each_other_and_finish_in_order():
+    """Tensor B's blocks are read while A's last ones are still being computed; everything is
+    handed over in order, each tensor's finish right behind its last block, and calls queued
+    with ``after`` (a kept tensor written meanwhile) in their place."""
+    from monoquant.convert import BlockLine, TensorBlocks
+
+    pool, helper = CountingPool(HELD_BLOCKS + 2), KernelHelper()
+    line = BlockLine(pool, helper)
+    log: list[str] = []
+    read_b_before_a_done = []
+
+    def quantize_for(name, slow):
+        def quantize(x, ws, st):
+            time.sleep(0.03 if slow(int(x[0])) else 0.002)
+            st.add_sums(1, float(x[0]) + 1.0, 0.5, 0.0)
+            return {"": x}
+
+        return quantize
+
+    def emitter(name):
+        def emit(a, b, ws, res):
+            log.append(f"{name}{a}")
+            pool.release(ws)
+
+        return emit
+
+    sa, sb = ErrorStats(), ErrorStats()
+
+    def read_b(a, b, ws):
+        if "A-done" not in log:
+            read_b_before_a_done.append(a)
+        return torch.tensor([float(a)])
+
+    err = _bounded(
+        lambda: (
+            line.feed(
+                5,
+                1,
+                _read,
+                quantize_for("A", lambda a: a == 4),
+                TensorBlocks(emitter("A"), sa, finish=lambda: log.append("A-done")),
+            ),
+            line.after(lambda: log.append("kept")),
+            line.feed(
+                3,
+                1,
+                read_b,
+                quantize_for("B", lambda a: False),
+                TensorBlocks(emitter("B"), sb, finish=lambda: log.append("B-done")),
+            ),
+            line.drain(),
+        )
+    )
+    helper.shutdown()
+    assert err is None
+    assert log == ["A0", "A1", "A2", "A3", "A4", "A-done", "kept", "B0", "B1", "B2", "B-done"]
+    assert read_b_before_a_done  # B was read while A's slow last block was still computing
+    assert (sa.numel, sa.sum_sq, sb.numel, sb.sum_sq) == (5, 15.0, 3, 6.0)
+    assert pool.out == 0 and pool._free.qsize() == pool.size
+
+
+def test_a_failure_in_a_tensor_still_computing_is_raised_as_its_own_error_later():
+    """Tensor A's last block fails while B is being fed: the error raised is A's (mapped by A),
+    B is never finished, and after ``abort`` every workspace is back."""
+    from monoquant.convert import BlockLine, TensorBlocks
+
+    pool, helper = CountingPool(HELD_BLOCKS + 2), KernelHelper()
+    line = BlockLine(pool, helper)
+    log: list[str] = []
+
+    def qa(x, ws, st):
+        if int(x[0]) == 2:
+            time.sleep(0.05)
+            raise ValueError("NaN")
+        return {"": x}
+
+    def emit(name):
+        def f(a, b, ws, res):
+            log.append(f"{name}{a}")
+            pool.release(ws)
+
+        return f
+
+    def run():
+        try:
+            line.feed(
+                3,
+                1,
+                _read,
+                qa,
+                TensorBlocks(
+                    emit("A"), None, lambda e: RuntimeError(f"A: {e}"), lambda: log.append("A-done")
+                ),
+            )
+            line.feed(
+                6,
+                1,
+                _read,
+                lambda x, ws, st: {"": x},
+                TensorBlocks(emit("B"), None, finish=lambda: log.append("B-done")),
+            )
+            line.drain()
+        except BaseException:
+            line.abort()
+            raise
+
+    err = _bounded(run)
+    helper.shutdown()
+    assert isinstance(err, RuntimeError) and str(err) == "A: NaN" and line.failed
+    assert log == ["A0", "A1"]
+    assert pool.out == 0 and pool._free.qsize() == pool.size

@@ -286,6 +286,68 @@ def test_kernel_helper_thread_gives_the_same_bytes_and_statistics(tmp_path, sche
         assert (got.sum_sq, got.err_sq) == pytest.approx((st.sum_sq, st.err_sq), rel=1e-9)
 
 
+def _layers(n: int, seed: int) -> dict[str, torch.Tensor]:
+    """Small tensors of one to three blocks, with 1-D norms (kept) between them, as a model's
+    layers are laid out."""
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for i in range(n):
+        sd[f"layers.{i}.input_layernorm.weight"] = torch.ones(64).bfloat16()
+        sd[f"layers.{i}.mlp.weight"] = (torch.randn(96 + 32 * (i % 3), 64, generator=g) * 0.02).bfloat16()
+        sd[f"layers.{i}.attn.weight"] = (torch.randn(40, 64, generator=g) * 0.02).bfloat16()
+    return sd
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_consecutive_small_tensors_share_the_kernel_threads_with_the_bytes_and_order_of_one(tmp_path, scheme):
+    """With overlap on, the next tensor's blocks start while the previous tensor's last ones are
+    computed: the bytes are those of the one-thread run, the statistics the same figures, and
+    the tensors are reported finished in the same order."""
+    src = write_sharded(tmp_path / "in", _layers(12, 5), shards=2)
+    kw = {"block_bytes": 8 << 10, "stats": "exact"}
+    seen: dict[str, list[str]] = {"on": [], "off": []}
+    reports = {}
+    for mode, overlap in (("on", True), ("off", False)):
+        reports[mode] = monoquant.stream(
+            src,
+            tmp_path / mode,
+            scheme,
+            overlap=overlap,
+            on_progress=lambda ev, m=mode: seen[m].append(ev.name) if ev.kind == "tensor" else None,
+            **kw,
+        )
+    assert read_dir_bytes(tmp_path / "on") == read_dir_bytes(tmp_path / "off")
+    assert seen["on"] == seen["off"] and len(seen["on"]) == 36
+    assert list(reports["on"].stats) == list(reports["off"].stats)
+    for name, st in reports["off"].stats.items():
+        got = reports["on"].stats[name]
+        assert (got.numel, got.max_abs_err) == (st.numel, st.max_abs_err)
+        assert (got.sum_sq, got.err_sq) == pytest.approx((st.sum_sq, st.err_sq), rel=1e-9)
+
+
+@pytest.mark.parametrize("bad", ["layers.4.mlp.weight", "layers.11.attn.weight"])
+def test_a_nan_in_one_of_consecutive_tensors_names_that_tensor(tmp_path, bad):
+    from monoquant.overlap import WorkspacePool
+
+    sd = _layers(12, 6)
+    sd[bad][5, 7] = float("nan")
+    src = write_sharded(tmp_path / "in", sd, shards=1)
+    sizes = []
+    real = WorkspacePool.__init__
+
+    def spy(self, size=2):
+        real(self, size)
+        sizes.append((self, size))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(WorkspacePool, "__init__", spy)
+        with pytest.raises(monoquant.MonoquantError, match=re.escape(bad) + r".*1 NaN"):
+            monoquant.stream(src, tmp_path / "o", "int8", overlap=True, block_bytes=8 << 10)
+    pool, size = sizes[-1]
+    assert size == POOL_OVERLAP and pool._free.qsize() == size
+    assert not [p for p in (tmp_path / "o").iterdir() if p.suffix in (".safetensors", ".partial")]
+
+
 @pytest.mark.parametrize("bad_block", [0, 1, 6])
 def test_a_failure_on_either_thread_is_reported_and_nothing_is_left(tmp_path, bad_block):
     """NaN in a block the helper computes (even) or this thread computes (odd), or the last one:
