@@ -325,13 +325,11 @@ def test_consecutive_small_tensors_share_the_kernel_threads_with_the_bytes_and_o
         assert (got.sum_sq, got.err_sq) == pytest.approx((st.sum_sq, st.err_sq), rel=1e-9)
 
 
-@pytest.mark.parametrize("bad", ["layers.4.mlp.weight", "layers.11.attn.weight"])
-def test_a_nan_in_one_of_consecutive_tensors_names_that_tensor(tmp_path, bad):
+def _fails_cleanly(src, dst, match):
+    """Stream ``src`` with overlap on, expecting the one-line error ``match``: every workspace
+    of the job's pool went back, and no shard or partial file is left in ``dst``."""
     from monoquant.overlap import WorkspacePool
 
-    sd = _layers(12, 6)
-    sd[bad][5, 7] = float("nan")
-    src = write_sharded(tmp_path / "in", sd, shards=1)
     sizes = []
     real = WorkspacePool.__init__
 
@@ -341,37 +339,30 @@ def test_a_nan_in_one_of_consecutive_tensors_names_that_tensor(tmp_path, bad):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(WorkspacePool, "__init__", spy)
-        with pytest.raises(monoquant.MonoquantError, match=re.escape(bad) + r".*1 NaN"):
-            monoquant.stream(src, tmp_path / "o", "int8", overlap=True, block_bytes=8 << 10)
+        with pytest.raises(monoquant.MonoquantError, match=match):
+            monoquant.stream(src, dst, "int8", overlap=True, block_bytes=8 << 10)
     pool, size = sizes[-1]
-    assert size == POOL_OVERLAP and pool._free.qsize() == size
-    assert not [p for p in (tmp_path / "o").iterdir() if p.suffix in (".safetensors", ".partial")]
+    assert size == POOL_OVERLAP and pool._free.qsize() == size  # every workspace went back
+    assert not [p for p in dst.iterdir() if p.suffix in (".safetensors", ".partial")]
+
+
+@pytest.mark.parametrize("bad", ["layers.4.mlp.weight", "layers.11.attn.weight"])
+def test_a_nan_in_one_of_consecutive_tensors_names_that_tensor(tmp_path, bad):
+    sd = _layers(12, 6)
+    sd[bad][5, 7] = float("nan")
+    src = write_sharded(tmp_path / "in", sd, shards=1)
+    _fails_cleanly(src, tmp_path / "o", re.escape(bad) + r".*1 NaN")
 
 
 @pytest.mark.parametrize("bad_block", [0, 1, 6])
 def test_a_failure_on_either_thread_is_reported_and_nothing_is_left(tmp_path, bad_block):
     """NaN in a block the helper computes (even) or this thread computes (odd), or the last one:
     the same one-line error as without the helper, and no shard or partial file is left."""
-    from monoquant.overlap import WorkspacePool
-
     w = torch.randn(448, 64, generator=torch.Generator().manual_seed(1))
     rows_per_block = (8 << 10) // (64 * 2)
     w[bad_block * rows_per_block + 3, 5] = float("nan")
     src = write_sharded(tmp_path / "in", {"l.weight": w.bfloat16()}, shards=1)
-    sizes = []
-    real = WorkspacePool.__init__
-
-    def spy(self, size=2):
-        real(self, size)
-        sizes.append((self, size))
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(WorkspacePool, "__init__", spy)
-        with pytest.raises(monoquant.MonoquantError, match=r"l\.weight.*NaN"):
-            monoquant.stream(src, tmp_path / "o", "int8", overlap=True, block_bytes=8 << 10)
-    pool, size = sizes[-1]
-    assert size == POOL_OVERLAP and pool._free.qsize() == size  # every workspace went back
-    assert not [p for p in (tmp_path / "o").iterdir() if p.suffix in (".safetensors", ".partial")]
+    _fails_cleanly(src, tmp_path / "o", r"l\.weight.*NaN")
 
 
 def test_a_write_failure_with_the_helper_returns_every_workspace(tmp_path):
