@@ -291,7 +291,16 @@ class BlockLine:
                 t.ctx = tensor
                 self._push(t)
                 a = next(starts, None)
-                self.helper.share(t)
+                try:
+                    self.helper.share(t)
+                except Exception as e:  # the helper could not take it (no thread): fails in its turn
+                    self.helper.blocks.withdraw([t])
+                    if t.on_helper:  # taken after all: it completes; the failure is raised now
+                        raise
+                    t.x, t.error = None, e
+                    t.done.set()
+                    a = None
+                    break
             if a is None:
                 if tensor.finish is not None:
                     self._held.append(_After(tensor.finish))
@@ -336,7 +345,11 @@ class BlockLine:
             head = held[0]
             if isinstance(head, _After):
                 held.popleft()
-                head.fn()
+                try:
+                    head.fn()
+                except BaseException:  # (a progress callback): nothing more is handed over
+                    self.failed = True
+                    raise
                 continue
             if not head.done.is_set():
                 return

@@ -346,6 +346,41 @@ def _fails_cleanly(src, dst, match):
     assert not [p for p in dst.iterdir() if p.suffix in (".safetensors", ".partial")]
 
 
+def test_a_kernel_helper_that_cannot_start_fails_the_run_cleanly(tmp_path, monkeypatch):
+    """No thread for the helper ("can't start new thread"): the run fails with that error instead
+    of waiting for a block nobody computes, and leaves no shard or partial file."""
+    import threading
+
+    from monoquant.overlap import KernelHelper
+
+    real = KernelHelper.__init__
+
+    def no_thread(self):
+        real(self)
+
+        def submit(*a, **k):
+            raise RuntimeError("can't start new thread")
+
+        self._executor.submit = submit
+
+    monkeypatch.setattr(KernelHelper, "__init__", no_thread)
+    src = write_sharded(tmp_path / "in", _layers(3, 7), shards=1)
+    box: dict[str, BaseException | None] = {"e": None}
+
+    def run():
+        try:
+            monoquant.stream(src, tmp_path / "o", "int8", overlap=True, block_bytes=8 << 10)
+        except BaseException as e:  # collected for the test
+            box["e"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the run hung"
+    assert isinstance(box["e"], RuntimeError) and "new thread" in str(box["e"])
+    assert not [p for p in (tmp_path / "o").iterdir() if p.suffix in (".safetensors", ".partial")]
+
+
 @pytest.mark.parametrize("bad", ["layers.4.mlp.weight", "layers.11.attn.weight"])
 def test_a_nan_in_one_of_consecutive_tensors_names_that_tensor(tmp_path, bad):
     sd = _layers(12, 6)
