@@ -202,7 +202,7 @@ def _run_shards(run: ShardRun, mine: list[ShardPlan]) -> None:
     failure: list[BaseException] = []
 
     def work() -> None:
-        # overlap: blocks computing on this thread and the kernel helper's (convert._shared_blocks)
+        # overlap: blocks computing on this thread and the kernel helper's (convert.BlockLine)
         # while earlier ones are written; a block's workspace holds its outputs only, the kernels'
         # scratch is per thread
         pool = WorkspacePool(POOL_OVERLAP if run.opts.overlap else 1)
