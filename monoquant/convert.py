@@ -153,7 +153,9 @@ def process_tensor(
             def map_error(e: BaseException) -> BaseException:
                 return _user_error(pt, reader, br, sink, e)
 
-            read = lambda a, b, ws: reader.rows(ref, a, b, ws=ws)  # noqa: E731
+            def read(a: int, b: int, ws: Workspace) -> torch.Tensor:
+                return reader.rows(ref, a, b, ws=ws)
+
             line.feed(rows, br, read, quantize, TensorBlocks(emit, stats, map_error, finish))
             return
         for a in range(0, rows, br):
@@ -279,8 +281,8 @@ class BlockLine:
                     x = read(a, b, ws)
                 except Exception as e:  # raised in its turn: an earlier block's failure comes first
                     failed = BlockTask(a, b, ws, None, compute)
-                    failed.ctx, failed.error = tensor, e
-                    failed.done.set()
+                    failed.ctx = tensor
+                    failed.fail(e)
                     self._push(failed)
                     a = None
                     break
@@ -297,8 +299,7 @@ class BlockLine:
                     self.helper.blocks.withdraw([t])
                     if t.on_helper:  # taken after all: it completes; the failure is raised now
                         raise
-                    t.x, t.error = None, e
-                    t.done.set()
+                    t.fail(e)
                     a = None
                     break
             if a is None:
@@ -380,27 +381,6 @@ class BlockLine:
         head = self._held[0]  # after _hand_over: a block still being computed, by the helper
         assert isinstance(head, BlockTask)
         head.done.wait()
-
-
-def _shared_blocks(
-    rows: int,
-    br: int,
-    read: Callable[[int, int, Workspace], torch.Tensor],
-    pool: WorkspacePool,
-    quantize: Callable[[torch.Tensor, Workspace, ErrorStats | None], dict[str, torch.Tensor]],
-    emit: Callable[[int, int, Workspace, dict[str, torch.Tensor]], None],
-    stats: ErrorStats | None,
-    helper: KernelHelper,
-) -> None:
-    """One tensor's blocks through a :class:`BlockLine` of their own, every one handed over on
-    return (on failure, every workspace is back in ``pool`` and the helper is free)."""
-    line = BlockLine(pool, helper)
-    try:
-        line.feed(rows, br, read, quantize, TensorBlocks(emit, stats))
-        line.drain()
-    except BaseException:
-        line.abort()
-        raise
 
 
 def _block_offset(out: PlannedOutput, first_row: int) -> int:

@@ -335,6 +335,7 @@ def _write_shard(
             st = ErrorStats() if (stats_every and pt.decision.action != "copy") else None
             # a cast's error is small and uniform, and its kernel is cheap: sample it more thinly
             every = stats_every * 2 if (stats_every > 1 and pt.decision.action == "cast") else stats_every
+            report = functools.partial(finished, pt, st)
             shared = line is not None and _two_kernel_threads(pt)
             if line is not None and not shared and pt.decision.action != "copy":
                 line.drain()  # a one-thread kernel: the blocks held go first (a kept tensor may pass)
@@ -348,14 +349,14 @@ def _write_shard(
                 stats=st,
                 stats_every=every,
                 line=line if shared else None,
-                on_done=functools.partial(finished, pt, st),
+                on_done=report if shared else None,
                 scratch=scratch,
             )
             if not shared:  # finished on return; reported behind the blocks before it
                 if line is not None:
-                    line.after(functools.partial(finished, pt, st))
+                    line.after(report)
                 else:
-                    finished(pt, st)
+                    report()
             nxt = mine[k + 1] if k + 1 < len(mine) else None
             if nxt is None or p.tensors[nxt].ref.file != pt.ref.file:
                 if line is not None:

@@ -87,6 +87,11 @@ class BlockTask:
         """Compute the block with the kernel thread's ``scratch``."""
         self.fn(self, scratch)
 
+    def fail(self, error: BaseException) -> None:
+        """Mark the block failed without computing it (it was not read, or no thread took it)."""
+        self.x, self.error = None, error
+        self.done.set()
+
 
 class BlockQueue:
     """Blocks waiting for a kernel thread, taken first in, first out by whichever thread is free.

@@ -33,25 +33,24 @@ from monoquant.kernels import get_kernel
 from monoquant.numerics import ErrorStats, Workspace
 from monoquant.schemes import get_scheme
 
-SCHEME = "int8"
 UNITS = {"int8": integer_unit, "int4": integer_unit, "fp8": fp8_unit, "fp16": cast_unit}
 TILE_NAME = {s: "INT_TILE_ELEMENTS" if UNITS[s] is integer_unit else "TILE_ELEMENTS" for s in UNITS}
 
 
-def _work(x: torch.Tensor, n: int) -> None:
-    k = get_kernel(get_scheme(SCHEME))
+def _work(x: torch.Tensor, n: int, scheme: str) -> None:
+    k = get_kernel(get_scheme(scheme))
     ws = Workspace()
     for _ in range(n):
         k.quantize_block(x, ws=ws, stats=ErrorStats())
 
 
-def _timed(mode: str, x: torch.Tensor, n: int) -> float:
+def _timed(mode: str, x: torch.Tensor, n: int, scheme: str) -> float:
     """Milliseconds per block over every block done in ``mode`` (1, 2t or 2p)."""
     t0 = time.perf_counter()
     if mode == "1":
-        _work(x, n)
+        _work(x, n, scheme)
     elif mode == "2t":
-        threads = [threading.Thread(target=_work, args=(x, n)) for _ in range(2)]
+        threads = [threading.Thread(target=_work, args=(x, n, scheme)) for _ in range(2)]
         for t in threads:
             t.start()
         for t in threads:
@@ -62,7 +61,7 @@ def _timed(mode: str, x: torch.Tensor, n: int) -> float:
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child
                 try:
-                    _work(x, n)
+                    _work(x, n, scheme)
                 finally:
                     os._exit(0)
             pids.append(pid)
@@ -79,17 +78,15 @@ def main() -> None:
     ap.add_argument("--tiles", default="1048576,262144")
     ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
-    global SCHEME
-    SCHEME = a.scheme
     torch.set_num_threads(1)
     x = (torch.randn(1024, 2048, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
     seen: dict[str, dict[str, list[float]]] = {}
     for _ in range(a.rounds):
         for tile in (int(v) for v in a.tiles.split(",")):
             setattr(UNITS[a.scheme], TILE_NAME[a.scheme], tile)  # the kernel reads it at each call
-            _work(x, 2)  # warm-up: buffers allocated, pages faulted
+            _work(x, 2, a.scheme)  # warm-up: buffers allocated, pages faulted
             for mode in ("1", "2t", "2p"):
-                ms = _timed(mode, x, a.blocks)
+                ms = _timed(mode, x, a.blocks, a.scheme)
                 line = {"scheme": a.scheme, "tile": tile, "mode": mode, "ms_per_block": ms}
                 print(json.dumps(line), flush=True)
                 seen.setdefault(str(tile), {}).setdefault(mode, []).append(ms)

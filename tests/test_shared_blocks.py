@@ -1,4 +1,4 @@
-"""The two-thread block loop (``convert._shared_blocks``): order, statistics, bounds, failures.
+"""The two-thread block loop (``convert.BlockLine``): order, statistics, bounds, failures.
 
 The loop is driven here with fake read / quantize / emit functions whose timing is random, so
 that either thread may be the slow one; what must hold whatever the timing: blocks are emitted
@@ -16,9 +16,21 @@ import time
 import pytest
 import torch
 
-from monoquant.convert import HELD_BLOCKS, _shared_blocks
+from monoquant.convert import HELD_BLOCKS, BlockLine, TensorBlocks
 from monoquant.numerics import ErrorStats
 from monoquant.overlap import BlockQueue, KernelHelper, WorkspacePool
+
+
+def _shared_blocks(rows, br, read, pool, quantize, emit, stats, helper):
+    """One tensor's blocks through a line of their own, every one handed over on return, as
+    ``jobs`` drives a line (on failure: ``abort``, every workspace back, the helper free)."""
+    line = BlockLine(pool, helper)
+    try:
+        line.feed(rows, br, read, quantize, TensorBlocks(emit, stats))
+        line.drain()
+    except BaseException:
+        line.abort()
+        raise
 
 
 class CountingPool(WorkspacePool):
