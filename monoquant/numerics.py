@@ -393,16 +393,19 @@ def decode_error(
     zp: torch.Tensor | None,
     ws: Workspace,
     decode_dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The error ``±(decode - x)`` of codes ``q`` (float32 or fp8) with float32 scales ``sf`` and
-    zero points ``zp`` against the float32 input ``x`` (same shape, contiguous); a ``ws`` buffer.
+    zero points ``zp`` against the float32 input ``x`` (same shape, contiguous); written to
+    ``out`` (float32, ``x``'s shape; it may be ``q`` itself, whose codes are then overwritten)
+    or a ``ws`` buffer.
 
     The decode is rounded to ``decode_dtype`` (the stored scale's dtype, i.e. the weight's) as
     the loaders and ``monoquant verify`` decode: a bf16 weight's error is measured on its bf16
     decode (a float32 product of a code and a stored scale rounded once to that dtype is what a
     native multiply in that dtype gives). The sign is irrelevant to every statistic.
     """
-    e = ws.get("err", x.numel(), torch.float32).view(x.shape)
+    e = out if out is not None else ws.get("err", x.numel(), torch.float32).view(x.shape)
     if decode_dtype != torch.float32:
         if zp is not None:
             torch.sub(q, zp, out=e)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import mmap
 import os
 import threading
@@ -48,7 +47,7 @@ MADV_POPULATE_READ = 22  # Linux 5.14+
 
 _libc: ctypes.CDLL | None
 try:
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    _libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols, libc's among them
     _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     _libc.madvise.restype = ctypes.c_int
 except (OSError, AttributeError):  # not glibc: fadvise only

@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import os
@@ -48,7 +47,8 @@ _WAIT_BEFORE, _WRITE = 1, 2
 
 _libc: ctypes.CDLL | None
 try:
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    # the process's own symbols, libc's among them (find_library("c") would fork ldconfig twice)
+    _libc = ctypes.CDLL(None, use_errno=True)
     _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 except (OSError, AttributeError):  # not Linux/glibc: fall back to fdatasync
     _libc = None
