@@ -207,7 +207,7 @@ def check_finite(t: torch.Tensor) -> None:
 def group_range(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(max, min) over the last dimension of ``v`` (float32 ``[rows, groups, g]``): two reads,
     no write; raises :class:`NonFiniteError` when either holds NaN or Inf."""
-    mx = v.amax(dim=-1)
+    mx = v.amax(dim=-1)  # two reads: torch.aminmax over a dimension is about 20x slower here
     mn = v.amin(dim=-1)
     # NaN or ±Inf in mx or mn makes this sum NaN or ±Inf; so can finite values beyond half of
     # float32's range (mx - mn overflows), which the exact check below then clears (halves: no
@@ -227,8 +227,8 @@ def dtype_label(dtype: torch.dtype) -> str:
 
 
 def stored_scale(scale: torch.Tensor, dtype: torch.dtype, mag: float | None = None) -> torch.Tensor:
-    """Round float32 scales to the nearest value of ``dtype`` (ties to even); zeros become the
-    dtype's eps.
+    """Round float32 scales (``>= 0``) to the nearest value of ``dtype`` (ties to even); zeros
+    become the dtype's eps.
 
     With ``mag`` (the largest code magnitude a decode multiplies the scale by), a scale is also
     capped at :func:`decode_cap`, so that ``code * scale`` stays finite when a loader decodes in
@@ -241,13 +241,15 @@ def stored_scale(scale: torch.Tensor, dtype: torch.dtype, mag: float | None = No
         [1.0, 1.0078125, 0.0078125]
     """
     st = scale.to(dtype)
-    zero = st == 0
-    if bool(zero.any()):
-        st = st.masked_fill(zero, torch.finfo(dtype).eps)
-    if mag is not None:
-        cap = decode_cap(dtype, mag)  # cached; compared as a Python float: one reduction per block
-        if float(st.max()) > float(cap):
-            st = torch.minimum(st, cap)
+    if not st.numel():
+        return st
+    # the scales are >= 0 (ranges and magnitudes), so "some scale is 0" is "the least is 0": both
+    # checks from one reduction and one conversion (each torch call holds the GIL)
+    lo, hi = torch.stack(torch.aminmax(st)).tolist()
+    if lo == 0:
+        st = st.masked_fill(st == 0, torch.finfo(dtype).eps)
+    if mag is not None and hi > decode_cap_value(dtype, mag):
+        st = torch.minimum(st, decode_cap(dtype, mag))
     return st
 
 
@@ -265,6 +267,12 @@ def decode_cap(dtype: torch.dtype, mag: float) -> torch.Tensor:
     while float(cap) * mag > top:
         cap = torch.nextafter(cap, torch.tensor(0.0, dtype=dtype))
     return cap
+
+
+@functools.lru_cache(maxsize=64)
+def decode_cap_value(dtype: torch.dtype, mag: float) -> float:
+    """:func:`decode_cap` as a Python float."""
+    return float(decode_cap(dtype, mag))
 
 
 def int_half_range(qmin: int, qmax: int) -> float:
