@@ -46,10 +46,11 @@ FP8_MAX = 448.0
 #: Elements per tile of the cast and fp8 kernels (4 MiB of float32: the steps of one tile run in
 #: the cache). Speed only: the bytes do not depend on it.
 TILE_ELEMENTS = 1 << 20
-#: Elements per tile of the integer kernels: half as many. A tile of theirs holds four float32
-#: temporaries (the input, the codes, the decode and its error), and the two kernel threads of a
-#: stream share the cache: with 1 M elements, two threads did 1.24x the work of one, with 512 K
-#: 1.35x (``scripts/two_cores.py``; docs/benchmarks.md). Speed only, as above.
+#: Elements per tile of the integer kernels: half as many. A tile of theirs holds float32
+#: temporaries (the input, the codes, which the decode error then overwrites) and a bf16 decode,
+#: and the two kernel threads of a stream share the cache: 512 K elements were faster than 1 M
+#: with four buffers and tie with three (``scripts/two_cores.py``; docs/benchmarks.md). Speed
+#: only, as above.
 INT_TILE_ELEMENTS = 1 << 19
 
 
@@ -246,7 +247,7 @@ def stored_scale(scale: torch.Tensor, dtype: torch.dtype, mag: float | None = No
     # the scales are >= 0 (ranges and magnitudes), so "some scale is 0" is "the least is 0": both
     # checks from one reduction and one conversion (each torch call holds the GIL)
     lo, hi = torch.stack(torch.aminmax(st)).tolist()
-    if lo == 0:
+    if not lo > 0:  # (also a NaN or a negative scale beside a zero, as a plain "any zero" test)
         st = st.masked_fill(st == 0, torch.finfo(dtype).eps)
     if mag is not None and hi > decode_cap_value(dtype, mag):
         st = torch.minimum(st, decode_cap(dtype, mag))

@@ -8,8 +8,9 @@ for the operations docs/benchmarks.md compares: the casts of the fp16 path (bflo
 -> float16 against a direct bfloat16 -> float16 copy), the int4 packing (the float add over
 strided pairs it replaced, against ``monoquant.packing.encode_codes`` as it is now), the int8
 kernel on one tile with and without its exact statistics, what each extra tile costs in torch
-calls alone (a small block cut into one-row tiles), and three ways to get the bf16 decode
-``bf16(q * scale)`` those statistics need (checked equal).
+calls alone (a small block cut into one-row tiles), three ways to get the bf16 decode
+``bf16(q * scale)`` those statistics need (checked equal), a tile's group range in two
+reductions or one ``aminmax`` over the dimension, and the checks of a tile's stored scales.
 """
 
 from __future__ import annotations
@@ -105,6 +106,19 @@ def main() -> None:
     res["bf16 decode: int8 codes x bf16 scale"] = _us(lambda: torch.mul(q8, sb, out=dec), n)
     res["bf16 decode: codes to bf16 (the cast alone)"] = _us(lambda: qb.copy_(q), n)
     res["bf16 decode: bf16 codes x bf16 scale"] = _us(lambda: torch.mul(qb, sb, out=dec), n)
+    # a tile's range over its groups: two reductions against one aminmax over the dimension
+    v = xf.view(r, 16, c // 16)
+    res["group range: amax + amin (as now)"] = _us(lambda: (v.amax(-1), v.amin(-1)), n)
+    res["group range: aminmax over the dimension"] = _us(lambda: torch.aminmax(v, dim=-1), n)
+    # the checks of a tile's stored scales ([512] bf16): zero and cap, as before and as now
+    sc = sb.view(-1)
+    cap = torch.tensor(3.0, dtype=torch.bfloat16)
+    res["scale checks: == 0, any, max (as before)"] = _us(
+        lambda: (bool((sc == 0).any()), float(sc.max()) > float(cap)), n
+    )
+    res["scale checks: one aminmax and one conversion (as now)"] = _us(
+        lambda: torch.stack(torch.aminmax(sc)).tolist(), n
+    )
     print(json.dumps(res))
 
 

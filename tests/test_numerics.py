@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from monoquant.numerics import ErrorStats, Workspace, sqnr_db, tensor_sqnr_db
+from monoquant.numerics import ErrorStats, Workspace, decode_cap, sqnr_db, stored_scale, tensor_sqnr_db
 from monoquant.packing import encode_codes, pack_rows
 from tests.helpers import sqnr
 
@@ -247,3 +247,30 @@ def test_gated_cast_statistics_equal_measuring_everything(shape, monkeypatch):
             ref.overflow,
         )
         assert (st.sum_sq, st.err_sq) == pytest.approx((ref.sum_sq, ref.err_sq), rel=1e-4)  # float32 sums
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_stored_scale_fixes_zeros_and_caps_as_an_elementwise_rule(dtype: torch.dtype) -> None:
+    """stored_scale checks a block's scales with one reduction; the result must be the
+    elementwise rule: zeros -> eps, values above the decode cap -> the cap, the rest rounded."""
+    mag = 127.0
+    cap = float(decode_cap(dtype, mag))
+    eps = torch.finfo(dtype).eps
+    cases = [
+        [0.0, 0.5, 1e-3],
+        [0.5, 1e-3],  # no zero
+        [-0.0, 0.25],  # a negative zero is a zero
+        [0.0, float("nan")],  # a NaN does not hide the zero (nor is it capped)
+        [-1.0, 0.0],  # a negative scale (no caller makes one) does not hide it either
+        [cap * 4, 0.0, 0.5],
+        [],
+    ]
+    for vals in cases:
+        x = torch.tensor(vals, dtype=torch.float32)
+        got = stored_scale(x, dtype, mag)
+        want = x.to(dtype)
+        want = torch.where(want == 0, torch.tensor(eps, dtype=dtype), want)
+        want = torch.where(want > cap, torch.tensor(cap, dtype=dtype), want)
+        assert got.dtype == dtype
+        assert torch.equal(got.isnan(), want.isnan()), vals
+        assert torch.equal(got.nan_to_num(), want.nan_to_num()), vals
