@@ -206,22 +206,23 @@ class IntKernel(Kernel):
         tile = max(1, min(r, INT_TILE_ELEMENTS // max(c, 1)))
         codes = code_buffer(r, c, s.bits, self.packed, ws)
         per_tensor = s.strategy == "tensor"
-        scales = torch.empty(0 if per_tensor else r, groups, dtype=sdt)
-        zps = torch.empty(0 if s.symmetric else r, groups, dtype=torch.float32)
+        # each torch call holds the GIL the other kernel thread may be waiting for, and a
+        # checkpoint of many small tensors makes a few calls per tile a few per tensor: no
+        # placeholder tensors, and the views of a whole tile are made once
         per_tile = stats is not None and k == 1
         gather = stats is not None and k > 1 and tile < r
         m = -(-r // k)
         xs = ws.get("xs", m * c, torch.float32).view(m, groups, g) if gather else None
         ys = ws.get("ys", m * c, torch.float32).view(m, groups, g) if gather else None
-        xf_buf = ws.get("xf", tile * c, torch.float32)
-        y_buf = ws.get("tmp", tile * c, torch.float32)
-        xf = xf_buf[:0].view(0, groups, g)
-        y = y_buf[:0].view(0, groups, g)
-        # the views of a whole tile, made once: each torch call holds the GIL the other kernel
-        # thread may be waiting for
-        xf_tile = xf_buf[: tile * c].view(tile, groups, g)
-        y_tile = y_buf[: tile * c].view(tile, groups, g)
-        sf = tensor_scale.float().view(1, 1, 1) if tensor_scale is not None else xf_buf[:0]
+        rows0 = min(tile, r)  # the rows of a whole tile (0 for an empty block: no tile)
+        xf_buf = ws.get("xf", rows0 * c, torch.float32)  # exactly rows0 * c elements
+        y_buf = ws.get("tmp", rows0 * c, torch.float32)
+        xf_tile = xf = xf_buf.view(rows0, groups, g)
+        y_tile = y = y_buf.view(rows0, groups, g)
+        # (xf stands in for what a scheme does not use: no placeholder tensor is made)
+        scales = torch.empty(r, groups, dtype=sdt) if not per_tensor else xf
+        zps = torch.empty(r, groups, dtype=torch.float32) if not s.symmetric else xf
+        sf = tensor_scale.float().view(1, 1, 1) if tensor_scale is not None else xf
         worst = 0.0
         pending: DecodeOverflowError | None = None
         for a in range(0, r, tile):
