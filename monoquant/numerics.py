@@ -208,7 +208,7 @@ def check_finite(t: torch.Tensor) -> None:
 def group_range(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(max, min) over the last dimension of ``v`` (float32 ``[rows, groups, g]``): two reads,
     no write; raises :class:`NonFiniteError` when either holds NaN or Inf."""
-    mx = v.amax(dim=-1)  # two reads: torch.aminmax over a dimension is about 20x slower here
+    mx = v.amax(dim=-1)  # two reads: torch.aminmax over a dimension is 14x slower (tile_ops.py)
     mn = v.amin(dim=-1)
     # NaN or ±Inf in mx or mn makes this sum NaN or ±Inf; so can finite values beyond half of
     # float32's range (mx - mn overflows), which the exact check below then clears (halves: no

@@ -256,13 +256,12 @@ class IntKernel(Kernel):
             y.round_().clamp_(s.qmin, s.qmax)
             if zp is not None:
                 worst = max(worst, decode_worst(y, scale, zp, mag, sdt))
+            encode_codes(y.view(t, c), s.bits, self.packed, ws, out=codes[a:b])  # (y is kept)
             if per_tile and stats is not None:
-                encode_codes(y.view(t, c), s.bits, self.packed, ws, out=codes[a:b])
                 # the codes are stored: the error overwrites them (one float32 tile less in the cache)
                 zp_t = None if zp is None else zp.unsqueeze(-1)
                 stats.add_error(xf, decode_error(xf, y, sf, zp_t, ws, sdt, out=y))
-                continue
-            if xs is not None and ys is not None:
+            elif xs is not None and ys is not None:
                 i0 = -(-a // k) * k  # the first sampled row of this tile
                 if i0 < b:
                     src = slice(i0 - a, t, k)
@@ -270,7 +269,6 @@ class IntKernel(Kernel):
                     n_s = len(range(*src.indices(t)))
                     xs[j0 : j0 + n_s].copy_(xf[src])
                     ys[j0 : j0 + n_s].copy_(y[src])
-            encode_codes(y.view(t, c), s.bits, self.packed, ws, out=codes[a:b])
         if pending is not None:
             raise pending
         if worst > torch.finfo(sdt).max:
