@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import click
@@ -43,6 +43,39 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("monoquant: interrupted; rerun the same command to resume", err=True)
             sys.exit(130)
+
+
+@contextlib.contextmanager
+def interrupt_after() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise it as :class:`KeyboardInterrupt`.
+
+    For the first import of torch: an interrupt that lands inside a C extension's initialisation
+    (numpy's, which torch imports) comes out of it as an ``ImportError`` with a traceback, not as
+    a ``KeyboardInterrupt``; held, it is raised once the import is done, and the command ends with
+    its one line. Off the main thread (where Python runs signal handlers) it does nothing.
+
+    Example:
+        >>> import os, signal
+        >>> try:
+        ...     with interrupt_after():
+        ...         os.kill(os.getpid(), signal.SIGINT)
+        ...         print("the block finishes")
+        ... except KeyboardInterrupt:
+        ...     print("then the interrupt")
+        the block finishes
+        then the interrupt
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if got:
+        raise KeyboardInterrupt
 
 
 def _fail(e: BaseException, verbose: int) -> NoReturn:
@@ -386,7 +419,8 @@ def stream(src: str, dst: str, **kw: Any) -> None:
 
 
 def _stream(src: str, dst: str, kw: dict[str, Any]) -> None:
-    from . import pipeline
+    with interrupt_after():  # the first import of torch
+        from . import pipeline
 
     verbose, quiet, as_json, dry = kw.pop("verbose"), kw.pop("quiet"), kw.pop("as_json"), kw.pop("dry_run")
     sopts = _scheme_kwargs(kw)
@@ -521,7 +555,8 @@ def verify(
       monoquant verify out/ --against ckpt/ --min-sqnr 20
       monoquant verify out/ --against ckpt/ --engine vllm --max-ppl-ratio 1.2
     """
-    from .verify import verify as run_verify
+    with interrupt_after():  # the first import of torch
+        from .verify import verify as run_verify
 
     if min_sqnr is not None and against is None:
         raise click.UsageError("--min-sqnr needs --against IN")
@@ -605,7 +640,8 @@ def inspect(path: str, as_json: bool, verbose: int) -> None:
     Example:
       monoquant inspect out/ --json | jq .totals
     """
-    from .inspection import inspect_checkpoint
+    with interrupt_after():  # the first import of torch
+        from .inspection import inspect_checkpoint
 
     info = _run(verbose, lambda: inspect_checkpoint(path))
     if as_json:

@@ -4,6 +4,7 @@ Ctrl-C during start-up, API misuse, and CLI usage errors."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import subprocess
@@ -121,6 +122,46 @@ def test_ctrl_c_during_startup_is_one_line(tmp_path: Path, delay: float) -> None
         pytest.skip("the run finished before the signal")
     assert p.returncode == 130, (p.returncode, err)
     assert err.strip().splitlines() == ["monoquant: interrupted; rerun the same command to resume"], err
+
+
+@pytest.mark.parametrize("command", ["stream", "verify", "inspect"])
+def test_ctrl_c_inside_the_torch_import_is_one_line(tmp_path: Path, command: str) -> None:
+    """A Ctrl-C that lands while torch is being imported (inside numpy's C initialisation it
+    used to come out as an ImportError and a traceback, exit code 1) is held until the import
+    is done, then ends the command with its one line and exit code 130. The signal is sent from
+    an import hook inside numpy's C initialisation (torch imports numpy when it is installed;
+    without it, as torch starts importing its storage module)."""
+    src = write_sharded(tmp_path / "in", small(), shards=1)
+    # imported by numpy._core._multiarray_umath's initialisation, in C
+    target = "numpy._core._exceptions" if importlib.util.find_spec("numpy") else "torch.storage"
+    args = {
+        "stream": ["stream", str(src), str(tmp_path / "out"), "--int8"],
+        "verify": ["verify", str(src)],
+        "inspect": ["inspect", str(src)],
+    }[command]
+    code = textwrap.dedent(f"""
+        import importlib.abc, os, signal, sys
+
+        class Hook(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == {target!r}:
+                    sys.meta_path.remove(self)
+                    os.kill(os.getpid(), signal.SIGINT)
+                    print("sent", file=sys.stderr)
+                return None
+
+        sys.meta_path.insert(0, Hook())
+        sys.argv = ["monoquant", *{args!r}]
+        from monoquant.cli import entry
+        entry()
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130, (r.returncode, r.stderr)
+    assert r.stderr.strip().splitlines() == [
+        "sent",
+        "monoquant: interrupted; rerun the same command to resume",
+    ], r.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
