@@ -3,13 +3,15 @@ and per-shard OS file locks.
 
 * ``plan.json`` — fingerprint, format version, scheme, shard list. A rerun with another
   fingerprint is refused (:class:`PlanMismatchError`) unless ``restart`` discards the state.
-* ``journal.jsonl`` — one line per finished shard: ``{"shard", "bytes", "crc32"}``, appended
-  after the shard was fsynced and renamed, then fsynced itself. ``crc32`` is the shard digest of
-  :func:`monoquant.writer.shard_digest` (a sha256 over the header and each tensor's CRC-32). A
-  rerun trusts a journaled shard only if its size and digest still check out
-  (:func:`entry_matches`). Lines written by earlier versions carry ``sha256`` instead (a sha256
-  of every byte); they are still read and checked the old way, so an unfinished job of an earlier
-  version resumes. A line with neither (a later format) is not trusted: that shard is redone.
+* ``journal.jsonl`` — one line per finished shard: ``{"shard", "bytes", "sum64"}``, appended
+  after the shard was fsynced and renamed, then fsynced itself. ``sum64`` is the shard digest of
+  :func:`monoquant.writer.shard_digest` (a sha256 over the header and each tensor's
+  :class:`~monoquant.sum64.Sum64` checksum). A rerun trusts a journaled shard only if its size
+  and digest still check out (:func:`entry_matches`). Lines written by earlier versions carry
+  ``crc32`` (the same digest over each tensor's CRC-32) or ``sha256`` (a sha256 of every byte)
+  instead; they are still read and checked their own way, so an unfinished job of an earlier
+  version resumes. A line with none of these (a later format) is not trusted: that shard is
+  redone.
 * ``locks/<shard>.lock`` — ``flock`` locks: two processes never write one shard, and a lock
   vanishes with the process that held it (SIGKILL included).
 
@@ -37,8 +39,10 @@ from .plan import Plan, PlannedOutput, ShardPlan
 from .schemes import FORMAT_VERSION
 
 #: the journal field holding a shard's digest (:func:`monoquant.writer.shard_digest`)
-DIGEST_FIELD = "crc32"
-#: the field journals of earlier versions hold instead (a sha256 of every byte; still checked)
+DIGEST_FIELD = "sum64"
+#: the fields journals of earlier versions hold instead (still checked): the digest over CRC-32s
+#: (:func:`monoquant.writer.crc_shard_digest`), and before it a sha256 of every byte
+CRC_DIGEST_FIELD = "crc32"
 LEGACY_DIGEST_FIELD = "sha256"
 
 
@@ -205,15 +209,15 @@ def entry_matches(path: Path, shard: ShardPlan, outputs: list[PlannedOutput], en
     """Whether the file at ``path`` is still the shard a journal ``entry`` recorded: the planned
     size and the recorded size, then the digest recomputed from the file (a read of the shard).
 
-    Entries of earlier versions (``sha256``) are checked with their own digest; an entry with no
-    digest this version knows is never trusted.
+    Entries of earlier versions (``crc32``, ``sha256``) are checked with their own digest; an
+    entry with no digest this version knows is never trusted.
 
     Example:
         >>> entry = state.finished()[shard.filename]                    # doctest: +SKIP
         >>> entry_matches(out / shard.filename, shard, outputs, entry)   # doctest: +SKIP
         True
     """
-    from .writer import legacy_shard_digest, shard_digest
+    from .writer import crc_shard_digest, legacy_shard_digest, shard_digest
 
     try:
         if entry.get("bytes") != shard.file_size or path.stat().st_size != shard.file_size:
@@ -223,6 +227,9 @@ def entry_matches(path: Path, shard: ShardPlan, outputs: list[PlannedOutput], en
     want = entry.get(DIGEST_FIELD)
     if isinstance(want, str):
         return shard_digest(path, shard, outputs) == want
+    want = entry.get(CRC_DIGEST_FIELD)
+    if isinstance(want, str):
+        return crc_shard_digest(path, shard, outputs) == want
     want = entry.get(LEGACY_DIGEST_FIELD)
     if isinstance(want, str):
         return legacy_shard_digest(path, shard, outputs) == want

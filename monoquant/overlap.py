@@ -1,11 +1,12 @@
 """Overlapping compute with writing: a pool of workspaces and block sinks.
 
 The pipeline quantizes block *k+1* while a writer thread copies block *k* into the shard file
-and hashes it (``pwrite`` and ``zlib.crc32`` release the GIL, as do torch kernels); with a
-:class:`KernelHelper` thread (:func:`monoquant.convert.process_tensor`), two blocks are computed
-at once. Kernel outputs are views into a workspace, so each block takes a workspace from a small
-pool and the sink gives it back once the block is on its way to disk — compute never overwrites
-bytes that are still being written. The kernels' scratch (float32 tiles and the like) comes from
+and checksums it (``pwrite`` and the torch sums of :class:`~monoquant.sum64.Sum64` release the
+GIL, as do torch kernels); with a :class:`KernelHelper` thread
+(:func:`monoquant.convert.process_tensor`), two blocks are computed at once. Kernel outputs are
+views into a workspace, so each block takes a workspace from a small pool and the sink gives it
+back once the block is on its way to disk — compute never overwrites bytes that are still being
+written. The kernels' scratch (float32 tiles and the like) comes from
 each kernel thread's own workspace (:meth:`~monoquant.numerics.Workspace.with_scratch`), so a
 block waiting for the writer holds only its outputs.
 

@@ -8,18 +8,24 @@ memory cap. :meth:`ShardWriter.finish` fsyncs, renames to the final name and fsy
 directory.
 
 Each output tensor's bytes are checksummed as they are written (each tensor's region is written
-in order) with CRC-32 (``zlib.crc32``: about 3x the speed of sha256 and it releases the GIL, so on
-the writer thread it runs beside the next block's kernel). The shard digest is
-``sha256(DIGEST_TAG || header || crc32(t1) || crc32(t2) ...)`` over tensors in file order, each
-CRC as 4 big-endian bytes — see :func:`shard_digest`, which recomputes it from a file on disk.
-It guards resume against a shard that was changed, truncated or replaced after it was journaled
-(the journal's ``crc32`` field); it is not a cryptographic seal and needs not be one: whoever can
-rewrite a shard can rewrite the journal too. Journals of earlier versions hold a ``sha256`` field
-(``sha256(header || sha256(t1) || ...)``), still checked by :func:`legacy_shard_digest`.
+in order) with :class:`~monoquant.sum64.Sum64`, a position-weighted pair of 64-bit sums computed
+with torch reductions: 2.5x the speed of ``zlib.crc32``, and it releases the GIL, so on the writer
+thread it runs beside the next block's kernel. The shard digest is
+``sha256(DIGEST_TAG || header || sum64(t1) || sum64(t2) ...)`` over tensors in file order, each
+checksum as 16 big-endian bytes — see :func:`shard_digest`, which recomputes it from a file on
+disk. It guards resume against a shard that was changed, truncated or replaced after it was
+journaled (the journal's ``sum64`` field); it is not a cryptographic seal and needs not be one:
+whoever can rewrite a shard can rewrite the journal too. Journals of earlier versions hold a
+``crc32`` field (the same digest over CRC-32s, :func:`crc_shard_digest`) or a ``sha256`` field
+(``sha256(header || sha256(t1) || ...)``, :func:`legacy_shard_digest`); both are still checked.
 
 Example:
-    >>> hdr = b'{}'
-    >>> shard_digest_of(hdr, [zlib.crc32(b"abc")]) == shard_digest_of(hdr, [zlib.crc32(b"abd")])
+    >>> from monoquant.sum64 import Sum64
+    >>> def sums(b):
+    ...     s = Sum64()
+    ...     s.update(b)
+    ...     return s.digest()
+    >>> shard_digest_of(b'{}', [sums(b"abc")]) == shard_digest_of(b'{}', [sums(b"abd")])
     False
 """
 
@@ -41,6 +47,7 @@ import torch
 from .errors import OutputError
 from .outnames import partial_name
 from .plan import PlannedOutput, ShardPlan
+from .sum64 import Sum64
 
 FLUSH_BYTES = 32 * 1024 * 1024
 _WAIT_BEFORE, _WRITE = 1, 2
@@ -102,7 +109,7 @@ class ShardWriter:
         self._since_flush = 0
         self._lock = threading.Lock()  # two threads may write (a copy lane and the block writer)
         self._written: dict[str, int] = {}
-        self._crc: dict[str, int] = {}
+        self._sums: dict[str, Sum64] = {}
         self._data_start = 8 + len(shard.header)
         self._fd = -1
         try:
@@ -139,7 +146,10 @@ class ShardWriter:
             self._pwrite(buf, self._data_start + out.offset + offset)
         except OSError as e:
             raise os_error(e, self.partial, f"writing {out.name}") from None
-        self._crc[out.name] = zlib.crc32(buf, self._crc.get(out.name, 0))
+        acc = self._sums.get(out.name)
+        if acc is None:
+            acc = self._sums[out.name] = Sum64()
+        acc.update(buf)
         self._written[out.name] = done + n
         with self._lock:
             self._since_flush += n
@@ -174,8 +184,8 @@ class ShardWriter:
         except OSError as e:
             self.abort()
             raise os_error(e, self.final, "finishing the shard") from None
-        crcs = [self._crc.get(o.name, 0) for o in sorted(outputs, key=lambda o: o.offset)]
-        return self.shard.file_size, shard_digest_of(self.shard.header, crcs)
+        sums = [self._sums.get(o.name, Sum64()).digest() for o in sorted(outputs, key=lambda o: o.offset)]
+        return self.shard.file_size, shard_digest_of(self.shard.header, sums)
 
     def abort(self) -> None:
         """Close and remove the partial file (frees the space of a failed shard)."""
@@ -193,14 +203,17 @@ class ShardWriter:
 
 #: what the digest covers and how; part of every digest, so another way of computing one never
 #: matches by accident
-DIGEST_TAG = b"monoquant shard crc32 v1\0"
+DIGEST_TAG = b"monoquant shard sum64 v1\0"
+#: the tag of the digest journals of the version before recorded (``crc32`` field)
+CRC_DIGEST_TAG = b"monoquant shard crc32 v1\0"
 
 
-def shard_digest_of(header: bytes, crcs: list[int]) -> str:
-    """The shard digest from its header and the CRC-32 of each output tensor, in file order."""
+def shard_digest_of(header: bytes, sums: list[bytes]) -> str:
+    """The shard digest from its header and the :meth:`Sum64.digest` of each output tensor, in
+    file order."""
     h = hashlib.sha256(DIGEST_TAG)
     h.update(header)
-    h.update(b"".join(c.to_bytes(4, "big") for c in crcs))
+    h.update(b"".join(sums))
     return h.hexdigest()
 
 
@@ -259,8 +272,23 @@ def shard_digest(
 ) -> str:
     """Recompute a written shard's digest from disk (used to check journaled shards on resume);
     ``""`` when the file's header is not the planned one, or it is short or unreadable."""
+    accs = _scan(path, shard, outputs, Sum64, chunk)
+    return "" if accs is None else shard_digest_of(shard.header, [a.digest() for a in accs])
+
+
+def crc_shard_digest(
+    path: Path, shard: ShardPlan, outputs: list[PlannedOutput], chunk: int = 16 * 1024 * 1024
+) -> str:
+    """The digest journals of the version before recorded (their ``crc32`` field):
+    ``sha256(CRC_DIGEST_TAG || header || crc32(t1) || crc32(t2) ...)``, each CRC as 4 big-endian
+    bytes. Read only, to resume such a job."""
     accs = _scan(path, shard, outputs, _Crc, chunk)
-    return "" if accs is None else shard_digest_of(shard.header, [a.value for a in accs])
+    if accs is None:
+        return ""
+    h = hashlib.sha256(CRC_DIGEST_TAG)
+    h.update(shard.header)
+    h.update(b"".join(a.value.to_bytes(4, "big") for a in accs))
+    return h.hexdigest()
 
 
 def legacy_shard_digest(

@@ -3,7 +3,8 @@
 A first run with ``worker=(0, 2)`` writes and journals half of the shards and leaves the job
 unfinished (no index); the shards are then changed behind the journal's back, and a rerun of the
 whole job must redo exactly the changed shards and still give the bytes of an uninterrupted run.
-Journals of earlier versions (a ``sha256`` field, a sha256 of every byte) are still read.
+Journals of earlier versions (a ``crc32`` field, the digest over CRC-32s; a ``sha256`` field, a
+sha256 of every byte) are still read.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 import monoquant
 from monoquant.journal import STATE_DIR, entry_matches
 from monoquant.pipeline import plan as make_plan
-from monoquant.writer import legacy_shard_digest, shard_digest
+from monoquant.writer import crc_shard_digest, legacy_shard_digest, shard_digest
 from tests.helpers import read_dir_bytes, tiny_llama_sd, write_sharded
 
 OPTS = {"max_shard_size": "300KB", "overlap": False}
@@ -96,24 +97,30 @@ def rewrite_journal(out: Path, fn) -> None:
     j.write_text("".join(json.dumps(e) + "\n" for e in lines))
 
 
-def test_journal_of_an_earlier_version_is_still_read(ckpt, tmp_path: Path) -> None:
-    """Entries with a ``sha256`` field (the earlier format) are checked with the earlier digest:
-    intact shards are kept, a changed one is redone."""
+@pytest.mark.parametrize(
+    ("field", "digest_of", "changed"),
+    [("crc32", crc_shard_digest, 0), ("sha256", legacy_shard_digest, -1)],
+    ids=["crc32", "sha256"],
+)
+def test_journal_of_an_earlier_version_is_still_read(ckpt, tmp_path: Path, field, digest_of, changed) -> None:
+    """Entries of earlier versions, a ``crc32`` field (the digest over CRC-32s, the version
+    before) or a ``sha256`` one (before that), are checked with their own digest: intact shards
+    are kept, a changed one is redone, and the bytes are an uninterrupted run's."""
     src, ref = ckpt
     out = tmp_path / "out"
     done = half_done(src, out)
     p = make_plan(src, "int8", max_shard_size=OPTS["max_shard_size"])
     by_name = {s.filename: s for s in p.shards}
 
-    def legacy(e: dict) -> dict:
+    def earlier(e: dict) -> dict:
         s = by_name[e["shard"]]
         outputs = [o for i in s.tensors for o in p.tensors[i].outputs]
-        digest = legacy_shard_digest(out / s.filename, s, outputs)
-        assert digest and digest != e["crc32"]
-        return {"shard": e["shard"], "bytes": e["bytes"], "sha256": digest}
+        digest = digest_of(out / s.filename, s, outputs)
+        assert digest and digest != e["sum64"]
+        return {"shard": e["shard"], "bytes": e["bytes"], field: digest}
 
-    rewrite_journal(out, legacy)
-    flip_last_byte(out / done[-1])
+    rewrite_journal(out, earlier)
+    flip_last_byte(out / done[changed])
     rep = monoquant.stream(src, out, "int8", **OPTS)
     assert rep.complete
     assert rep.shards_skipped == len(done) - 1
@@ -133,7 +140,7 @@ def test_entry_without_a_known_digest_is_not_trusted(ckpt, tmp_path: Path) -> No
 
 def test_digest_checks_every_tensor_and_the_header(ckpt, tmp_path: Path) -> None:
     """shard_digest reads the file: one flipped byte in any output tensor, or in the header,
-    changes it; the CRC-32 based digest and the earlier sha256 digest both see it."""
+    changes it; the digests of the earlier versions (over CRC-32s, over sha256s) see it too."""
     src, _ = ckpt
     out = tmp_path / "out"
     half_done(src, out)
@@ -145,7 +152,9 @@ def test_digest_checks_every_tensor_and_the_header(ckpt, tmp_path: Path) -> None
     assert entry["shard"] == s.filename
     assert entry_matches(path, s, outputs, entry)
     good, good_legacy = shard_digest(path, s, outputs), legacy_shard_digest(path, s, outputs)
-    assert good == entry["crc32"]
+    good_crc = crc_shard_digest(path, s, outputs)
+    assert good == entry["sum64"]
+    assert len({good, good_legacy, good_crc}) == 3
     data_start = 8 + len(s.header)
     original = path.read_bytes()
     places = [4 + 8, *(data_start + o.offset + o.nbytes // 2 for o in outputs if o.nbytes)]
@@ -155,13 +164,14 @@ def test_digest_checks_every_tensor_and_the_header(ckpt, tmp_path: Path) -> None
             fh.write(bytes([original[pos] ^ 0x80]))
         assert shard_digest(path, s, outputs) != good, pos
         assert legacy_shard_digest(path, s, outputs) != good_legacy, pos
+        assert crc_shard_digest(path, s, outputs) != good_crc, pos
         assert not entry_matches(path, s, outputs, entry)
         path.write_bytes(original)
     assert entry_matches(path, s, outputs, entry)
 
 
 def test_digest_does_not_depend_on_block_size(ckpt, tmp_path: Path) -> None:
-    """The writer's running CRC over blocks equals the CRC of the whole tensor read back."""
+    """The writer's running checksums over blocks of 64 KiB and of 4 MiB give the same journal."""
     src, _ = ckpt
     for bb, name in ((1 << 16, "a"), (1 << 22, "b")):
         monoquant.stream(src, tmp_path / name, "int8", worker=(0, 2), block_bytes=bb, **OPTS)
