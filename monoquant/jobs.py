@@ -56,10 +56,12 @@ from .writer import ShardWriter
 Emit = Callable[[ProgressEvent], None]
 
 #: workspaces of a job with overlap on: the blocks a tensor holds (``convert.HELD_BLOCKS``: one on
-#: each kernel thread, two waiting or finished) and two with the writer. They hold block outputs
+#: each kernel thread, two waiting or finished) and four with the writer. They hold block outputs
 #: only (a few MiB each; with ``--backend pread``, the block's input too); the kernels' scratch is
-#: one per kernel thread
-POOL_OVERLAP = HELD_BLOCKS + 2
+#: one per kernel thread. With two for the writer, the reading thread waited for a free workspace
+#: in 14 % of the samples of a warm int8 run (the writer waits for the disk in bursts, at each
+#: flush); with four the wait is gone, for 4 MiB more anonymous memory (docs/benchmarks.md)
+POOL_OVERLAP = HELD_BLOCKS + 4
 
 
 def run_job(ckpt: Checkpoint, p: Plan, dst: Path, opts: JobOptions, report: Report, emit: Emit) -> None:
