@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import decode_overflow_error, fp16_overflow_error, nonfinite_error
+from .kernelproc import BlockJob
 from .kernels import (
     DecodeOverflowError,
     ErrorStats,
@@ -100,7 +101,7 @@ def process_tensor(
         return
     assert d.scheme is not None  # every decision but "copy" has one
     kernel = get_kernel(d.scheme)
-    rows, _cols = as_rows(ref.shape)
+    rows, cols = as_rows(ref.shape)
     br = block_rows_for(pt, block_bytes)
     row_bytes = ref.nbytes // max(rows, 1)
     try:
@@ -153,10 +154,16 @@ def process_tensor(
             def map_error(e: BaseException) -> BaseException:
                 return _user_error(pt, reader, br, sink, e)
 
-            def read(a: int, b: int, ws: Workspace) -> torch.Tensor:
-                return reader.rows(ref, a, b, ws=ws)
+            job = BlockJob(d.scheme, tscale, clamp_fp16, stats_every, stats is not None)
+            job.path, job.offset, job.cols, job.dtype = str(ref.file), ref.offset, cols, ref.dtype
 
-            line.feed(rows, br, read, quantize, TensorBlocks(emit, stats, map_error, finish))
+            def read(a: int, b: int, ws: Workspace) -> torch.Tensor:
+                x = reader.rows(ref, a, b, ws=ws)
+                if job.ident is None and ref.is_safetensors:  # (set before the block is shared)
+                    job.ident = reader.file_identity()
+                return x
+
+            line.feed(rows, br, read, quantize, TensorBlocks(emit, stats, map_error, finish, job))
             return
         for a in range(0, rows, br):
             b = min(a + br, rows)
@@ -212,6 +219,8 @@ class TensorBlocks:
     stats: ErrorStats | None
     map_error: Callable[[BaseException], BaseException] = lambda e: e
     finish: Callable[[], None] | None = None
+    #: the tensor's blocks as a kernel process computes them (:mod:`monoquant.kernelproc`)
+    job: BlockJob | None = None
 
 
 class _After:

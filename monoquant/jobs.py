@@ -39,6 +39,7 @@ from .convert import HELD_BLOCKS, BlockLine, process_tensor
 from .copylane import CopyLane
 from .errors import MonoquantError, OutputError
 from .journal import JobState, check_writable, entry_matches
+from .kernelproc import ProcessHelper, process_helper_allowed
 from .kernels import ErrorStats, Workspace, get_kernel
 from .memwatch import MemWatch
 from .options import JobOptions
@@ -208,7 +209,7 @@ def _run_shards(run: ShardRun, mine: list[ShardPlan]) -> None:
         # while earlier ones are written; a block's workspace holds its outputs only, the kernels'
         # scratch is per thread
         pool = WorkspacePool(POOL_OVERLAP if run.opts.overlap else 1)
-        helper = KernelHelper() if run.opts.overlap else None
+        helper = _kernel_helper(run, mine, pool) if run.opts.overlap else None
         scratch = helper.scratch if helper is not None else Workspace()
         with RowReader(run.opts.backend, readahead=READAHEAD_BYTES) as reader, _shut(helper):
             while not failure:
@@ -269,6 +270,23 @@ def _two_kernel_threads(pt: PlannedTensor) -> bool:
     many bytes out as in) fell behind."""
     d = pt.decision
     return d.action == "quantize" and d.scheme is not None and get_kernel(d.scheme).tiled_scratch
+
+
+def _kernel_helper(run: ShardRun, mine: list[ShardPlan], pool: WorkspacePool) -> KernelHelper:
+    """The second kernel thread: its blocks computed in a process of its own
+    (:class:`~monoquant.kernelproc.ProcessHelper`) where that is allowed and some tensor shares
+    its blocks, else on the thread itself."""
+    p = run.plan
+    shared = any(_two_kernel_threads(p.tensors[i]) for s in mine for i in s.tensors)
+    # one job thread: with --jobs N the process would fork beside other job threads at work
+    if shared and run.opts.jobs == 1 and process_helper_allowed(run.opts.backend, run.opts.threads):
+        try:
+            # a block holds up to two blocks' bytes of rows (wider ones are cut elsewhere); the
+            # codes take at most one byte per input byte, in the first half of the slot
+            return ProcessHelper(pool.size, 2 * (2 * p.block_bytes + (1 << 19)))
+        except OSError:  # no fork or no shared mapping here (limits): the thread does it
+            pass
+    return KernelHelper()
 
 
 def _on_copy_lane(pt: PlannedTensor, block_bytes: int) -> bool:

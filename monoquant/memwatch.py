@@ -4,7 +4,8 @@ Three views, because they answer different questions:
 
 * ``peak_rss`` — ``getrusage`` max RSS (includes mapped file pages);
 * ``peak_anon`` — the largest ``RssAnon`` seen by a sampler thread (memory that cannot be
-  reclaimed: what an OOM killer looks at);
+  reclaimed: what an OOM killer looks at), with what the run's helper processes
+  (:data:`HELPERS`) add to it: their own pages and the memory they share with the run;
 * ``cgroup_peak`` — the memory cgroup's max usage (page cache charged to it included) when the
   process runs in its own cgroup (e.g. under ``memcap``), else ``None``.
 """
@@ -16,10 +17,13 @@ import resource
 import threading
 from pathlib import Path
 
+#: helper processes of this run (:mod:`monoquant.kernelproc`): their ``RssAnon`` counts as ours
+HELPERS: set[int] = set()
 
-def _status_kb(field: str) -> int | None:
+
+def _status_kb(field: str, pid: int | str = "self", table: str = "status") -> int | None:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/{table}").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except (OSError, ValueError, IndexError):
@@ -98,6 +102,18 @@ def _own_tree() -> set[int]:
     return tree
 
 
+def _helpers_kb() -> int:
+    """What the run's helper processes add to its anonymous memory, in KiB: each child's own
+    pages (``Private_Dirty``: the pages it shares copy-on-write with this process are counted
+    here already), and this process's shared memory (the output slots both map)."""
+    if not HELPERS:
+        return 0
+    kb = _status_kb("RssShmem") or 0
+    for pid in list(HELPERS):
+        kb += _status_kb("Private_Dirty", pid, "smaps_rollup") or 0
+    return kb
+
+
 class MemWatch:
     """Samples ``RssAnon`` every ``interval`` seconds while active (a context manager)."""
 
@@ -110,6 +126,7 @@ class MemWatch:
     def _sample(self) -> None:
         kb = _status_kb("RssAnon")
         if kb is not None:
+            kb += _helpers_kb()
             self.peak_anon = max(self.peak_anon, kb * 1024)
 
     def _run(self) -> None:

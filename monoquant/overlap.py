@@ -202,8 +202,12 @@ class KernelHelper:
     def share(self, task: BlockTask) -> None:
         """Hand ``task`` to the helper's queue (the thread starts serving it on first use)."""
         if self._served is None:
-            self._served = self._executor.submit(self.blocks.serve, lambda t: t.run(self.helper_scratch))
+            self._served = self._executor.submit(self.blocks.serve, self.compute)
         self.blocks.add(task)
+
+    def compute(self, task: BlockTask) -> None:
+        """Compute ``task`` (on the helper's thread)."""
+        task.run(self.helper_scratch)
 
     def shutdown(self) -> None:
         """Stop the thread (after the block it is computing)."""

@@ -472,6 +472,15 @@ class RowReader:
         if self._ahead is not None:
             self._ahead.attach(self._fd, size, mapping_address(self._mm) if self._mm is not None else 0)
 
+    def file_identity(self) -> tuple[int, int] | None:
+        """``(device, inode)`` of the file this reader has mapped now (``None`` when it maps
+        none: ``pread``, torch pickles, object storage), so that another process can map the very
+        same file (:mod:`monoquant.kernelproc`)."""
+        if self._mm is None or self._fd < 0:
+            return None
+        st = os.fstat(self._fd)
+        return st.st_dev, st.st_ino
+
     def rows(self, ref: TensorRef, start: int, stop: int, ws: Workspace | None = None) -> torch.Tensor:
         """Rows ``[start, stop)`` of ``ref`` as a 2-D tensor: a view of the mapped file, or (pread)
         of a buffer of ``ws`` (default: the reader's own), valid until that buffer is reused."""
