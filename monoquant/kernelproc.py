@@ -62,7 +62,7 @@ from typing import Any
 import torch
 
 from .kernels import ErrorStats, Workspace, get_kernel
-from .memwatch import HELPERS
+from .memwatch import HELPERS, forget_helper
 from .overlap import BlockTask, KernelHelper
 from .schemes import Scheme
 
@@ -213,7 +213,7 @@ class ProcessHelper(KernelHelper):
                 os.waitpid(self.pid, 0)
                 break
             time.sleep(0.005)
-        HELPERS.discard(self.pid)
+        forget_helper(self.pid)
         self.pid = None
 
     def shutdown(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import resource
 import threading
+import time
 from pathlib import Path
 
 #: helper processes of this run (:mod:`monoquant.kernelproc`): their ``RssAnon`` counts as ours
@@ -102,16 +103,35 @@ def _own_tree() -> set[int]:
     return tree
 
 
+#: seconds between two reads of a helper's ``smaps_rollup``: a read walks the child's page
+#: tables under its memory lock (10 ms for a 200 MiB child here), too slow for every sample
+SMAPS_EVERY = 1.0
+_private_kb: dict[int, tuple[float, int]] = {}  # pid -> (when read, Private_Dirty KiB)
+
+
 def _helpers_kb() -> int:
     """What the run's helper processes add to its anonymous memory, in KiB: each child's own
     pages (``Private_Dirty``: the pages it shares copy-on-write with this process are counted
-    here already), and this process's shared memory (the output slots both map)."""
+    here already; read at most every :data:`SMAPS_EVERY` seconds, and it grows only while a
+    child allocates its scratch, at the start), and this process's shared memory (the output
+    slots both map)."""
     if not HELPERS:
         return 0
     kb = _status_kb("RssShmem") or 0
+    now = time.monotonic()
     for pid in list(HELPERS):
-        kb += _status_kb("Private_Dirty", pid, "smaps_rollup") or 0
+        when, last = _private_kb.get(pid, (-SMAPS_EVERY, 0))
+        if now - when >= SMAPS_EVERY:
+            last = _status_kb("Private_Dirty", pid, "smaps_rollup") or last
+            _private_kb[pid] = (now, last)
+        kb += last
     return kb
+
+
+def forget_helper(pid: int) -> None:
+    """``pid`` has ended: it is no longer sampled."""
+    HELPERS.discard(pid)
+    _private_kb.pop(pid, None)
 
 
 class MemWatch:
