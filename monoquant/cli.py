@@ -376,9 +376,9 @@ def _scheme_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     type=click.Choice(["auto", "on", "off"]),
     default="auto",
     show_default=True,
-    help="Use a second core: write and hash on a background thread, share each tensor's blocks "
-    "with a kernel helper thread, and copy large kept tensors on a third; auto: when a CPU core "
-    "is idle.",
+    help="Use a second core: write and checksum on a background thread, share each tensor's blocks "
+    "with a kernel helper (a forked process on Linux; MONOQUANT_KERNEL_PROCESS=0: a thread), and "
+    "copy large kept tensors on a third thread; auto: when a CPU core is idle.",
 )
 @click.option("--dry-run", is_flag=True, help="Print the plan (from headers only) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON summary on stdout.")

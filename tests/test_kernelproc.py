@@ -188,7 +188,18 @@ def test_the_child_dies_with_a_killed_run(tmp_path) -> None:
     save_file(sd, str(src / "model.safetensors"))
     env = {**os.environ, ENV: "1"}
     p = subprocess.Popen(
-        [sys.executable, "-m", "monoquant", "stream", str(src), str(tmp_path / "out"), "--int8", "-q"],
+        [
+            sys.executable,
+            "-m",
+            "monoquant",
+            "stream",
+            str(src),
+            str(tmp_path / "out"),
+            "--int8",
+            "-q",
+            "--overlap",
+            "on",
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -215,3 +226,31 @@ def test_the_child_dies_with_a_killed_run(tmp_path) -> None:
             p.wait()
     rep = monoquant.stream(src, tmp_path / "out", "int8")  # resumes: no lock is left held
     assert rep.complete and rep.shards_busy == 0
+
+
+def test_a_helpers_own_pages_count_in_peak_anon(monkeypatch) -> None:
+    """memwatch adds a registered helper's private pages (not the ones it shares with the run)."""
+    from monoquant import memwatch
+
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; b = bytearray(64 << 20); sys.stdout.write('x\\n'); "
+            "sys.stdout.flush(); time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"x\n"  # allocated
+        before = memwatch._helpers_kb()
+        monkeypatch.setattr(memwatch, "HELPERS", {child.pid})
+        added = memwatch._helpers_kb() - before
+        assert 64 << 10 <= added < 200 << 10  # KiB: its 64 MiB buffer, and not much more
+        memwatch.forget_helper(child.pid)
+        assert memwatch._helpers_kb() == 0
+    finally:
+        child.kill()
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
