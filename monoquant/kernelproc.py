@@ -20,8 +20,9 @@ block to a forked child process and waits (without the GIL) for the answer:
 * **Anything unusual is computed here.** A block whose input is not a mapped safetensors file
   (``--backend pread``, torch pickles, object storage), whose outputs do not fit its slot, or
   whose kernel raises in the child is computed on this side by the same thread, like the thread
-  helper would: errors are raised the way the thread helper raises them. If the child dies, the
-  run goes on the same way (threads), and its bytes do not change.
+  helper would: errors are raised the way the thread helper raises them. If the child dies, or
+  does not answer within :data:`BLOCK_SECONDS` (it is then killed), the run goes on the same way
+  (threads), and its bytes do not change.
 * **It dies with the run.** The child ignores Ctrl-C (this process unwinds and closes the pipe,
   and the child exits when it reads the end), closes every inherited file descriptor but its
   pipe (it holds no lock of the job), and gets SIGKILL when this process dies
@@ -47,6 +48,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -68,6 +70,10 @@ from .schemes import Scheme
 
 #: outputs in a slot start at multiples of this
 ALIGN = 64
+#: seconds to wait for the child's first word, then for any one block: past them it is taken
+#: for hung (a lock it inherited held, say), killed, and the run goes on with threads
+READY_SECONDS = 30.0
+BLOCK_SECONDS = 120.0
 #: the environment variable that turns the process off (``0``)
 ENV = "MONOQUANT_KERNEL_PROCESS"
 _PR_SET_PDEATHSIG = 1
@@ -123,6 +129,7 @@ class ProcessHelper(KernelHelper):
         self._lock = threading.Lock()
         #: blocks the child computed
         self.blocks_done = 0
+        self._ready = False
         ours, theirs = Pipe()
         parent = os.getpid()
         with warnings.catch_warnings():  # Python 3.12+ warns about fork() beside other threads
@@ -164,9 +171,15 @@ class ProcessHelper(KernelHelper):
             task.run(self.helper_scratch)
             return
         try:
+            if not self._ready:  # its first word: set up and listening
+                if not conn.poll(READY_SECONDS) or conn.recv() != ("ready",):
+                    raise TimeoutError("the kernel process did not start")
+                self._ready = True
             conn.send((slot, job, task.a, task.b))  # (pickled whole before a byte is sent)
+            if not conn.poll(BLOCK_SECONDS):
+                raise TimeoutError("the kernel process did not answer")
             answer = conn.recv()
-        except (EOFError, OSError):  # the child is gone: go on with threads
+        except (EOFError, OSError):  # the child is gone or hung (TimeoutError): go on with threads
             self._lost()
             answer = ("local", "no child")
         except Exception:  # a job that does not pickle, say: this thread computes it
@@ -209,8 +222,10 @@ class ProcessHelper(KernelHelper):
             if done:
                 break
             if time.monotonic() >= deadline:
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(self.pid, 0)
                 break
             time.sleep(0.005)
         forget_helper(self.pid)
@@ -236,6 +251,7 @@ def _child(conn: Connection, arena: mmap.mmap, slot_bytes: int, slots: int, pare
     """The child's loop: one block per request, until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent unwinds; the pipe's end stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    warnings.simplefilter("ignore")  # never a word on the run's terminal
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -258,6 +274,7 @@ def _child(conn: Connection, arena: mmap.mmap, slot_bytes: int, slots: int, pare
         w.buffers[("u8", torch.uint8)] = codes
         outs_ws.append(w)
     files: dict[str, tuple[tuple[int, int], mmap.mmap]] = {}
+    conn.send(("ready",))
     while True:
         try:
             slot, job, a, b = conn.recv()

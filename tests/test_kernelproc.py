@@ -90,6 +90,31 @@ def test_a_child_that_dies_leaves_the_run_to_the_threads(ckpt, tmp_path, monkeyp
     assert read_dir_bytes(tmp_path / "killed") == read_dir_bytes(tmp_path / "ref")
 
 
+def test_a_hung_child_is_killed_and_the_run_goes_on(ckpt, tmp_path, monkeypatch, helpers) -> None:
+    """A child that stops answering (SIGSTOP after a few blocks): after BLOCK_SECONDS it is
+    killed and collected, and the threads finish the run with the same bytes."""
+    from monoquant import kernelproc
+
+    monkeypatch.setattr(kernelproc, "BLOCK_SECONDS", 0.5)
+    real = ProcessHelper.compute
+    calls = [0]
+
+    def stop_on_third(self, task):
+        calls[0] += 1
+        if calls[0] == 3 and self.pid is not None:
+            os.kill(self.pid, signal.SIGSTOP)
+        return real(self, task)
+
+    monkeypatch.setattr(ProcessHelper, "compute", stop_on_third)
+    rep = _run(ckpt, tmp_path / "hung", "int8", monkeypatch, True)
+    assert rep.complete
+    h = helpers[-1]
+    assert isinstance(h, ProcessHelper) and not h.alive and h.pid is None and h.blocks_done > 0
+    monkeypatch.setattr(ProcessHelper, "compute", real)
+    _run(ckpt, tmp_path / "ref", "int8", monkeypatch, False)
+    assert read_dir_bytes(tmp_path / "hung") == read_dir_bytes(tmp_path / "ref")
+
+
 def test_a_kernel_error_is_the_threads_error(tmp_path, monkeypatch, helpers) -> None:
     """A NaN in a shared block: the child answers 'compute it yourself', and the run fails with
     the error the thread helper gives."""
