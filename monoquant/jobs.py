@@ -50,7 +50,7 @@ from .ownership import check_state_dir, finished_files, planned_files, present_f
 from .plan import Plan, PlannedTensor, ShardPlan
 from .prefetch import READAHEAD_BYTES
 from .reader import Checkpoint, RowReader
-from .remote import pin_inputs
+from .remote import RemotePath, pin_inputs
 from .report import ProgressEvent, Report
 from .writer import ShardWriter
 
@@ -277,7 +277,8 @@ def _kernel_helper(run: ShardRun, mine: list[ShardPlan], pool: WorkspacePool) ->
     (:class:`~monoquant.kernelproc.ProcessHelper`) where that is allowed and some tensor shares
     its blocks, else on the thread itself."""
     p = run.plan
-    shared = any(_two_kernel_threads(p.tensors[i]) for s in mine for i in s.tensors)
+    tensors = [p.tensors[i] for s in mine for i in s.tensors]
+    shared = any(_mappable(pt) and _two_kernel_threads(pt) for pt in tensors)
     # one job thread: with --jobs N the process would fork beside other job threads at work
     if shared and run.opts.jobs == 1 and process_helper_allowed(run.opts.backend, run.opts.threads):
         try:
@@ -287,6 +288,11 @@ def _kernel_helper(run: ShardRun, mine: list[ShardPlan], pool: WorkspacePool) ->
         except OSError:  # no fork or no shared mapping here (limits): the thread does it
             pass
     return KernelHelper()
+
+
+def _mappable(pt: PlannedTensor) -> bool:
+    """Whether a kernel process could map ``pt``'s rows itself: a local safetensors file."""
+    return pt.ref.is_safetensors and not isinstance(pt.ref.file, RemotePath)
 
 
 def _on_copy_lane(pt: PlannedTensor, block_bytes: int) -> bool:

@@ -154,6 +154,18 @@ def test_not_with_several_job_threads(ckpt, tmp_path, monkeypatch, helpers) -> N
     assert not any(isinstance(h, ProcessHelper) for h in helpers)
 
 
+@pytest.mark.parametrize("case", ["torch pickles", "pread"])
+def test_not_for_rows_it_cannot_map(tmp_path, monkeypatch, helpers, case) -> None:
+    """Rows the child could not map itself (a .bin checkpoint, the pread reader): no process."""
+    sd = tiny_llama_sd(layers=1, hidden=128, inter=256, vocab=300)
+    if case == "torch pickles":
+        src, kw = write_sharded(tmp_path / "in", sd, shards=1, fmt="bin"), {}
+    else:
+        src, kw = write_sharded(tmp_path / "in", sd, shards=1), {"backend": "pread"}
+    assert _run(src, tmp_path / "out", "int8", monkeypatch, True, **kw).complete
+    assert helpers and not any(isinstance(h, ProcessHelper) for h in helpers)
+
+
 def test_used_only_where_allowed(monkeypatch) -> None:
     monkeypatch.delenv(ENV, raising=False)
     assert process_helper_allowed("mmap", 1) == sys.platform.startswith("linux")
