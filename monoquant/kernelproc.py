@@ -2,8 +2,8 @@
 
 With overlap on, two threads compute blocks (:class:`~monoquant.overlap.KernelHelper`). Every
 torch call releases the GIL and takes it back, and with two busy threads each release wakes the
-other one: on a 2-core VM a warm int8 run spent about a fifth of its CPU time in the kernel's
-scheduler (futex wake-ups, context switches), and the two threads did 1.35 times the work of one where
+other one: on a 2-core VM a warm int8 run spent 5-7 % of its CPU time in the kernel's scheduler
+(futex wake-ups, context switches), and two kernel threads did 1.35 times the work of one where
 two processes do 1.7 times (``scripts/two_cores.py``). :class:`ProcessHelper` keeps the helper's
 queue and its place in :class:`~monoquant.convert.BlockLine`, but a thread of it only hands each
 block to a forked child process and waits (without the GIL) for the answer:
