@@ -130,6 +130,9 @@ def entry() -> NoReturn:
     :func:`main`'s. In-process callers (tests, other CLIs) call :func:`main` and keep their
     interpreter.
     """
+    # this process is the command's own: its second kernel worker may be a forked process
+    # (monoquant.kernelproc; the Python API forks only when asked to)
+    os.environ.setdefault("MONOQUANT_KERNEL_PROCESS", "1")
     try:
         main()
         code: Any = 0

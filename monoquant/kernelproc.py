@@ -28,8 +28,9 @@ block to a forked child process and waits (without the GIL) for the answer:
   pipe (it holds no lock of the job), and gets SIGKILL when this process dies
   (``PR_SET_PDEATHSIG``).
 
-It is used on Linux with the mmap reader and one torch thread per kernel
-(:func:`process_helper_allowed`), and can be turned off with ``MONOQUANT_KERNEL_PROCESS=0``.
+The ``monoquant`` command uses it on Linux with the mmap reader and one torch thread per kernel
+(:func:`process_helper_allowed`); ``MONOQUANT_KERNEL_PROCESS=0`` turns it off. The Python API
+forks only with ``MONOQUANT_KERNEL_PROCESS=1``: the caller's process is not ours to fork.
 
 Example:
     >>> import torch
@@ -100,15 +101,28 @@ class BlockJob:
 
 
 def process_helper_allowed(backend: str, threads: int | None) -> bool:
-    """Whether runs here may use :class:`ProcessHelper`: Linux (``fork``), the mmap reader, one
-    torch thread per kernel (a forked child must not inherit a running OpenMP pool), and not
-    turned off in the environment."""
+    """Whether runs here may use :class:`ProcessHelper`: :data:`ENV` is ``1``, on Linux
+    (``fork``), with the mmap reader and one torch thread per kernel (a forked child must not
+    inherit a running OpenMP pool).
+
+    The ``monoquant`` command sets :data:`ENV` to ``1`` unless it is set (its process is its
+    own); the Python API leaves it alone, so a library call forks only when asked to: a caller's
+    process may hold threads of its own, whose locks a forked child would inherit held (a child
+    forked inside a vLLM process hung so).
+
+    Example:
+        >>> import os
+        >>> os.environ[ENV] = "0"
+        >>> process_helper_allowed("mmap", 1)
+        False
+        >>> del os.environ[ENV]
+    """
     return (
-        sys.platform.startswith("linux")
+        os.environ.get(ENV) == "1"
+        and sys.platform.startswith("linux")
         and hasattr(os, "fork")
         and backend == "mmap"
         and threads == 1
-        and os.environ.get(ENV, "1") != "0"
     )
 
 

@@ -167,13 +167,42 @@ def test_not_for_rows_it_cannot_map(tmp_path, monkeypatch, helpers, case) -> Non
 
 
 def test_used_only_where_allowed(monkeypatch) -> None:
+    """The Python API forks only when asked to (the caller's process is not ours); the command
+    asks unless told not to."""
     monkeypatch.delenv(ENV, raising=False)
+    assert not process_helper_allowed("mmap", 1)
+    monkeypatch.setenv(ENV, "1")
     assert process_helper_allowed("mmap", 1) == sys.platform.startswith("linux")
     assert not process_helper_allowed("pread", 1)
     assert not process_helper_allowed("mmap", 2)
     assert not process_helper_allowed("mmap", None)
     monkeypatch.setenv(ENV, "0")
     assert not process_helper_allowed("mmap", 1)
+
+
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_the_command_forks_unless_told_not_to(tmp_path, setting) -> None:
+    """The command's own entry point (``monoquant``, ``python -m monoquant``) makes a kernel
+    process by default, and none with MONOQUANT_KERNEL_PROCESS=0."""
+    src = write_sharded(tmp_path / "in", tiny_llama_sd(layers=1, hidden=128, inter=256, vocab=300), shards=1)
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    if setting is not None:
+        env[ENV] = setting
+    code = (
+        "import sys, monoquant.kernelproc as kp\n"
+        "real = kp.ProcessHelper.__init__\n"
+        "def spy(self, *a, **k):\n"
+        "    sys.stderr.write('FORKED\\n')\n"
+        "    real(self, *a, **k)\n"
+        "kp.ProcessHelper.__init__ = spy\n"
+        "sys.argv = ['monoquant', 'stream', sys.argv[1], sys.argv[2], '--int8', '-q', '--overlap', 'on']\n"
+        "from monoquant.cli import entry\n"
+        "entry()\n"
+    )
+    cmd = [sys.executable, "-c", code, str(src), str(tmp_path / "out")]
+    r = subprocess.run(cmd, env=env, capture_output=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (b"FORKED" in r.stderr) == (setting is None)
 
 
 def _children(pid: int) -> list[int]:
