@@ -154,8 +154,17 @@ def process_tensor(
             def map_error(e: BaseException) -> BaseException:
                 return _user_error(pt, reader, br, sink, e)
 
-            job = BlockJob(d.scheme, tscale, clamp_fp16, stats_every, stats is not None)
-            job.path, job.offset, job.cols, job.dtype = str(ref.file), ref.offset, cols, ref.dtype
+            job = BlockJob(
+                scheme=d.scheme,
+                tensor_scale=tscale,
+                clamp_fp16=clamp_fp16,
+                stats_rows=stats_every,
+                stats=stats is not None,
+                path=str(ref.file),
+                offset=ref.offset,
+                cols=cols,
+                dtype=ref.dtype,
+            )
 
             def read(a: int, b: int, ws: Workspace) -> torch.Tensor:
                 x = reader.rows(ref, a, b, ws=ws)

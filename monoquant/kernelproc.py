@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import mmap
 import os
 import signal
@@ -75,7 +76,7 @@ ALIGN = 64
 #: for hung (a lock it inherited held, say), killed, and the run goes on with threads
 READY_SECONDS = 30.0
 BLOCK_SECONDS = 120.0
-#: the environment variable that turns the process off (``0``)
+#: the environment variable that turns the process on (``1``: the command sets it) or off (``0``)
 ENV = "MONOQUANT_KERNEL_PROCESS"
 _PR_SET_PDEATHSIG = 1
 
@@ -93,10 +94,10 @@ class BlockJob:
     clamp_fp16: bool
     stats_rows: int
     stats: bool
-    path: str = ""
-    offset: int = 0
-    cols: int = 0
-    dtype: torch.dtype = torch.float32
+    path: str
+    offset: int
+    cols: int
+    dtype: torch.dtype
     ident: tuple[int, int] | None = None
 
 
@@ -202,13 +203,8 @@ class ProcessHelper(KernelHelper):
             task.run(self.helper_scratch)
             return
         try:
-            _, outs, sums = answer
+            _, outs, st = answer
             result = {k: _view(self._arena, off, dt, shape) for k, dt, shape, off in outs}
-            st = None
-            if sums is not None:
-                st = ErrorStats()
-                st.add_sums(sums[0], sums[1], sums[2], sums[3])
-                st.overflow, st.underflow = sums[4], sums[5]
         except Exception:  # an answer it cannot read: computed here
             task.run(self.helper_scratch)
             return
@@ -255,10 +251,7 @@ class ProcessHelper(KernelHelper):
 
 
 def _view(arena: mmap.mmap, off: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    n = 1
-    for s in shape:
-        n *= s
-    return torch.frombuffer(arena, dtype=dtype, count=n, offset=off).view(shape)
+    return torch.frombuffer(arena, dtype=dtype, count=math.prod(shape), offset=off).view(shape)
 
 
 def _child(conn: Connection, arena: mmap.mmap, slot_bytes: int, slots: int, parent: int) -> None:
@@ -313,7 +306,7 @@ def _block(
     scratch: Workspace,
     files: dict[str, tuple[tuple[int, int], mmap.mmap]],
 ) -> tuple[Any, ...]:
-    """One block in the child: ``("ok", outputs, sums)`` or ``("local", why)``."""
+    """One block in the child: ``("ok", outputs, statistics)`` or ``("local", why)``."""
     got = files.get(job.path)
     if got is None or got[0] != job.ident:
         for _, old in files.values():
@@ -364,5 +357,4 @@ def _block(
     p0, p1 = -(-off // page) * page, (off + n * item) // page * page
     if p1 > p0:
         mm.madvise(mmap.MADV_DONTNEED, p0, p1 - p0)
-    sums = None if st is None else (st.numel, st.sum_sq, st.err_sq, st.max_abs_err, st.overflow, st.underflow)
-    return ("ok", outs, sums)
+    return ("ok", outs, st)  # the block's statistics go back whole (a dataclass of numbers)

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-#: helper processes of this run (:mod:`monoquant.kernelproc`): their ``RssAnon`` counts as ours
+#: helper processes of this run (:mod:`monoquant.kernelproc`): their own pages count as ours
 HELPERS: set[int] = set()
 
 

@@ -9,7 +9,7 @@ directory.
 
 Each output tensor's bytes are checksummed as they are written (each tensor's region is written
 in order) with :class:`~monoquant.sum64.Sum64`, a position-weighted pair of 64-bit sums computed
-with torch reductions: 2.5x the speed of ``zlib.crc32``, and it releases the GIL, so on the writer
+with torch reductions: about twice the speed of ``zlib.crc32``, and it releases the GIL, so on the writer
 thread it runs beside the next block's kernel. The shard digest is
 ``sha256(DIGEST_TAG || header || sum64(t1) || sum64(t2) ...)`` over tensors in file order, each
 checksum as 16 big-endian bytes — see :func:`shard_digest`, which recomputes it from a file on
@@ -208,10 +208,11 @@ DIGEST_TAG = b"monoquant shard sum64 v1\0"
 CRC_DIGEST_TAG = b"monoquant shard crc32 v1\0"
 
 
-def shard_digest_of(header: bytes, sums: list[bytes]) -> str:
+def shard_digest_of(header: bytes, sums: list[bytes], tag: bytes = DIGEST_TAG) -> str:
     """The shard digest from its header and the :meth:`Sum64.digest` of each output tensor, in
-    file order."""
-    h = hashlib.sha256(DIGEST_TAG)
+    file order (with ``tag`` :data:`CRC_DIGEST_TAG`: the digest over CRC-32s of the version
+    before, each as 4 big-endian bytes)."""
+    h = hashlib.sha256(tag)
     h.update(header)
     h.update(b"".join(sums))
     return h.hexdigest()
@@ -285,10 +286,7 @@ def crc_shard_digest(
     accs = _scan(path, shard, outputs, _Crc, chunk)
     if accs is None:
         return ""
-    h = hashlib.sha256(CRC_DIGEST_TAG)
-    h.update(shard.header)
-    h.update(b"".join(a.value.to_bytes(4, "big") for a in accs))
-    return h.hexdigest()
+    return shard_digest_of(shard.header, [a.value.to_bytes(4, "big") for a in accs], CRC_DIGEST_TAG)
 
 
 def legacy_shard_digest(
