@@ -60,8 +60,8 @@ Emit = Callable[[ProgressEvent], None]
 #: each kernel thread, two waiting or finished) and four with the writer. They hold block outputs
 #: only (a few MiB each; with ``--backend pread``, the block's input too); the kernels' scratch is
 #: one per kernel thread. With two for the writer, the reading thread waited for a free workspace
-#: in 14 % of the samples of a warm int8 run (the writer waits for the disk in bursts, at each
-#: flush); with four the wait is gone, for 4 MiB more anonymous memory (docs/benchmarks.md)
+#: in 10-18 % of its stack samples in a warm int8 run (the writer waits for the disk in bursts, at
+#: each flush); with four, in 2-7 %, for 4 MiB more anonymous memory (scripts/thread_states.py)
 POOL_OVERLAP = HELD_BLOCKS + 4
 
 

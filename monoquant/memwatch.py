@@ -104,7 +104,7 @@ def _own_tree() -> set[int]:
 
 
 #: seconds between two reads of a helper's ``smaps_rollup``: a read walks the child's page
-#: tables under its memory lock (10 ms for a 200 MiB child here), too slow for every sample
+#: tables under its memory lock (15 ms or so during a run here), too slow for every sample
 SMAPS_EVERY = 1.0
 _private_kb: dict[int, tuple[float, int]] = {}  # pid -> (when read, Private_Dirty KiB)
 

@@ -23,8 +23,26 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 
 import monoquant
+
+
+def run_sampled(ckpt: str, scheme: str, sample: Callable[[], None], stop: threading.Event) -> float:
+    """Seconds of ``monoquant.stream(ckpt, <tmp out>, scheme, overlap=True)`` while ``sample``
+    runs on a thread named ``sampler`` (it returns once ``stop`` is set, after the run)."""
+    out = tempfile.mkdtemp(prefix="mq-stacks-")
+    try:
+        sampler = threading.Thread(target=sample, name="sampler", daemon=True)
+        sampler.start()
+        t0 = time.perf_counter()
+        monoquant.stream(ckpt, f"{out}/out", scheme, overlap=True)
+        seconds = time.perf_counter() - t0
+        stop.set()
+        sampler.join()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return seconds
 
 
 def main() -> None:
@@ -51,17 +69,7 @@ def main() -> None:
                 stack = traceback.extract_stack(frames[main_id])[-3:][::-1]
                 idle_at[" < ".join(f"{f.name}:{f.lineno}" for f in stack)] += 1
 
-    out = tempfile.mkdtemp(prefix="mq-stacks-")
-    try:
-        sampler = threading.Thread(target=sample, name="sampler", daemon=True)
-        sampler.start()
-        t0 = time.perf_counter()
-        monoquant.stream(a.ckpt, f"{out}/out", a.scheme, overlap=True)
-        seconds = time.perf_counter() - t0
-        stop.set()
-        sampler.join()
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+    seconds = run_sampled(a.ckpt, a.scheme, sample, stop)
     n = max(samples[0], 1)
     print(
         json.dumps(
