@@ -8,7 +8,7 @@ Numerics (pinned by tests and ``docs/format.md``):
 
 * compute in float32;
 * symmetric scale = absmax / half (``half`` = ``(qmax - qmin) / 2``: ``127.5`` int8, ``7.5``
-  int4; ``448`` fp8), :func:`symmetric_scale`; asymmetric scale = (max(x.max, 0) - min(x.min, 0))
+  int4; ``448`` fp8), :func:`symmetric_tile_scale`; asymmetric scale = (max(x.max, 0) - min(x.min, 0))
   / (qmax - qmin) and zero point = round(clamp(qmin - min / scale, qmin, qmax)),
   :func:`asymmetric_params`;
 * a scale is stored in the weight's dtype rounded to the *nearest* value (:func:`stored_scale`),
@@ -19,8 +19,8 @@ Numerics (pinned by tests and ``docs/format.md``):
 Example:
     >>> import torch
     >>> x = torch.tensor([[1.0, -2.0, 0.5, 0.0]])
-    >>> mx, mn = group_range(x.view(1, 1, 4))
-    >>> scale = symmetric_scale(mx, mn, 127.5, torch.bfloat16, 128.0)
+    >>> scale = torch.empty(1, 1, dtype=torch.bfloat16)
+    >>> _ = symmetric_tile_scale(x.view(1, 1, 4), 127.5, scale, torch.empty(1, 1), 128.0)
     >>> scale.tolist()
     [[0.0157470703125]]
     >>> st = ErrorStats()
@@ -286,11 +286,42 @@ def int_code_magnitude(qmin: int, qmax: int, symmetric: bool) -> float:
     return float(max(-qmin, qmax)) if symmetric else float(qmax - qmin)
 
 
-def symmetric_scale(
-    mx: torch.Tensor, mn: torch.Tensor, half: float, sdt: torch.dtype, mag: float
+def symmetric_tile_scale(
+    xf: torch.Tensor, half: float, stored: torch.Tensor, sc: torch.Tensor, mag: float
 ) -> torch.Tensor:
-    """Stored symmetric scales ``max(mx, -mn) / half`` (``mn`` is negated in place)."""
-    return stored_scale(torch.maximum(mx, mn.neg_()) / half, sdt, mag)
+    """The stored symmetric scales ``max(max, -min) / half`` of a float32 tile ``xf``
+    (``[rows, groups, g]``), rounded as :func:`stored_scale` rounds them, in few torch calls:
+    written into ``stored`` (the block's scale rows, in the weight's dtype) and as float32 into
+    ``sc`` (``[rows, groups]``); returns ``sc`` as ``[rows, groups, 1]``.
+
+    One reduction of the stored scales both finds NaN/Inf in the tile (a NaN or ±Inf value makes
+    its group's scale NaN or Inf) and checks for zeros and the decode cap.
+
+    Raises:
+        NonFiniteError: the tile holds NaN or Inf.
+
+    Example:
+        >>> xf = torch.tensor([[[1.0, -3.0]], [[0.0, 0.0]]])
+        >>> st, sc = torch.empty(2, 1, dtype=torch.bfloat16), torch.empty(2, 1)
+        >>> symmetric_tile_scale(xf, 127.5, st, sc, 128.0).flatten().tolist() == sc.flatten().tolist()
+        True
+        >>> st.flatten().tolist()   # 3 / 127.5 in bf16; an all-zero group gets the dtype's eps
+        [0.0235595703125, 0.0078125]
+    """
+    mx = xf.amax(dim=-1)  # two reductions: torch.aminmax over a dimension is 14x slower (tile_ops.py)
+    mn = xf.amin(dim=-1)
+    torch.maximum(mx, mn.neg_(), out=sc)
+    sc.div_(half)
+    stored.copy_(sc)  # rounded to the stored dtype, ties to even
+    lo, hi = torch.stack(torch.aminmax(stored)).tolist()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise NonFiniteError("NaN or Inf")
+    if not lo > 0:  # (the scales are >= 0: "the least is 0" is "some scale is 0")
+        stored.masked_fill_(stored == 0, torch.finfo(stored.dtype).eps)
+    if hi > decode_cap_value(stored.dtype, mag):
+        torch.minimum(stored, decode_cap(stored.dtype, mag), out=stored)
+    sc.copy_(stored)
+    return sc.unsqueeze(-1)
 
 
 def tensor_scale(amax: float, half: float, sdt: torch.dtype, mag: float, name: str) -> torch.Tensor:
@@ -403,11 +434,13 @@ def decode_error(
     ws: Workspace,
     decode_dtype: torch.dtype = torch.float32,
     out: torch.Tensor | None = None,
+    rounded: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The error ``±(decode - x)`` of codes ``q`` (float32 or fp8) with float32 scales ``sf`` and
     zero points ``zp`` against the float32 input ``x`` (same shape, contiguous); written to
     ``out`` (float32, ``x``'s shape; it may be ``q`` itself, whose codes are then overwritten)
-    or a ``ws`` buffer.
+    or a ``ws`` buffer. ``rounded``: a ``decode_dtype`` buffer of ``x``'s shape for the decode
+    (the tiled kernels keep one per tile shape), else a ``ws`` buffer.
 
     The decode is rounded to ``decode_dtype`` (the stored scale's dtype, i.e. the weight's) as
     the loaders and ``monoquant verify`` decode: a bf16 weight's error is measured on its bf16
@@ -421,7 +454,8 @@ def decode_error(
             e.mul_(sf)
         else:
             torch.mul(q, sf, out=e)
-        rounded = ws.get("dec", x.numel(), decode_dtype).view(x.shape)
+        if rounded is None:
+            rounded = ws.get("dec", x.numel(), decode_dtype).view(x.shape)
         rounded.copy_(e)  # the decode as the loaders see it (a reused buffer: no allocation per block)
         e.copy_(rounded)
         e.sub_(x)
@@ -476,6 +510,17 @@ def unsafe_square_sums(ss: float, es: float, max_err: float) -> bool:
     return 0.0 < ss < 1e-24 or 0.0 < es < 1e-24 or (es == 0.0 and max_err > 0.0)
 
 
+class TileSums:
+    """A tile's four error figures ``[min err, max err, Σx², Σerr²]`` as one float32 buffer and
+    the views the reductions write into (made once per kernel call, not per tile)."""
+
+    def __init__(self) -> None:
+        self.buf = torch.empty(4)
+        self.lo_hi = (self.buf[0], self.buf[1])
+        self.ss = self.buf[2]
+        self.es = self.buf[3]
+
+
 @dataclass
 class ErrorStats:
     """Accumulated reconstruction error of one tensor (float64 sums over blocks).
@@ -504,13 +549,28 @@ class ErrorStats:
         fp16 statistics measure only where the cast can change a value)."""
         xf = x.reshape(-1)
         flat = err.reshape(-1)
-        mx = 0.0
         if flat.numel():  # the four figures in one conversion (each torch call holds the GIL)
             lo, hi = torch.aminmax(flat)
-            lo_f, hi_f, ss, es = torch.stack((lo, hi, torch.dot(xf, xf), torch.dot(flat, flat))).tolist()
+            self.add_error_sums(xf, flat, torch.stack((lo, hi, torch.dot(xf, xf), torch.dot(flat, flat))))
+        else:
+            self.add_error_sums(xf, flat, None)
+
+    def add_tile(self, xf: torch.Tensor, err: torch.Tensor, sums: TileSums) -> None:
+        """:meth:`add_error` of a kernel tile: ``xf`` and ``err`` flat float32 views (``err`` not
+        empty), the four figures written into ``sums``' buffer (no tensor made per tile)."""
+        torch.aminmax(err, out=sums.lo_hi)
+        torch.dot(xf, xf, out=sums.ss)
+        torch.dot(err, err, out=sums.es)
+        self.add_error_sums(xf, err, sums.buf)
+
+    def add_error_sums(self, xf: torch.Tensor, flat: torch.Tensor, sums: torch.Tensor | None) -> None:
+        """Add a block whose ``[min err, max err, Σx², Σerr²]`` (float32) are ``sums`` (``None``:
+        no error terms, ``flat`` empty); squares beyond float32's range are redone in float64."""
+        if sums is not None:
+            lo_f, hi_f, ss, es = sums.tolist()
             mx = max(hi_f, -lo_f)
         else:
-            ss, es = float(torch.dot(xf, xf)), 0.0
+            ss, es, mx = float(torch.dot(xf, xf)), 0.0, 0.0
         if unsafe_square_sums(ss, es, mx):  # rare: squares beyond float32's range, redone in float64
             xd, ed = xf.double(), flat.double()
             ss, es = float(torch.dot(xd, xd)), float(torch.dot(ed, ed))

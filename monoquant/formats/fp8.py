@@ -29,10 +29,9 @@ from ..numerics import (
     as_rows,
     contiguous_rows,
     decode_error,
-    group_range,
     per_row,
     scale_dtype_for,
-    symmetric_scale,
+    symmetric_tile_scale,
     tensor_scale,
 )
 from .base import Kernel, register, scale_spec
@@ -96,6 +95,7 @@ class FP8Kernel(Kernel):
         y_buf = ws.get("tmp", tile * c, torch.float32)
         q8 = ws.get("q", r * c, torch.float8_e4m3fn).view(r, c)
         scales = torch.empty(0 if per_tensor else r, 1, dtype=sdt)
+        sc_buf = ws.get("sf", tile, torch.float32)
         sf = tensor_scale.float().view(1, 1, 1) if tensor_scale is not None else xf_buf[:0]
         xf = xf_buf[:0].view(0, 1, c)
         y = y_buf[:0].view(0, 1, c)
@@ -105,10 +105,7 @@ class FP8Kernel(Kernel):
             xf = xf_buf[: t * c].view(t, 1, c)
             xf.copy_(x[a:b].reshape(t, 1, c))
             if not per_tensor:
-                mx, mn = group_range(xf)
-                scale = symmetric_scale(mx, mn, FP8_MAX, sdt, FP8_MAX)
-                scales[a:b] = scale
-                sf = scale.float().unsqueeze(-1)
+                sf = symmetric_tile_scale(xf, FP8_MAX, scales[a:b], sc_buf[:t].view(t, 1), FP8_MAX)
             y = y_buf[: t * c].view(t, 1, c)
             torch.div(xf, sf, out=y)
             y.clamp_(-FP8_MAX, FP8_MAX)

@@ -33,6 +33,7 @@ from ..numerics import (
     DecodeOverflowError,
     ErrorStats,
     OutSpec,
+    TileSums,
     Workspace,
     as_rows,
     asymmetric_params,
@@ -45,7 +46,7 @@ from ..numerics import (
     int_half_range,
     per_row,
     scale_dtype_for,
-    symmetric_scale,
+    symmetric_tile_scale,
     tensor_scale,
 )
 from ..optimize import optimized_block
@@ -59,6 +60,32 @@ from ..packing import (
     unpack_rows,
 )
 from .base import Kernel, group_width, plain_shape_problem, register, scale_spec
+
+
+class _TileViews:
+    """The views of one tile shape (``t`` rows of ``groups`` groups of ``g``) into a kernel's
+    scratch buffers, made once per shape: the float32 input ``xf`` and codes ``y``, ``y`` as
+    ``[t, c]`` and both flat, the float32 scales ``sc`` ``[t, groups]`` and ``sf``
+    ``[t, groups, 1]``, and the decode ``dec`` in the stored dtype (``None`` without one)."""
+
+    def __init__(
+        self,
+        xf_buf: torch.Tensor,
+        y_buf: torch.Tensor,
+        sf_buf: torch.Tensor,
+        dec_buf: torch.Tensor | None,
+        t: int,
+        groups: int,
+        g: int,
+    ):
+        n = t * groups * g
+        self.xflat, self.yflat = xf_buf[:n], y_buf[:n]
+        self.xf = self.xflat.view(t, groups, g)
+        self.y = self.yflat.view(t, groups, g)
+        self.y2d = self.yflat.view(t, groups * g)
+        self.sc = sf_buf[: t * groups].view(t, groups)
+        self.sf = self.sc.unsqueeze(-1)
+        self.dec = dec_buf[:n].view(t, groups, g) if dec_buf is not None else None
 
 
 @register("int")
@@ -206,9 +233,11 @@ class IntKernel(Kernel):
         tile = max(1, min(r, INT_TILE_ELEMENTS // max(c, 1)))
         codes = code_buffer(r, c, s.bits, self.packed, ws)
         per_tensor = s.strategy == "tensor"
-        # each torch call holds the GIL the other kernel thread may be waiting for, and a
-        # checkpoint of many small tensors makes a few calls per tile a few per tensor: no
-        # placeholder tensors, and the views of a whole tile are made once
+        # each torch call holds the GIL the other kernel thread may be waiting for, and costs a
+        # few microseconds of dispatch: at 512 K elements a tile's thirty-odd calls were a fifth
+        # of its time. So no placeholder tensors, the views of a whole tile are made once, the
+        # scales are written into their block buffer and their float32 copy in place, and the
+        # statistics' four figures go into one buffer (one conversion per tile)
         per_tile = stats is not None and k == 1
         gather = stats is not None and k > 1 and tile < r
         m = -(-r // k)
@@ -217,50 +246,57 @@ class IntKernel(Kernel):
         rows0 = min(tile, r)  # the rows of a whole tile (0 for an empty block: no tile)
         xf_buf = ws.get("xf", rows0 * c, torch.float32)  # exactly rows0 * c elements
         y_buf = ws.get("tmp", rows0 * c, torch.float32)
-        xf_tile = xf = xf_buf.view(rows0, groups, g)
-        y_tile = y = y_buf.view(rows0, groups, g)
-        # (xf stands in for what a scheme does not use: no placeholder tensor is made)
-        scales = torch.empty(r, groups, dtype=sdt) if not per_tensor else xf
-        zps = torch.empty(r, groups, dtype=torch.float32) if not s.symmetric else xf
-        sf = tensor_scale.float().view(1, 1, 1) if tensor_scale is not None else xf
+        sf_buf = ws.get("sf", rows0 * groups, torch.float32)
+        dec_buf = ws.get("dec", rows0 * c, sdt) if per_tile and sdt != torch.float32 else None
+        xv = x.view(r, groups, g) if x.is_contiguous() else None
+        scales = torch.empty(r, groups, dtype=sdt) if not per_tensor else None
+        zps = torch.empty(r, groups, dtype=torch.float32) if not s.symmetric else None
+        sums = TileSums() if per_tile else None
+        half = int_half_range(s.qmin, s.qmax)
+        full: _TileViews | None = None
+        sf = tensor_scale.float().view(1, 1, 1) if tensor_scale is not None else None
         worst = 0.0
         pending: DecodeOverflowError | None = None
         for a in range(0, r, tile):
             b = min(a + tile, r)
             t = b - a
             if t == tile:
-                xf, y = xf_tile, y_tile
+                tv = full = full or _TileViews(xf_buf, y_buf, sf_buf, dec_buf, t, groups, g)
             else:  # the last, shorter tile
-                xf = xf_buf[: t * c].view(t, groups, g)
-                y = y_buf[: t * c].view(t, groups, g)
-            xf.copy_(x[a:b].reshape(t, groups, g))
+                tv = _TileViews(xf_buf, y_buf, sf_buf, dec_buf, t, groups, g)
+            xf, y = tv.xf, tv.y
+            xf.copy_(xv[a:b] if xv is not None else x[a:b].reshape(t, groups, g))
             zp = None
-            if s.strategy == "tensor":
-                scale = sf
+            if per_tensor:
+                pass
+            elif s.symmetric:
+                assert scales is not None
+                sf = symmetric_tile_scale(xf, half, scales[a:b], tv.sc, mag)
             else:
+                assert scales is not None and zps is not None
                 mx, mn = group_range(xf)
-                if s.symmetric:
-                    scale = symmetric_scale(mx, mn, int_half_range(s.qmin, s.qmax), sdt, mag)
-                else:
-                    try:
-                        scale, zp = asymmetric_params(mx, mn, s.qmin, s.qmax, sdt, s.name)
-                    except DecodeOverflowError as e:  # raised once the whole block is checked for NaN
-                        pending = pending or e
-                        continue
-                    zps[a:b] = zp
+                try:
+                    scale, zp = asymmetric_params(mx, mn, s.qmin, s.qmax, sdt, s.name)
+                except DecodeOverflowError as e:  # raised once the whole block is checked for NaN
+                    pending = pending or e
+                    continue
+                zps[a:b] = zp
                 scales[a:b] = scale
-                sf = scale.float().unsqueeze(-1)
+                tv.sc.copy_(scale)
+                sf = tv.sf
+            assert sf is not None
             torch.div(xf, sf, out=y)
             if zp is not None:
                 y.add_(zp.unsqueeze(-1))
             y.round_().clamp_(s.qmin, s.qmax)
             if zp is not None:
-                worst = max(worst, decode_worst(y, scale, zp, mag, sdt))
-            encode_codes(y.view(t, c), s.bits, self.packed, ws, out=codes[a:b])  # (y is kept)
-            if per_tile and stats is not None:
+                worst = max(worst, decode_worst(y, tv.sc, zp, mag, sdt))
+            encode_codes(tv.y2d, s.bits, self.packed, ws, out=codes[a:b])  # (y is kept)
+            if sums is not None and stats is not None:
                 # the codes are stored: the error overwrites them (one float32 tile less in the cache)
                 zp_t = None if zp is None else zp.unsqueeze(-1)
-                stats.add_error(xf, decode_error(xf, y, sf, zp_t, ws, sdt, out=y))
+                decode_error(xf, y, sf, zp_t, ws, sdt, out=y, rounded=tv.dec)
+                stats.add_tile(tv.xflat, tv.yflat, sums)
             elif xs is not None and ys is not None:
                 i0 = -(-a // k) * k  # the first sampled row of this tile
                 if i0 < b:
@@ -273,14 +309,17 @@ class IntKernel(Kernel):
             raise pending
         if worst > torch.finfo(sdt).max:
             raise DecodeOverflowError(decode_overflow_message(worst, sdt, s.name))
-        if stats is not None and not per_tile:
+        if stats is not None and not per_tile and r:
             if xs is None or ys is None:  # one tile: the block itself
                 xs, ys = xf[::k], y[::k]
-            sf_all = sf if per_tensor else scales.float().unsqueeze(-1)
-            zp_s = None if s.symmetric else zps.unsqueeze(-1)[::k]
+            assert sf is not None
+            sf_all = sf if per_tensor or scales is None else scales.float().unsqueeze(-1)
+            zp_s = None if zps is None else zps.unsqueeze(-1)[::k]
             xs = contiguous_rows(xs, ws)
             stats.add_error(xs, decode_error(xs, ys, per_row(sf_all, r, k), zp_s, ws, sdt))
-        return self.encode(codes, sf if per_tensor else scales, None if s.symmetric else zps, ws, codes=codes)
+        enc_scale = sf if per_tensor else scales
+        assert enc_scale is not None
+        return self.encode(codes, enc_scale, zps, ws, codes=codes)
 
     def dequantize(
         self, parts: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype | None = None
