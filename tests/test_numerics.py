@@ -274,3 +274,20 @@ def test_stored_scale_fixes_zeros_and_caps_as_an_elementwise_rule(dtype: torch.d
         assert got.dtype == dtype
         assert torch.equal(got.isnan(), want.isnan()), vals
         assert torch.equal(got.nan_to_num(), want.nan_to_num()), vals
+
+
+def test_fp8_to_float_matches_torch_on_every_code():
+    """All 256 float8_e4m3fn codes (±0, subnormals, ±448, the two NaN codes) widen to exactly what
+    ``Tensor.float()`` gives, sign of zero included, also through a strided view and into ``out``."""
+    from monoquant.numerics import fp8_to_float
+
+    q = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    want, got = q.float().tolist(), fp8_to_float(q).tolist()
+    assert sum(math.isnan(v) for v in got) == 2
+    for w, g in zip(want, got, strict=True):
+        assert (math.isnan(w) and math.isnan(g)) or (w == g and math.copysign(1, w) == math.copysign(1, g))
+    view = q.view(16, 16)[1::3, ::2]  # no NaN code in these rows and columns
+    out = torch.full(view.shape, -1.0)
+    assert fp8_to_float(view, out=out, ws=Workspace()) is out
+    assert torch.equal(out, view.float())
+    assert fp8_to_float(q[:0]).numel() == 0

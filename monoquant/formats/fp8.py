@@ -29,6 +29,7 @@ from ..numerics import (
     as_rows,
     contiguous_rows,
     decode_error,
+    fp8_to_float,
     per_row,
     scale_dtype_for,
     symmetric_tile_scale,
@@ -111,7 +112,7 @@ class FP8Kernel(Kernel):
             y.clamp_(-FP8_MAX, FP8_MAX)
             q8[a:b].copy_(y.view(t, c))
             if per_tile and stats is not None:
-                y.copy_(q8[a:b].view(t, 1, c))  # the fp8 codes as float32
+                fp8_to_float(q8[a:b].view(t, 1, c), out=y, ws=ws)  # the fp8 codes as float32
                 stats.add_error(xf, decode_error(xf, y, sf, None, ws, sdt))
         if stats is not None and not per_tile:
             sf_all = sf if per_tensor else scales.float().unsqueeze(-1)
@@ -123,7 +124,7 @@ class FP8Kernel(Kernel):
                 xs = ws.get("xs", m * c, torch.float32).view(xs_rows, 1, c)
                 xs.copy_(x[::k].reshape(m, 1, c))
                 ys = ws.get("ys", m * c, torch.float32).view(m, 1, c)
-            ys.copy_(q8.view(r, 1, c)[::k])  # fp8 codes as float32
+            fp8_to_float(q8.view(r, 1, c)[::k], out=ys, ws=ws)  # fp8 codes as float32
             stats.add_error(xs, decode_error(xs, ys, per_row(sf_all, r, k), None, ws, sdt))
         out = {"": q8}
         if not per_tensor:
@@ -137,7 +138,7 @@ class FP8Kernel(Kernel):
         scale = parts["_scale"]
         dtype = dtype or scale.dtype
         rows, cols = as_rows(tuple(shape))
-        q = parts[""].reshape(rows, cols).float()
+        q = fp8_to_float(parts[""].reshape(rows, cols))
         if self.scheme.strategy == "tensor":
             w = q * scale.float().view(1, 1)
         else:

@@ -32,6 +32,7 @@ from ..numerics import (
     as_rows,
     ceil_div,
     check_finite,
+    fp8_to_float,
     sampled,
     scale_dtype_for,
     stored_scale,
@@ -102,7 +103,7 @@ class FP8BlockKernel(Kernel):
         q8.copy_(y)
         if stats is not None:
             k = max(int(stats_rows), 1)
-            stats.add(sampled(xf, k), self._dense(sampled(q8, k).float(), sampled(sf, k)))
+            stats.add(sampled(xf, k), self._dense(fp8_to_float(sampled(q8, k), ws=ws), sampled(sf, k)))
         return {"": q8, "_scale": scale}
 
     @staticmethod
@@ -117,5 +118,5 @@ class FP8BlockKernel(Kernel):
         rows, cols = as_rows(tuple(shape))
         scale = parts["_scale"]
         sf = scale.float().repeat_interleave(BLOCK, dim=0)[:rows]
-        w = self._dense(parts[""].reshape(rows, cols).float(), sf)
+        w = self._dense(fp8_to_float(parts[""].reshape(rows, cols)), sf)
         return w.reshape(shape).to(dtype or scale.dtype)

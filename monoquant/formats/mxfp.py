@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..numerics import FP8_MAX, ErrorStats, OutSpec, Workspace, as_rows, check_finite, sampled
+from ..numerics import FP8_MAX, ErrorStats, OutSpec, Workspace, as_rows, check_finite, fp8_to_float, sampled
 from .base import Kernel, register
 from .common import (
     FP4_MAX,
@@ -128,7 +128,7 @@ class MXKernel(Kernel):
         q8.copy_(y.view(r, c))
         if stats is not None:
             qs = sampled(q8, k)
-            dq = qs.float().view(qs.shape[0], groups, GROUP) * sampled(sf, k).unsqueeze(-1)
+            dq = fp8_to_float(qs, ws=ws).view(qs.shape[0], groups, GROUP) * sampled(sf, k).unsqueeze(-1)
             stats.add(sampled(xf, k), dq)
         return {"": q8, "_scale": e}
 
@@ -149,7 +149,7 @@ class MXKernel(Kernel):
             if self.scheme.bits == 4:
                 dq = value_of_keys(e2m1_keys(y)).mul_(sf)
             else:
-                dq = y.clamp_(-qmax, qmax).to(torch.float8_e4m3fn).float().mul_(sf)
+                dq = fp8_to_float(y.clamp_(-qmax, qmax).to(torch.float8_e4m3fn)).mul_(sf)
             err = group_sq_err(dq, v, wgt)
             if best_err is None:
                 best_err = err
@@ -166,7 +166,7 @@ class MXKernel(Kernel):
         if self.scheme.bits == 4:
             q = decode_e2m1(parts["_packed"].reshape(rows, cols // 2), cols)
         else:
-            q = parts[""].reshape(rows, cols).float()
+            q = fp8_to_float(parts[""].reshape(rows, cols))
         sf = mx_scales(parts["_scale"].reshape(rows, cols // GROUP))
         w = q.view(rows, cols // GROUP, GROUP) * sf.unsqueeze(-1)
         return w.reshape(shape).to(dtype or self.default_dtype)
