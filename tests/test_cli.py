@@ -191,3 +191,31 @@ def test_console_command_flushes_output_and_keeps_exit_codes(src, tmp_path):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "Usage:" in res.stdout and "TEARDOWN" not in res.stdout
+
+
+def test_only_the_commands_own_process_freezes_the_collector(tmp_path) -> None:
+    """``monoquant`` (its entry point) moves what exists after the imports out of the garbage
+    collector's reach before the run (``gc.freeze``: no full collection walks torch's objects
+    while holding the GIL); an in-process caller of ``main`` keeps its collector as it was."""
+    import gc
+
+    ckpt = write_sharded(tmp_path / "in", tiny_llama_sd(layers=1, hidden=64, inter=128, vocab=100), shards=1)
+    code = (
+        "import gc, sys, monoquant.pipeline as pl\n"
+        "real = pl.stream\n"
+        "def spy(*a, **k):\n"
+        "    sys.stderr.write(f'FROZEN {gc.get_freeze_count()}\\n')\n"
+        "    return real(*a, **k)\n"
+        "pl.stream = spy\n"
+        "sys.argv = ['monoquant', 'stream', sys.argv[1], sys.argv[2], '--int8', '-q']\n"
+        "from monoquant.cli import entry\n"
+        "entry()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(ckpt), str(tmp_path / "out")], capture_output=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    frozen = int(r.stderr.decode().split("FROZEN ")[1].split()[0])
+    assert frozen > 10_000  # torch's objects and the modules'
+    before = gc.get_freeze_count()
+    res = run("stream", ckpt, tmp_path / "out2", "--int8", "-q")
+    assert res.exit_code == 0, res.output
+    assert gc.get_freeze_count() == before
