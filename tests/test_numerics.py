@@ -291,3 +291,29 @@ def test_fp8_to_float_matches_torch_on_every_code():
     assert fp8_to_float(view, out=out, ws=Workspace()) is out
     assert torch.equal(out, view.float())
     assert fp8_to_float(q[:0]).numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_symmetric_tile_scale_is_the_stored_scale_of_the_range(dtype):
+    """The kernels' in-place tile scales equal ``stored_scale(max(max, -min) / half)`` of each
+    group (zero groups get eps, fp16 groups near 65504 the decode cap), in the stored buffer and
+    as float32; NaN or ±Inf anywhere in the tile raise NonFiniteError."""
+    from monoquant.numerics import NonFiniteError, symmetric_tile_scale
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4, 32, generator=g) * 0.02
+    x[1] = 0.0  # all-zero groups
+    x[2, 0, 3] = 65504.0 if dtype == torch.float16 else 1e4  # fp16: 65504 / 127.5 > the cap
+    x[3, 1, :] = -7.0  # a negative extreme
+    x = x.to(dtype).float()
+    for half, mag in ((127.5, 128.0), (7.5, 8.0), (448.0, 448.0)):
+        stored, sc = torch.empty(6, 4, dtype=dtype), torch.empty(6, 4)
+        sf = symmetric_tile_scale(x.clone(), half, stored, sc, mag)
+        want = stored_scale(torch.maximum(x.amax(-1), -x.amin(-1)) / half, dtype, mag)
+        assert torch.equal(stored, want), half
+        assert torch.equal(sf.squeeze(-1), want.float())
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[4, 2, 7] = bad
+        with pytest.raises(NonFiniteError):
+            symmetric_tile_scale(y, 127.5, torch.empty(6, 4, dtype=dtype), torch.empty(6, 4), 128.0)
