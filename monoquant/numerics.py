@@ -195,7 +195,7 @@ def fp8_to_float(
     ``q.float()`` gives them (NaN codes included), about seven times faster (0.8 against 5.6 ns
     an element, one thread).
 
-    torch widens fp8 one element at a time (about 5.4 ns an element here, more than the whole
+    torch widens fp8 one element at a time (5.6 ns an element here, more than the whole
     int8 kernel); this goes through integer ops that run vectorized: each code as int8, sign
     extended to int16 and shifted left by 7, is a float16 with the code's sign, exponent and
     mantissa in place (bit 14, set by the sign extension of a negative code, is cleared),
@@ -283,17 +283,25 @@ def stored_scale(scale: torch.Tensor, dtype: torch.dtype, mag: float | None = No
         >>> stored_scale(torch.tensor([1.00390625, 1.005, 0.0]), torch.bfloat16).tolist()
         [1.0, 1.0078125, 0.0078125]
     """
-    st = scale.to(dtype)
-    if not st.numel():
-        return st
+    st = scale.to(dtype, copy=True)  # its own memory: the zeros and the cap are set in place
+    if st.numel():
+        settle_stored(st, mag)
+    return st
+
+
+def settle_stored(st: torch.Tensor, mag: float | None) -> tuple[float, float]:
+    """In place, on scales ``st`` (``>= 0``) already rounded to their dtype: zeros become the
+    dtype's eps and, with ``mag``, scales above :func:`decode_cap` are capped (see
+    :func:`stored_scale`). Returns the least and the largest scale as they were (NaN when one is
+    NaN), from the one reduction both checks share."""
     # the scales are >= 0 (ranges and magnitudes), so "some scale is 0" is "the least is 0": both
     # checks from one reduction and one conversion (each torch call holds the GIL)
     lo, hi = torch.stack(torch.aminmax(st)).tolist()
     if not lo > 0:  # (also a NaN or a negative scale beside a zero, as a plain "any zero" test)
-        st = st.masked_fill(st == 0, torch.finfo(dtype).eps)
-    if mag is not None and hi > decode_cap_value(dtype, mag):
-        st = torch.minimum(st, decode_cap(dtype, mag))
-    return st
+        st.masked_fill_(st == 0, torch.finfo(st.dtype).eps)
+    if mag is not None and hi > decode_cap_value(st.dtype, mag):
+        torch.minimum(st, decode_cap(st.dtype, mag), out=st)
+    return lo, hi
 
 
 @functools.lru_cache(maxsize=64)
@@ -355,13 +363,9 @@ def symmetric_tile_scale(
     torch.maximum(mx, mn.neg_(), out=sc)
     sc.div_(half)
     stored.copy_(sc)  # rounded to the stored dtype, ties to even
-    lo, hi = torch.stack(torch.aminmax(stored)).tolist()
+    lo, hi = settle_stored(stored, mag)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise NonFiniteError("NaN or Inf")
-    if not lo > 0:  # (the scales are >= 0: "the least is 0" is "some scale is 0")
-        stored.masked_fill_(stored == 0, torch.finfo(stored.dtype).eps)
-    if hi > decode_cap_value(stored.dtype, mag):
-        torch.minimum(stored, decode_cap(stored.dtype, mag), out=stored)
     sc.copy_(stored)
     return sc.unsqueeze(-1)
 

@@ -234,7 +234,7 @@ class IntKernel(Kernel):
         codes = code_buffer(r, c, s.bits, self.packed, ws)
         per_tensor = s.strategy == "tensor"
         # each torch call holds the GIL the other kernel thread may be waiting for, and costs a
-        # few microseconds of dispatch: at 512 K elements a tile's thirty-odd calls were a fifth
+        # few microseconds of dispatch: at 512 K elements a tile's forty-odd calls were a fifth
         # of its time. So no placeholder tensors, the views of a whole tile are made once, the
         # scales are written into their block buffer and their float32 copy in place, and the
         # statistics' four figures go into one buffer (one conversion per tile)
