@@ -30,19 +30,24 @@ from typing import Any
 import torch
 
 
-def _load_old(tree: Path) -> Any:
+def _load_old(tree: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix="kernel_ab_"))
     shutil.copytree(tree / "monoquant", tmp / "monoquant_old")
     sys.path.insert(0, str(tmp))
     return tmp
 
 
-def _run(pkg: str, scheme: str, x: torch.Tensor, exact: bool) -> tuple[dict[str, bytes], Any]:
+def _kernel(pkg: str, scheme: str) -> tuple[Any, Any]:
+    """The kernel of ``scheme`` in package ``pkg`` and that package's numerics module."""
     kernels = importlib.import_module(f"{pkg}.kernels")
     schemes = importlib.import_module(f"{pkg}.schemes")
-    numerics = importlib.import_module(f"{pkg}.numerics")
+    return kernels.get_kernel(schemes.get_scheme(scheme)), importlib.import_module(f"{pkg}.numerics")
+
+
+def _run(pkg: str, scheme: str, x: torch.Tensor, exact: bool) -> tuple[dict[str, bytes], Any]:
+    k, numerics = _kernel(pkg, scheme)
     st = numerics.ErrorStats() if exact else None
-    out = kernels.get_kernel(schemes.get_scheme(scheme)).quantize_block(x, ws=numerics.Workspace(), stats=st)
+    out = k.quantize_block(x, ws=numerics.Workspace(), stats=st)
     got = {k: bytes(v.contiguous().view(torch.uint8).reshape(-1).tolist()) for k, v in out.items()}
     return got, None if st is None else (st.numel, st.sum_sq, st.err_sq, st.max_abs_err)
 
@@ -90,10 +95,7 @@ def main() -> None:
 
 
 def _timer(pkg: str, scheme: str, x: torch.Tensor, exact: bool) -> Any:
-    kernels = importlib.import_module(f"{pkg}.kernels")
-    schemes = importlib.import_module(f"{pkg}.schemes")
-    numerics = importlib.import_module(f"{pkg}.numerics")
-    k = kernels.get_kernel(schemes.get_scheme(scheme))
+    k, numerics = _kernel(pkg, scheme)
     ws = numerics.Workspace()
 
     def call() -> None:
