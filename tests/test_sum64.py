@@ -30,14 +30,18 @@ def summed(*pieces: bytes | bytearray | memoryview) -> Sum64:
     return s
 
 
-@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 15, 16, 17, 4096 + 3])
+WHOLE = 8 * sum64.MATRIX_WORDS  # bytes: the smallest update summed as a matrix
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 15, 16, 17, 4096 + 3, WHOLE - 8, WHOLE, 3 * WHOLE + 45])
 def test_sums_are_the_defined_ones(n: int) -> None:
     data = os.urandom(n)
     assert summed(data).pair() == reference(data)
 
 
 def test_wraps_modulo_2_64_exactly() -> None:
-    """Words near the top of the range: the sums overflow int64 many times over."""
+    """Words near the top of the range: the sums overflow int64 many times over (in whole rows
+    and in the words after them)."""
     data = b"\xff" * 7 + b"\x7f" + b"\x00" * 7 + b"\x80"  # int64 max, then int64 min
     data = data * 5000
     assert summed(data).pair() == reference(data)
