@@ -140,8 +140,9 @@ def entry() -> NoReturn:
     # (monoquant.kernelproc; the Python API forks only when asked to)
     os.environ.setdefault("MONOQUANT_KERNEL_PROCESS", "1")
     # torch imports numpy where it is installed, and numpy's OpenBLAS starts a thread per core that
-    # spins a while after the import; nothing here calls BLAS through numpy (0.94 of the start-up's
-    # CPU time with it set: scripts/startup.py). A user's own setting is kept.
+    # spins a while after the import; nothing here calls BLAS through numpy, and the kernels' own
+    # BLAS calls (dot products) run one thread each (0.94 of the start-up's CPU time with it set:
+    # scripts/startup.py). A user's own setting is kept.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     global _own_process
     _own_process = True
