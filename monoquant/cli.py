@@ -139,11 +139,6 @@ def entry() -> NoReturn:
     # this process is the command's own: its second kernel worker may be a forked process
     # (monoquant.kernelproc; the Python API forks only when asked to)
     os.environ.setdefault("MONOQUANT_KERNEL_PROCESS", "1")
-    # torch imports numpy where it is installed, and numpy's OpenBLAS starts a thread per core that
-    # spins a while after the import; nothing here calls BLAS through numpy, and the kernels' own
-    # BLAS calls (dot products) run one thread each (0.94 of the start-up's CPU time with it set:
-    # scripts/startup.py). A user's own setting is kept.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     global _own_process
     _own_process = True
     try:
@@ -434,7 +429,23 @@ def stream(src: str, dst: str, **kw: Any) -> None:
             early.stop()
 
 
+#: what OpenBLAS reads for its thread count, in its order (the first one set wins)
+_BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
+
+
 def _stream(src: str, dst: str, kw: dict[str, Any]) -> None:
+    if _own_process and not any(v in os.environ for v in _BLAS_THREADS):
+        # torch imports numpy where it is installed, and numpy's OpenBLAS starts a thread for each
+        # further core, which spins a while after the import (0.1 s of CPU in a 4 GB run). A run
+        # calls no BLAS through numpy, and its kernels' dot products run one thread each. Only the
+        # command's own process, for stream (verify --engine runs models), and only when the user
+        # set none of the variables OpenBLAS reads.
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    if _own_process:
+        # no collections while torch loads: its ~170 K new objects set off a dozen that found
+        # next to nothing, 0.1-0.15 s of the import's one core (import time 1.14-1.27 s against
+        # 1.25-1.48 s, scripts/startup.py has the whole start-up)
+        gc.disable()
     with interrupt_after():  # the first import of torch
         from . import pipeline
     if _own_process:
@@ -442,6 +453,7 @@ def _stream(src: str, dst: str, kw: dict[str, Any]) -> None:
         # one walked them all while holding the GIL (0.09 s in a 4 GB int8 run, and more of them
         # with more tensors); the process ends with the command, so they never need collecting
         gc.freeze()
+        gc.enable()
 
     verbose, quiet, as_json, dry = kw.pop("verbose"), kw.pop("quiet"), kw.pop("as_json"), kw.pop("dry_run")
     sopts = _scheme_kwargs(kw)

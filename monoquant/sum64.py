@@ -12,8 +12,8 @@ a Fletcher-style pair of sums over 64-bit words. Integer sums modulo 2^64 do not
 order in which they are added, so torch's vectorized ``sum`` and ``dot`` give the same bits on any
 machine and any thread count, and the result does not depend on how the stream is cut into
 :meth:`Sum64.update` calls (a word split between two calls is carried over). On the writer's
-2 and 4 MiB buffers it runs at 2.6 to 4.9 times the speed of ``zlib.crc32``, the checksum it
-replaces (``python scripts/checksum_speed.py``: 9.5-10.3 GB/s from memory and 15-18 from the
+2 and 4 MiB buffers it runs at 2.5 to 4.9 times the speed of ``zlib.crc32``, the checksum it
+replaces (``python scripts/checksum_speed.py``: 9.3-10.3 GB/s from memory and 14-18 from the
 cache, against 3.7), and torch releases the GIL while it sums.
 
 What it catches, for certain: any change within one 64-bit word (A changes: the difference is

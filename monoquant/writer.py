@@ -9,7 +9,7 @@ directory.
 
 Each output tensor's bytes are checksummed as they are written (each tensor's region is written
 in order) with :class:`~monoquant.sum64.Sum64`, a position-weighted pair of 64-bit sums computed
-with torch reductions: 2.6 to 4.9 times the speed of ``zlib.crc32``, and it releases the GIL, so
+with torch reductions: 2.5 to 4.9 times the speed of ``zlib.crc32``, and it releases the GIL, so
 on the writer thread it runs beside the next block's kernel. The shard digest is
 ``sha256(DIGEST_TAG || header || sum64(t1) || sum64(t2) ...)`` over tensors in file order, each
 checksum as 16 big-endian bytes — see :func:`shard_digest`, which recomputes it from a file on

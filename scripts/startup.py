@@ -43,7 +43,8 @@ def _run(env: dict[str, str], src: Path, dst: Path, scheme: str) -> dict[str, fl
     shutil.rmtree(dst, ignore_errors=True)
     cmd = [sys.executable, "-m", "monoquant", "stream", str(src), str(dst), f"--{scheme}"]
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # cwd: never a checkout, whose monoquant `python -m` would import whatever PYTHONPATH says
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=src.parent)
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t
     err = p.stderr.read().decode() if p.stderr else ""

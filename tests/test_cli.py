@@ -1,13 +1,14 @@
 """The CLI: flags, dry run, JSON output, error lines and exit codes, progress, python -m."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 from click.testing import CliRunner
 
-from monoquant.cli import main
+from monoquant.cli import _BLAS_THREADS, main
 from tests.helpers import tiny_llama_sd, write_sharded
 
 
@@ -193,27 +194,88 @@ def test_console_command_flushes_output_and_keeps_exit_codes(src, tmp_path):
     assert res.returncode == 0 and "Usage:" in res.stdout and "TEARDOWN" not in res.stdout
 
 
+def _tiny_ckpt(tmp_path):
+    return write_sharded(tmp_path / "in", tiny_llama_sd(layers=1, hidden=64, inter=128, vocab=100), shards=1)
+
+
+def _command_stream(tmp_path, ckpt, setup: str, env: dict[str, str] | None = None) -> str:
+    """``monoquant stream CKPT OUT --int8 -q`` through the command's entry point, in a fresh
+    interpreter that first runs the Python lines ``setup``; its stderr (the run must succeed)."""
+    code = setup + (
+        "import sys\n"
+        "sys.argv = ['monoquant', 'stream', sys.argv[1], sys.argv[2], '--int8', '-q']\n"
+        "from monoquant.cli import entry\n"
+        "entry()\n"
+    )
+    args = [sys.executable, "-c", code, str(ckpt), str(tmp_path / "out")]
+    r = subprocess.run(args, capture_output=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stderr.decode()
+
+
+def _report_at_run_start(fstring: str) -> str:
+    """Setup lines that write ``fstring`` (evaluated then) to stderr when the pipeline's run starts
+    (after the command's imports)."""
+    return (
+        "import gc, os, sys, monoquant.pipeline as pl\n"
+        "real = pl.stream\n"
+        "def spy(*a, **k):\n"
+        f"    sys.stderr.write(f'{fstring}\\n')\n"
+        "    return real(*a, **k)\n"
+        "pl.stream = spy\n"
+    )
+
+
+@pytest.mark.parametrize(("env", "want"), [({}, "1"), ({"OMP_NUM_THREADS": "3"}, None)])
+def test_stream_limits_openblas_threads_unless_the_user_chose(tmp_path, monkeypatch, env, want) -> None:
+    """``monoquant stream`` in its own process sets ``OPENBLAS_NUM_THREADS=1`` before torch (and
+    with it numpy's OpenBLAS) loads, unless the user set a variable OpenBLAS reads; an in-process
+    caller of ``main`` keeps its environment."""
+    ckpt = _tiny_ckpt(tmp_path)
+    for v in _BLAS_THREADS:
+        monkeypatch.delenv(v, raising=False)
+    setup = _report_at_run_start('BLAS {os.environ.get("OPENBLAS_NUM_THREADS")}')
+    err = _command_stream(tmp_path, ckpt, setup, env={**os.environ, **env})
+    assert err.split("BLAS ")[1].split()[0] == str(want)
+    if not env:
+        res = run("stream", ckpt, tmp_path / "out2", "--int8", "-q")
+        assert res.exit_code == 0, res.output
+        assert "OPENBLAS_NUM_THREADS" not in os.environ
+
+
+def test_no_garbage_collection_while_the_command_loads_torch(tmp_path) -> None:
+    """``monoquant stream`` pauses the collector while torch loads (its objects set off hundreds
+    of collections that free next to nothing, on the one core the start-up uses)."""
+    setup = (
+        "import gc, sys\n"
+        "n = [0]\n"
+        "def cb(phase, info):\n"
+        "    t = sys.modules.get('torch')\n"  # the module exists, its import is under way
+        "    if phase == 'start' and getattr(getattr(t, '__spec__', None), '_initializing', False):\n"
+        "        n[0] += 1\n"
+        "gc.callbacks.append(cb)\n"
+        "import monoquant.cli as c\n"
+        "assert 'torch' not in sys.modules\n"
+        "real = c._stream\n"
+        "def spy(*a):\n"
+        "    try:\n"
+        "        return real(*a)\n"
+        "    finally:\n"
+        "        sys.stderr.write(f'DURING {n[0]} ENABLED {gc.isenabled()}\\n')\n"
+        "c._stream = spy\n"
+    )
+    assert "DURING 0 ENABLED True" in _command_stream(tmp_path, _tiny_ckpt(tmp_path), setup)
+
+
 def test_only_the_commands_own_process_freezes_the_collector(tmp_path) -> None:
     """``monoquant`` (its entry point) moves what exists after the imports out of the garbage
     collector's reach before the run (``gc.freeze``: no full collection walks torch's objects
     while holding the GIL); an in-process caller of ``main`` keeps its collector as it was."""
     import gc
 
-    ckpt = write_sharded(tmp_path / "in", tiny_llama_sd(layers=1, hidden=64, inter=128, vocab=100), shards=1)
-    code = (
-        "import gc, sys, monoquant.pipeline as pl\n"
-        "real = pl.stream\n"
-        "def spy(*a, **k):\n"
-        "    sys.stderr.write(f'FROZEN {gc.get_freeze_count()}\\n')\n"
-        "    return real(*a, **k)\n"
-        "pl.stream = spy\n"
-        "sys.argv = ['monoquant', 'stream', sys.argv[1], sys.argv[2], '--int8', '-q']\n"
-        "from monoquant.cli import entry\n"
-        "entry()\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code, str(ckpt), str(tmp_path / "out")], capture_output=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    frozen = int(r.stderr.decode().split("FROZEN ")[1].split()[0])
+    ckpt = _tiny_ckpt(tmp_path)
+    err = _command_stream(tmp_path, ckpt, _report_at_run_start("FROZEN {gc.get_freeze_count()}"))
+    frozen = int(err.split("FROZEN ")[1].split()[0])
     assert frozen > 10_000  # torch's objects and the modules'
     before = gc.get_freeze_count()
     res = run("stream", ckpt, tmp_path / "out2", "--int8", "-q")

@@ -40,11 +40,22 @@ def test_sums_are_the_defined_ones(n: int) -> None:
 
 
 def test_wraps_modulo_2_64_exactly() -> None:
-    """Words near the top of the range: the sums overflow int64 many times over (in whole rows
-    and in the words after them)."""
+    """Words near the top of the range: the sums overflow int64 many times over (in the rows of
+    a matrix piece and in the words after them)."""
     data = b"\xff" * 7 + b"\x7f" + b"\x00" * 7 + b"\x80"  # int64 max, then int64 min
-    data = data * 5000
+    data = data * 5000 + b"\xff" * 7 + b"\x7f" * 9  # 10002 words: 10000 in rows, 2 after them
     assert summed(data).pair() == reference(data)
+
+
+def test_matrix_pieces_of_a_long_update_and_their_leftovers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long update in pieces just over MATRIX_WORDS words (rows and leftover words in each
+    piece), words of extreme values among random ones."""
+    rng = random.Random(3)
+    words = [rng.choice([2**63 - 1, -(2**63), -1, rng.getrandbits(64) - 2**63]) for _ in range(40_000)]
+    data = b"".join(w.to_bytes(8, "little", signed=True) for w in words) + b"\x01\x02\x03"
+    monkeypatch.setattr(sum64, "PIECE_WORDS", sum64.MATRIX_WORDS + 3)
+    assert summed(bytearray(data)).pair() == reference(data)
+    assert summed(data[:5], data[5:70_001], data[70_001:]).pair() == reference(data)
 
 
 def test_any_cutting_of_the_stream_gives_the_same_digest() -> None:
