@@ -434,17 +434,17 @@ _BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
 
 
 def _stream(src: str, dst: str, kw: dict[str, Any]) -> None:
-    if _own_process and not any(v in os.environ for v in _BLAS_THREADS):
-        # torch imports numpy where it is installed, and numpy's OpenBLAS starts a thread for each
-        # further core, which spins a while after the import (0.1 s of CPU in a 4 GB run). A run
-        # calls no BLAS through numpy, and its kernels' dot products run one thread each. Only the
-        # command's own process, for stream (verify --engine runs models), and only when the user
-        # set none of the variables OpenBLAS reads.
-        os.environ["OPENBLAS_NUM_THREADS"] = "1"
     if _own_process:
-        # no collections while torch loads: its ~170 K new objects set off a dozen that found
-        # next to nothing, 0.1-0.15 s of the import's one core (import time 1.14-1.27 s against
-        # 1.25-1.48 s, scripts/startup.py has the whole start-up)
+        if not any(v in os.environ for v in _BLAS_THREADS):
+            # torch imports numpy where it is installed, and numpy's OpenBLAS starts a thread for
+            # each further core, which spins a while after the import (0.1 s of CPU in a 4 GB
+            # run). A run calls no BLAS through numpy, and its kernels' dot products run one
+            # thread each. Only for stream (verify --engine runs models), and only when the user
+            # set none of the variables OpenBLAS reads.
+            os.environ["OPENBLAS_NUM_THREADS"] = "1"
+        # no collections while torch loads: its ~170 K new objects set off some 350 that freed
+        # next to nothing, on the start-up's one core (the start-up took 1.08 times as long with
+        # them: scripts/startup.py)
         gc.disable()
     with interrupt_after():  # the first import of torch
         from . import pipeline

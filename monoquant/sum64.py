@@ -68,7 +68,7 @@ class Sum64:
             # the first n words as MATRIX_ROWS rows of c, word j = k·c + i + 1 (row k, column i):
             # Σ j·w_j = c·Σ_k k·rows_k + Σ_i (i + 1)·cols_i, from two vectorized sums over the
             # words and dot products of c and MATRIX_ROWS words: torch's int64 dot is a scalar
-            # loop, and this takes 0.6-0.7 of its time on a whole piece (scripts/checksum_speed.py)
+            # loop, and this takes 0.5-0.75 of its time on a whole piece (scripts/checksum_speed.py)
             v = w[:n].view(MATRIX_ROWS, c)
             rows, cols = v.sum(1), v.sum(0)
             a = int(rows.sum())
