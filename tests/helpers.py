@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -151,3 +153,18 @@ def write_streamed_checkpoint(
                 block = (torch.randn(b - a, cols, generator=g) / math.sqrt(cols)).to(dtype)
                 f.write(block.view(torch.uint8).numpy().tobytes())
     return path.stat().st_size
+
+
+def command_stream(src: Path, out: Path, setup: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """``monoquant stream SRC OUT --int8 -q ARGS`` through the command's own entry point
+    (``cli.entry``), in a fresh interpreter that first runs the Python lines ``setup`` (spies on
+    what the command does); returns its stderr. The run must succeed."""
+    code = setup + (
+        "import sys\n"
+        f"sys.argv = ['monoquant', 'stream', sys.argv[1], sys.argv[2], '--int8', '-q', *{list(args)!r}]\n"
+        "from monoquant.cli import entry\n"
+        "entry()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(src), str(out)], capture_output=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stderr.decode()

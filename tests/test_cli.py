@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from monoquant.cli import _BLAS_THREADS, main
-from tests.helpers import tiny_llama_sd, write_sharded
+from tests.helpers import command_stream, tiny_llama_sd, write_sharded
 
 
 @pytest.fixture(scope="module")
@@ -198,21 +198,6 @@ def _tiny_ckpt(tmp_path):
     return write_sharded(tmp_path / "in", tiny_llama_sd(layers=1, hidden=64, inter=128, vocab=100), shards=1)
 
 
-def _command_stream(tmp_path, ckpt, setup: str, env: dict[str, str] | None = None) -> str:
-    """``monoquant stream CKPT OUT --int8 -q`` through the command's entry point, in a fresh
-    interpreter that first runs the Python lines ``setup``; its stderr (the run must succeed)."""
-    code = setup + (
-        "import sys\n"
-        "sys.argv = ['monoquant', 'stream', sys.argv[1], sys.argv[2], '--int8', '-q']\n"
-        "from monoquant.cli import entry\n"
-        "entry()\n"
-    )
-    args = [sys.executable, "-c", code, str(ckpt), str(tmp_path / "out")]
-    r = subprocess.run(args, capture_output=True, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return r.stderr.decode()
-
-
 def _report_at_run_start(fstring: str) -> str:
     """Setup lines that write ``fstring`` (evaluated then) to stderr when the pipeline's run starts
     (after the command's imports)."""
@@ -235,7 +220,7 @@ def test_stream_limits_openblas_threads_unless_the_user_chose(tmp_path, monkeypa
     for v in _BLAS_THREADS:
         monkeypatch.delenv(v, raising=False)
     setup = _report_at_run_start('BLAS {os.environ.get("OPENBLAS_NUM_THREADS")}')
-    err = _command_stream(tmp_path, ckpt, setup, env={**os.environ, **env})
+    err = command_stream(ckpt, tmp_path / "out", setup, env={**os.environ, **env})
     assert err.split("BLAS ")[1].split()[0] == str(want)
     if not env:
         res = run("stream", ckpt, tmp_path / "out2", "--int8", "-q")
@@ -264,7 +249,7 @@ def test_no_garbage_collection_while_the_command_loads_torch(tmp_path) -> None:
         "        sys.stderr.write(f'DURING {n[0]} ENABLED {gc.isenabled()}\\n')\n"
         "c._stream = spy\n"
     )
-    assert "DURING 0 ENABLED True" in _command_stream(tmp_path, _tiny_ckpt(tmp_path), setup)
+    assert "DURING 0 ENABLED True" in command_stream(_tiny_ckpt(tmp_path), tmp_path / "out", setup)
 
 
 def test_only_the_commands_own_process_freezes_the_collector(tmp_path) -> None:
@@ -274,7 +259,7 @@ def test_only_the_commands_own_process_freezes_the_collector(tmp_path) -> None:
     import gc
 
     ckpt = _tiny_ckpt(tmp_path)
-    err = _command_stream(tmp_path, ckpt, _report_at_run_start("FROZEN {gc.get_freeze_count()}"))
+    err = command_stream(ckpt, tmp_path / "out", _report_at_run_start("FROZEN {gc.get_freeze_count()}"))
     frozen = int(err.split("FROZEN ")[1].split()[0])
     assert frozen > 10_000  # torch's objects and the modules'
     before = gc.get_freeze_count()

@@ -19,7 +19,7 @@ from monoquant import jobs
 from monoquant.errors import MonoquantError
 from monoquant.kernelproc import ENV, BlockJob, ProcessHelper, process_helper_allowed
 from monoquant.schemes import get_scheme
-from tests.helpers import read_dir_bytes, tiny_llama_sd, write_sharded
+from tests.helpers import command_stream, read_dir_bytes, tiny_llama_sd, write_sharded
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the process helper is Linux-only"
@@ -188,21 +188,16 @@ def test_the_command_forks_unless_told_not_to(tmp_path, setting) -> None:
     env = {k: v for k, v in os.environ.items() if k != ENV}
     if setting is not None:
         env[ENV] = setting
-    code = (
+    setup = (
         "import sys, monoquant.kernelproc as kp\n"
         "real = kp.ProcessHelper.__init__\n"
         "def spy(self, *a, **k):\n"
         "    sys.stderr.write('FORKED\\n')\n"
         "    real(self, *a, **k)\n"
         "kp.ProcessHelper.__init__ = spy\n"
-        "sys.argv = ['monoquant', 'stream', sys.argv[1], sys.argv[2], '--int8', '-q', '--overlap', 'on']\n"
-        "from monoquant.cli import entry\n"
-        "entry()\n"
     )
-    cmd = [sys.executable, "-c", code, str(src), str(tmp_path / "out")]
-    r = subprocess.run(cmd, env=env, capture_output=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert (b"FORKED" in r.stderr) == (setting is None)
+    err = command_stream(src, tmp_path / "out", setup, "--overlap", "on", env=env)
+    assert ("FORKED" in err) == (setting is None)
 
 
 def _children(pid: int) -> list[int]:
