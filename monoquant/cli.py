@@ -446,6 +446,10 @@ def _stream(src: str, dst: str, kw: dict[str, Any]) -> None:
         # next to nothing, on the start-up's one core (the start-up took 1.08 times as long with
         # them: scripts/startup.py)
         gc.disable()
+        # torch's Python meta kernels (a fifth to a quarter of its import) load only if touched
+        from .torchstart import defer_meta_kernels
+
+        defer_meta_kernels()
     with interrupt_after():  # the first import of torch
         from . import pipeline
     if _own_process:
