@@ -252,6 +252,43 @@ def test_no_garbage_collection_while_the_command_loads_torch(tmp_path) -> None:
     assert "DURING 0 ENABLED True" in command_stream(_tiny_ckpt(tmp_path), tmp_path / "out", setup)
 
 
+def test_stream_defers_torchs_meta_kernels_and_writes_the_same_bytes(tmp_path) -> None:
+    """``monoquant stream`` in its own process imports torch without running its Python meta
+    kernels (``monoquant.torchstart``; a fifth of the start-up) on the torch versions the tests
+    run, and writes the same bytes as with ``MONOQUANT_LAZY_META=0``; an in-process caller of
+    ``main`` keeps torch as it was."""
+    from monoquant import torchstart
+
+    ckpt = _tiny_ckpt(tmp_path)
+    report = (  # at the end of the run: still not run
+        "import sys\n"
+        "import monoquant.cli as c\n"
+        "assert 'torch' not in sys.modules\n"
+        "real = c._stream\n"
+        "def spy(*a):\n"
+        "    real(*a)\n"
+        "    m = vars(sys.modules['torch._meta_registrations'])\n"
+        '    sys.stderr.write(f\'UNRUN {"__getattr__" in m and "activate_meta" not in m}\\n\')\n'
+        "c._stream = spy\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != torchstart.ENV}
+    err_on = command_stream(ckpt, tmp_path / "on", report, env=env)
+    err_off = command_stream(ckpt, tmp_path / "off", report, env={**env, torchstart.ENV: "0"})
+    assert "UNRUN True" in err_on and "UNRUN False" in err_off
+    on = {p.name: p.read_bytes() for p in sorted((tmp_path / "on").iterdir())}
+    off = {p.name: p.read_bytes() for p in sorted((tmp_path / "off").iterdir())}
+    assert on == off and any(n.endswith(".safetensors") for n in on)
+    code = (  # an in-process caller of main, torch not yet imported: a plain import
+        "import sys\n"
+        "from monoquant.cli import main\n"
+        "main(['stream', sys.argv[1], sys.argv[2], '--int8', '-q'], standalone_mode=False)\n"
+        "print('activate_meta' in vars(sys.modules['torch._meta_registrations']))\n"
+    )
+    cmd = [sys.executable, "-c", code, str(ckpt), str(tmp_path / "api")]
+    r = subprocess.run(cmd, capture_output=True, env=env)
+    assert r.returncode == 0 and r.stdout.split() == [b"True"], r.stderr[-2000:]
+
+
 def test_only_the_commands_own_process_freezes_the_collector(tmp_path) -> None:
     """``monoquant`` (its entry point) moves what exists after the imports out of the garbage
     collector's reach before the run (``gc.freeze``: no full collection walks torch's objects
