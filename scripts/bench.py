@@ -401,6 +401,10 @@ def summarize(recs: list[dict], tools: list[Tool], meta: dict) -> dict:
             same = [f"mq/{s}" for s in mq_schemes if (t.variant or "").endswith(f"-{s}")]
             plain = [k for k in keys if k.startswith(("mq/", "mqpy/")) and k.count("/") == 1]
             base = next((k for k in same if k in keys), None) or next(iter(plain), None)
+            first_cmd = next(u.key for u in tools if u.tool == "cmd")
+            if base is None and t.key != first_cmd:  # commands alone: against the first one
+                base = first_cmd
+                ratios[f"{t.key} / {base} cpu"] = ratio(t.key, base, "cpu")
             if base:
                 ratios[f"{t.key} / {base}"] = ratio(t.key, base)
             if "cp" in keys:
@@ -453,6 +457,8 @@ def _anchor(recs: list[dict], by: dict, cps: dict, rounds: list[int], tools: lis
 
 
 def _get(r: dict, field: str) -> float | None:
+    if field == "cpu":  # user + sys of the process tree
+        return r["user_s"] + r["sys_s"]
     if field.startswith("self."):
         return (r.get("self") or {}).get(field[5:])
     return r.get(field)
