@@ -434,6 +434,8 @@ _BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
 
 
 def _stream(src: str, dst: str, kw: dict[str, Any]) -> None:
+    from . import torchstart  # (imports nothing that imports torch)
+
     if _own_process:
         if not any(v in os.environ for v in _BLAS_THREADS):
             # torch imports numpy where it is installed, and numpy's OpenBLAS starts a thread for
@@ -446,13 +448,12 @@ def _stream(src: str, dst: str, kw: dict[str, Any]) -> None:
         # next to nothing, on the start-up's one core (the start-up took 1.08 times as long with
         # them: scripts/startup.py)
         gc.disable()
-        # torch's Python meta kernels (a fifth to a quarter of its import) load only if touched
-        from .torchstart import defer_meta_kernels
-
-        defer_meta_kernels()
+        # torch's Python meta kernels (about a sixth of its import) load only if touched
+        torchstart.defer_meta_kernels()
     with interrupt_after():  # the first import of torch
         from . import pipeline
     if _own_process:
+        torchstart.finish_import()
         # the ~170 K objects of torch and the modules are out of every later collection: a full
         # one walked them all while holding the GIL (0.09 s in a 4 GB int8 run, and more of them
         # with more tensors); the process ends with the command, so they never need collecting

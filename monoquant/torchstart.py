@@ -1,30 +1,35 @@
 """A faster ``import torch`` for a command's own process: torch's Python meta kernels load on use.
 
 ``monoquant stream`` spends its first 1.5-2.5 s importing torch, on one core, before it reads a
-byte; a fifth of that is one module, ``torch._meta_registrations``, with ``torch._decomp`` that
-it imports. It registers Python kernels for the ``Meta`` device (shape inference without data,
-used by ``torch.compile``, ``torch.export`` and fake tensors): no CPU kernel, nothing a
-quantization run calls. :func:`defer_meta_kernels`, called before the first import of torch,
-hands torch's own ``from torch import _meta_registrations`` a stand-in; the real module runs the
-moment anything reads one of its attributes (the stand-in's PEP 562 ``__getattr__``), as a lazy
-import does.
+byte; about a sixth of that is one module, ``torch._meta_registrations``, with ``torch._decomp``
+and ``torch._refs`` that it imports. It registers Python kernels for the ``Meta`` device (shape
+inference without data, used by ``torch.compile``, ``torch.export`` and fake tensors; ``_refs``
+adds one MPS kernel): no CPU kernel, nothing a quantization run calls.
+:func:`defer_meta_kernels`, called before the first import of torch, hands torch's own ``from
+torch import _meta_registrations`` a stand-in; the real module runs the moment anything reads
+one of its attributes (the stand-in's PEP 562 ``__getattr__``), as a lazy import does.
 
 What this changes, and why it is confined:
 
 * **Only a command's own process** (``monoquant.cli.entry``, for ``stream``): never the Python
   API, whose callers may use meta tensors or ``torch.compile`` in the same interpreter.
-* **Only the torch versions the tests run** (:data:`TESTED`, read from ``torch/version.py``
-  without importing it). A module torch imports can carry side effects torch relies on: in
-  torch 2.13, ``torch.Generator()`` fails unless ``torch._prims.rng_prims`` has run (it sets the
-  class's metaclass), and the real module imports it. The stand-in imports it (and whatever
-  :data:`KEEP` names) at the point of torch's import where the real module would, so what comes
-  after (device plugins loaded at the end of the import included) finds it done. Another
-  version may have other such effects: it gets the plain import.
+* **Only the torch releases the tests run** (:data:`TESTED`, read from ``torch/version.py``
+  without importing it; not pre-releases or nightlies). A module torch imports can carry
+  effects the rest of torch relies on, and torch 2.13 has two kinds. ``torch.Generator()``
+  fails unless ``torch._prims.rng_prims`` has run (it sets the class's metaclass): the stand-in
+  imports it (:data:`KEEP`) at the point of torch's import where the real module would, so what
+  comes after (device plugins loaded at the end of the import included) finds it done. And
+  ``torch.broadcast_shapes`` reads ``torch._refs`` as an attribute of torch: :func:`finish_import`,
+  called after the import, makes ``torch._refs`` and ``torch._decomp`` (:data:`LAZY`) load on
+  their first read, through torch's own table of lazy submodules. Another version may have
+  other such effects: it gets the plain import.
 * **Meta kernels written in Python are missing until the module is touched.** An operation on
   a ``meta`` tensor that has no C++ meta kernel fails in that process; a run never makes one
-  (its tensors are CPU tensors). CPU results are bit for bit the same (the tests compare the
-  bytes of runs with and without it, and run the whole command suite with it).
-* ``MONOQUANT_LAZY_META=0`` turns it off.
+  (its tensors are CPU tensors). The kernels registered for the CPU are the same. The tests
+  compare the bytes a command writes in its own process with and without the deferral, and
+  the results of torch's CPU operations in fresh interpreters; the whole suite was also run
+  once in a process with it (``docs/benchmarks.md``).
+* ``MONOQUANT_LAZY_META=0`` (exactly ``0``) turns it off.
 
 This module imports neither torch nor anything that does.
 
@@ -62,8 +67,15 @@ from collections.abc import Callable, Sequence
 ENV = "MONOQUANT_LAZY_META"
 #: the torch versions (major.minor) whose import the test suite runs with the deferral
 TESTED = ("2.13",)
-#: what the real ``torch._meta_registrations`` imports that the rest of torch relies on
+#: what the real ``torch._meta_registrations`` imports that the rest of torch relies on while it
+#: loads (``torch.Generator()`` needs ``rng_prims`` to have run)
 KEEP = ("torch._prims.rng_prims",)
+#: what it imports that torch reads later as attributes of itself (``torch.broadcast_shapes``
+#: calls ``torch._refs._broadcast_shapes``; ``torch.nn.functional`` names ``torch._decomp``):
+#: after the import they load on first read, through torch's own table of lazy submodules
+LAZY = ("_refs", "_decomp")
+
+_deferred = {"torch": False}
 
 
 def defer_meta_kernels() -> bool:
@@ -73,20 +85,46 @@ def defer_meta_kernels() -> bool:
     """
     if os.environ.get(ENV, "1") == "0" or torch_version() not in TESTED:
         return False
-    return defer("torch", "_meta_registrations", first=KEEP)
+    _deferred["torch"] = defer("torch", "_meta_registrations", first=KEEP)
+    return _deferred["torch"]
+
+
+def finish_import() -> None:
+    """After the first import of torch, where :func:`defer_meta_kernels` deferred: the modules of
+    :data:`LAZY` that are not loaded yet load when torch's attribute of that name is first read
+    (torch's ``_lazy_modules``, which its module ``__getattr__`` consults); where torch has no such
+    table, they are imported now."""
+    torch = sys.modules.get("torch")
+    if not _deferred["torch"] or torch is None:
+        return
+    _deferred["torch"] = False
+    missing = [n for n in LAZY if f"torch.{n}" not in sys.modules]
+    table = getattr(torch, "_lazy_modules", None)
+    if isinstance(table, set):
+        table.update(missing)
+    else:
+        for n in missing:
+            importlib.import_module(f"torch.{n}")
 
 
 def torch_version() -> str | None:
     """torch's installed ``major.minor``, read from ``torch/version.py`` (no import); ``None``
-    where it cannot be read."""
+    where it cannot be read or is not a release (``2.13.0a0+git...``, ``2.13.0.dev...``).
+
+    Example:
+        >>> torch_version() in (None, *TESTED) or torch_version().count(".") == 1
+        True
+    """
     where = _package_dir("torch")
     if where is None:
         return None
     try:
         with open(os.path.join(where, "version.py"), encoding="utf-8") as f:
-            m = re.search(r"^__version__\s*=\s*['\"](\d+)\.(\d+)", f.read(), re.M)
-    except OSError:
+            text = f.read()
+    except (OSError, ValueError):  # ValueError: not UTF-8
         return None
+    # a release (a local label such as +cpu or +cu128 allowed), not a pre-release or nightly
+    m = re.search(r"^__version__\s*=\s*['\"](\d+)\.(\d+)\.\d+(\+[\w.]+)?['\"]\s*$", text, re.M)
     return f"{m.group(1)}.{m.group(2)}" if m else None
 
 
@@ -155,18 +193,28 @@ def _on_first_read(
 ) -> Callable[[str], object]:
     """The stand-in's ``__getattr__``: runs the real module in the stand-in's namespace once
     (under a lock: kernel threads may read it at the same time; other threads wait until it is
-    done), then answers from it."""
+    done; not where something already ran it, as ``importlib.reload`` does), then answers from
+    it. Where the real module raises, this and every later read raise an :class:`ImportError`
+    from that error."""
     lock = threading.RLock()
-    state = {"loading": False}
+    state: dict[str, object] = {"loading": False, "error": None}
 
     def __getattr__(attr: str) -> object:
         with lock:
+            if state["error"] is not None:  # every read says why, not "no attribute"
+                raise ImportError(f"{module.__name__} failed to load") from state["error"]  # type: ignore[misc]
+            loaded = any(not k.startswith("__") for k in module.__dict__)  # e.g. by importlib.reload
             if module.__dict__.get("__getattr__") is __getattr__ and not state["loading"]:
                 state["loading"] = True
                 try:
-                    real.exec_module(module)
+                    if not loaded:
+                        real.exec_module(module)
+                except BaseException as e:
+                    state["error"] = e
+                    # an ImportError, never an AttributeError (hasattr would hide it)
+                    raise ImportError(f"{module.__name__} failed to load: {e}") from e
                 finally:
-                    if module.__dict__.get("__getattr__") is __getattr__:
+                    if state["error"] is None and module.__dict__.get("__getattr__") is __getattr__:
                         del module.__dict__["__getattr__"]
         try:
             return module.__dict__[attr]

@@ -274,7 +274,8 @@ def test_stream_defers_torchs_meta_kernels_and_writes_the_same_bytes(tmp_path) -
     env = {k: v for k, v in os.environ.items() if k != torchstart.ENV}
     err_on = command_stream(ckpt, tmp_path / "on", report, env=env)
     err_off = command_stream(ckpt, tmp_path / "off", report, env={**env, torchstart.ENV: "0"})
-    assert "UNRUN True" in err_on and "UNRUN False" in err_off
+    gated = torchstart.torch_version() in torchstart.TESTED  # other versions: a plain import
+    assert f"UNRUN {gated}" in err_on and "UNRUN False" in err_off
     on = {p.name: p.read_bytes() for p in sorted((tmp_path / "on").iterdir())}
     off = {p.name: p.read_bytes() for p in sorted((tmp_path / "off").iterdir())}
     assert on == off and any(n.endswith(".safetensors") for n in on)

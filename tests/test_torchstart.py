@@ -57,6 +57,51 @@ def test_a_deferred_module_runs_once_on_its_first_attribute_read(package) -> Non
         _ = heavy.missing
 
 
+def test_a_module_that_fails_says_so_on_every_read(package) -> None:
+    name, d = package
+    (d / "heavy.py").write_text("A = 1\nraise AttributeError('boom')\n")
+    assert torchstart.defer(name, "heavy")
+    heavy = __import__(name).heavy
+    for _ in range(2):  # an ImportError (hasattr would hide an AttributeError), every time
+        with pytest.raises(ImportError, match="failed to load") as e:
+            _ = heavy.B
+        assert "boom" in repr(e.value.__cause__)
+    with pytest.raises(ImportError):
+        hasattr(heavy, "B")
+
+
+def test_a_module_reloaded_before_its_first_read_is_not_run_again(package) -> None:
+    import importlib
+
+    name, d = package
+    assert torchstart.defer(name, "heavy")
+    heavy = __import__(name).heavy
+    importlib.reload(heavy)  # runs the real code (the finder is gone)
+    assert (d / "runs.txt").read_text() == "1"
+    assert not hasattr(heavy, "missing") and heavy.VALUE == 42
+    assert (d / "runs.txt").read_text() == "1" and "__getattr__" not in vars(heavy)
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("__version__ = '2.13.0+cpu'\n", "2.13"),
+        ("__version__ = '2.13.1'\n", "2.13"),
+        ('__version__ = "2.14.0+cu128"\n', "2.14"),
+        ("__version__ = '2.13.0a0+git1234abc'\n", None),  # a nightly or source build
+        ("__version__ = '2.13.0.dev20261101'\n", None),
+        ("__version__ = '2.13.0rc1'\n", None),
+        ("version = '2.13.0'\n", None),
+    ],
+)
+def test_the_version_gate_takes_releases_only(tmp_path, monkeypatch, text, want) -> None:
+    (tmp_path / "version.py").write_text(text)
+    monkeypatch.setattr(torchstart, "_package_dir", lambda _: str(tmp_path))
+    assert torchstart.torch_version() == want
+    (tmp_path / "version.py").write_bytes(b"\xff\xfe__version__ = '2.13.0'\n")  # not UTF-8
+    assert torchstart.torch_version() is None
+
+
 def test_nothing_is_deferred_where_it_cannot_be(package, monkeypatch) -> None:
     name, _ = package
     assert not torchstart.defer(name, "absent")  # no such file
@@ -92,6 +137,10 @@ _FRESH = textwrap.dedent(
     s = xf.abs().amax(dim=1, keepdim=True) / 127
     q = torch.div(xf, s).round_().clamp_(-127, 127).to(torch.int8)
     print("DIGEST", q.view(-1).tolist()[:8], int(q.long().sum()), float((q.float() * s - xf).square().sum()))
+    from monoquant.torchstart import finish_import
+    finish_import()
+    print("BROADCAST", tuple(torch.broadcast_shapes((3, 1), (1, 2))))  # reads torch._refs
+    print("STILL", "__getattr__" in vars(m) and "activate_meta" not in vars(m))
     m.activate_meta  # the first read runs it
     print("RUN", "activate_meta" in vars(m))
     print("META", tuple((torch.empty(3, 4, device="meta") @ torch.empty(4, 5, device="meta")).shape))
@@ -114,7 +163,9 @@ def test_torch_loads_without_its_meta_kernels_and_computes_the_same() -> None:
     """In a fresh interpreter: torch imports with its Python meta kernels deferred, CPU results
     are those of a plain import, and the first read of the module loads it (meta ops work)."""
     on, off = _fresh(env_off=False), _fresh(env_off=True)
-    assert on["DEFERRED"] == "True" and on["UNRUN"] == "True"
-    assert off["DEFERRED"] == "False" and off["UNRUN"] == "False"  # MONOQUANT_LAZY_META=0
+    gated = str(torchstart.torch_version() in torchstart.TESTED)  # other versions: a plain import
+    assert on["DEFERRED"] == on["UNRUN"] == on["STILL"] == gated
+    assert off["DEFERRED"] == off["UNRUN"] == off["STILL"] == "False"  # MONOQUANT_LAZY_META=0
     assert on["DIGEST"] == off["DIGEST"]
+    assert on["BROADCAST"] == off["BROADCAST"] == "(3, 2)"
     assert on["RUN"] == "True" and on["META"] == off["META"] == "(3, 5)"
