@@ -98,6 +98,10 @@ def finish_import() -> None:
     if not _deferred["torch"] or torch is None:
         return
     _deferred["torch"] = False
+    # a finder torch never asked (a version that does not import the module) goes too
+    sys.meta_path[:] = [
+        f for f in sys.meta_path if not (isinstance(f, _Finder) and f.name.startswith("torch."))
+    ]
     missing = [n for n in LAZY if f"torch.{n}" not in sys.modules]
     table = getattr(torch, "_lazy_modules", None)
     if isinstance(table, set):
@@ -109,12 +113,8 @@ def finish_import() -> None:
 
 def torch_version() -> str | None:
     """torch's installed ``major.minor``, read from ``torch/version.py`` (no import); ``None``
-    where it cannot be read or is not a release (``2.13.0a0+git...``, ``2.13.0.dev...``).
-
-    Example:
-        >>> torch_version() in (None, *TESTED) or torch_version().count(".") == 1
-        True
-    """
+    where it cannot be read or is not a release (``2.13.0a0+git...``, ``2.13.0.dev...``): e.g.
+    ``"2.13"`` for ``__version__ = '2.13.0+cpu'``."""
     where = _package_dir("torch")
     if where is None:
         return None

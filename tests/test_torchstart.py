@@ -82,6 +82,20 @@ def test_a_module_reloaded_before_its_first_read_is_not_run_again(package) -> No
     assert (d / "runs.txt").read_text() == "1" and "__getattr__" not in vars(heavy)
 
 
+def test_finish_import_removes_a_finder_torch_never_asked(monkeypatch) -> None:
+    import torch
+
+    finder = torchstart._Finder("torch._never_asked", "/nonexistent.py", ())
+    other = torchstart._Finder("pkg_other.heavy", "/nonexistent.py", ())
+    monkeypatch.setattr(sys, "meta_path", [finder, other, *sys.meta_path])
+    monkeypatch.setitem(torchstart._deferred, "torch", True)
+    lazy_before = set(torch._lazy_modules)
+    torchstart.finish_import()
+    assert finder not in sys.meta_path and other in sys.meta_path
+    assert torch._lazy_modules == lazy_before  # _refs and _decomp are loaded here: nothing to add
+    assert not torchstart._deferred["torch"]
+
+
 @pytest.mark.parametrize(
     ("text", "want"),
     [
