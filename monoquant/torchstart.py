@@ -75,8 +75,6 @@ KEEP = ("torch._prims.rng_prims",)
 #: after the import they load on first read, through torch's own table of lazy submodules
 LAZY = ("_refs", "_decomp")
 
-_deferred = {"torch": False}
-
 
 def defer_meta_kernels() -> bool:
     """Defer ``torch._meta_registrations`` (see the module docstring); ``True`` when done.
@@ -85,8 +83,7 @@ def defer_meta_kernels() -> bool:
     """
     if os.environ.get(ENV, "1") == "0" or torch_version() not in TESTED:
         return False
-    _deferred["torch"] = defer("torch", "_meta_registrations", first=KEEP)
-    return _deferred["torch"]
+    return defer("torch", "_meta_registrations", first=KEEP)
 
 
 def finish_import() -> None:
@@ -95,13 +92,15 @@ def finish_import() -> None:
     (torch's ``_lazy_modules``, which its module ``__getattr__`` consults); where torch has no such
     table, they are imported now."""
     torch = sys.modules.get("torch")
-    if not _deferred["torch"] or torch is None:
+    if torch is None:
         return
-    _deferred["torch"] = False
     # a finder torch never asked (a version that does not import the module) goes too
     sys.meta_path[:] = [
         f for f in sys.meta_path if not (isinstance(f, _Finder) and f.name.startswith("torch."))
     ]
+    stand_in = sys.modules.get("torch._meta_registrations")
+    if not isinstance(getattr(stand_in, "__loader__", None), _StandIn):
+        return  # nothing deferred
     missing = [n for n in LAZY if f"torch.{n}" not in sys.modules]
     table = getattr(torch, "_lazy_modules", None)
     if isinstance(table, set):

@@ -228,17 +228,11 @@ def test_stream_limits_openblas_threads_unless_the_user_chose(tmp_path, monkeypa
         assert "OPENBLAS_NUM_THREADS" not in os.environ
 
 
-def test_no_garbage_collection_while_the_command_loads_torch(tmp_path) -> None:
-    """``monoquant stream`` pauses the collector while torch loads (its objects set off hundreds
-    of collections that free next to nothing, on the one core the start-up uses)."""
-    setup = (
-        "import gc, sys\n"
-        "n = [0]\n"
-        "def cb(phase, info):\n"
-        "    t = sys.modules.get('torch')\n"  # the module exists, its import is under way
-        "    if phase == 'start' and getattr(getattr(t, '__spec__', None), '_initializing', False):\n"
-        "        n[0] += 1\n"
-        "gc.callbacks.append(cb)\n"
+def _report_after_stream(setup: str, fstring: str) -> str:
+    """Setup lines: ``setup``, then ``fstring`` (evaluated then) written to stderr when the
+    command's ``_stream`` returns (torch not imported before the command)."""
+    return setup + (
+        "import sys\n"
         "import monoquant.cli as c\n"
         "assert 'torch' not in sys.modules\n"
         "real = c._stream\n"
@@ -246,31 +240,42 @@ def test_no_garbage_collection_while_the_command_loads_torch(tmp_path) -> None:
         "    try:\n"
         "        return real(*a)\n"
         "    finally:\n"
-        "        sys.stderr.write(f'DURING {n[0]} ENABLED {gc.isenabled()}\\n')\n"
+        f"        sys.stderr.write(f'{fstring}\\n')\n"
         "c._stream = spy\n"
     )
+
+
+def test_no_garbage_collection_while_the_command_loads_torch(tmp_path) -> None:
+    """``monoquant stream`` pauses the collector while torch loads (its objects set off hundreds
+    of collections that free next to nothing, on the one core the start-up uses)."""
+    count = (
+        "import gc, sys\n"
+        "n = [0]\n"
+        "def cb(phase, info):\n"
+        "    t = sys.modules.get('torch')\n"  # the module exists, its import is under way
+        "    if phase == 'start' and getattr(getattr(t, '__spec__', None), '_initializing', False):\n"
+        "        n[0] += 1\n"
+        "gc.callbacks.append(cb)\n"
+    )
+    setup = _report_after_stream(count, "DURING {n[0]} ENABLED {gc.isenabled()}")
     assert "DURING 0 ENABLED True" in command_stream(_tiny_ckpt(tmp_path), tmp_path / "out", setup)
 
 
 def test_stream_defers_torchs_meta_kernels_and_writes_the_same_bytes(tmp_path) -> None:
     """``monoquant stream`` in its own process imports torch without running its Python meta
-    kernels (``monoquant.torchstart``; a fifth of the start-up) on the torch versions the tests
+    kernels (``monoquant.torchstart``; about a sixth of torch's import) on the torch versions the tests
     run, and writes the same bytes as with ``MONOQUANT_LAZY_META=0``; an in-process caller of
     ``main`` keeps torch as it was."""
     from monoquant import torchstart
 
     ckpt = _tiny_ckpt(tmp_path)
-    report = (  # at the end of the run: still not run
+    unrun = (  # at the end of the run: still not run
         "import sys\n"
-        "import monoquant.cli as c\n"
-        "assert 'torch' not in sys.modules\n"
-        "real = c._stream\n"
-        "def spy(*a):\n"
-        "    real(*a)\n"
+        "def unrun():\n"
         "    m = vars(sys.modules['torch._meta_registrations'])\n"
-        '    sys.stderr.write(f\'UNRUN {"__getattr__" in m and "activate_meta" not in m}\\n\')\n'
-        "c._stream = spy\n"
+        "    return '__getattr__' in m and 'activate_meta' not in m\n"
     )
+    report = _report_after_stream(unrun, "UNRUN {unrun()}")
     env = {k: v for k, v in os.environ.items() if k != torchstart.ENV}
     err_on = command_stream(ckpt, tmp_path / "on", report, env=env)
     err_off = command_stream(ckpt, tmp_path / "off", report, env={**env, torchstart.ENV: "0"})

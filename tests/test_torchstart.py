@@ -88,12 +88,10 @@ def test_finish_import_removes_a_finder_torch_never_asked(monkeypatch) -> None:
     finder = torchstart._Finder("torch._never_asked", "/nonexistent.py", ())
     other = torchstart._Finder("pkg_other.heavy", "/nonexistent.py", ())
     monkeypatch.setattr(sys, "meta_path", [finder, other, *sys.meta_path])
-    monkeypatch.setitem(torchstart._deferred, "torch", True)
     lazy_before = set(torch._lazy_modules)
     torchstart.finish_import()
     assert finder not in sys.meta_path and other in sys.meta_path
-    assert torch._lazy_modules == lazy_before  # _refs and _decomp are loaded here: nothing to add
-    assert not torchstart._deferred["torch"]
+    assert torch._lazy_modules == lazy_before  # nothing deferred here: nothing to add
 
 
 @pytest.mark.parametrize(
