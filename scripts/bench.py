@@ -14,6 +14,14 @@ cp run of the same pair), naive/monoquant, variant/base,
 and memory ratios; and an ``anchor`` block that cannot flatter: cp's own spread, every tool's
 absolute GB/s, its ratio to its paired cp run (per pair) and its ratio to the FASTEST cp run.
 
+A second anchor, ``--tools cpin``: the same bytes copied (``dd conv=notrunc``, then ``sync``) into
+a copy of the input made once, untimed, in the work directory, so the copy writes into page-cache
+pages that already exist. ``cp -r`` into a new directory needs one fresh page per 4 KiB written;
+on a VM whose host hands out memory lazily (and takes freed memory back at once) those pages
+can cost more than the copy itself, and a slow anchor flatters. ``cpin`` is what the copy costs
+where memory is cheap; each tool is also given as a ratio to the fastest ``cpin`` run, and
+``cpin / cp`` (same pair) shows what the fresh pages cost.
+
 Examples (run as root for ``--cold`` and ``--memcap``):
 
     # warm cache, int8/int4/fp16 vs cp -r && sync vs naive, median of 3 rounds
@@ -31,6 +39,8 @@ Examples (run as root for ``--cold`` and ``--memcap``):
     python scripts/bench.py --ckpt /tmp/mqbench/ckpt4 --tools cp,mq --jobs 2
     # scaling: generate 1, 2, 4, 8 GB checkpoints (deleted after use), int8 only
     python scripts/bench.py --sizes 1,2,4,8 --make-args "--vocab 32000" --schemes int8 --tools cp,mq
+    # the copy into existing pages too: ratios to the fastest cpin run (what fresh pages cost here)
+    python scripts/bench.py --ckpt /tmp/mqbench/ckpt4 --tools cp,cpin,mq --schemes int8
     # hard memory cap: every run under /work/shared/tools/memcap 512M; max_usage + success recorded
     python scripts/bench.py --ckpt /tmp/mqbench/big6 --tools mq --schemes int8,int4 --memcap 512M \\
         --mq-args "--include lm_head.weight"
@@ -164,6 +174,29 @@ MEMCAP_RE = re.compile(
 )
 
 
+# every file of $1 over its copy in $2, in place (no truncation: the page-cache pages stay), then sync
+CPIN_SH = (
+    'cd "$1" && find . -type f | while IFS= read -r f; do '
+    'dd if="$f" of="$2/$f" bs=1M conv=notrunc status=none || exit 1; done && sync'
+)
+
+
+def in_place_target(src: Path, work: Path) -> Path:
+    """The copy of ``src`` that ``cpin`` overwrites: ``work/inplace``, made (untimed) when it is
+    missing or does not match ``src``'s files and sizes."""
+    target = work / "inplace"
+
+    def sizes(root: Path) -> dict[str, int]:
+        return {str(f.relative_to(root)): f.stat().st_size for f in root.rglob("*") if f.is_file()}
+
+    if not target.exists() or sizes(target) != sizes(src):
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(src, target)
+        os.sync()
+    return target
+
+
 class Tool:
     """One thing to time: a label, and how to build its command for (src, dst)."""
 
@@ -178,6 +211,8 @@ class Tool:
     def command(self, src: Path, dst: Path) -> list[str]:
         if self.tool == "cp":
             return ["sh", "-c", f"cp -r {shlex.quote(str(src))} {shlex.quote(str(dst))} && sync"]
+        if self.tool == "cpin":  # dst: a copy of src made before (in_place_target)
+            return ["sh", "-c", CPIN_SH, "cpin", str(src), str(dst)]
         if self.tool == "mq":
             return [*monoquant_cmd(), "stream", str(src), str(dst), f"--{self.scheme}", "--json", *self.argv]
         if self.tool == "mqpy":
@@ -210,6 +245,8 @@ def build_tools(args: argparse.Namespace) -> list[Tool]:
     out: list[Tool] = []
     if "cp" in tools:
         out.append(Tool("cp", "", "", []))
+    if "cpin" in tools:
+        out.append(Tool("cpin", "", "", []))
     for s in schemes:
         if "mq" in tools:
             out.append(Tool("mq", s, "", mq_args))
@@ -239,10 +276,12 @@ def run_one(tool: Tool, src: Path, work: Path, args: argparse.Namespace, meta: d
     if dst.exists():
         shutil.rmtree(dst)
     os.sync()
+    if tool.tool == "cpin":
+        dst = in_place_target(src, work)  # before the cache is prepared: its pages are the point
     cache = "cold" if args.cold else "warm"
     how = drop_caches(src, args.cold_method) if args.cold else (warm(src) or "pre-read")
     cmd = tool.command(src, dst)
-    capped = bool(args.memcap) and (tool.tool != "cp" or args.memcap_cp)
+    capped = bool(args.memcap) and (tool.tool not in ("cp", "cpin") or args.memcap_cp)
     if capped:
         cmd = [str(MEMCAP), args.memcap, "--", *cmd]
     so, se = work / "stdout.txt", work / "stderr.txt"
@@ -313,7 +352,7 @@ def run_one(tool: Tool, src: Path, work: Path, args: argparse.Namespace, meta: d
         rec["ok"] = p.returncode == 0 and (rec.get("self") or {}).get("complete", True) is not False
     if p.returncode != 0:
         rec["stderr_tail"] = stderr[-600:]
-    if dst.exists():
+    if dst.exists() and tool.tool != "cpin":  # cpin's target is kept: the next run writes into it
         shutil.rmtree(dst)
     return rec
 
@@ -409,7 +448,7 @@ def summarize(recs: list[dict], tools: list[Tool], meta: dict) -> dict:
                 ratios[f"{t.key} / {base}"] = ratio(t.key, base)
             if "cp" in keys:
                 ratios[f"{t.key} / cp"] = ratio(t.key, "cp")
-        if t.tool == "naive" and "cp" in keys:
+        if t.tool in ("naive", "cpin") and "cp" in keys:
             ratios[f"{t.key} / cp"] = ratio(t.key, "cp")
     return {"summary": True, **meta, "anchor": anchor, "per_tool": per_tool, "ratios": ratios}
 
@@ -418,7 +457,8 @@ def _anchor(recs: list[dict], by: dict, cps: dict, rounds: list[int], tools: lis
     """What cannot flatter: the anchor's (``cp -r && sync``) own spread, and for every other tool
     its absolute GB/s, its ratio to the cp run of its own pair (per pair and median), and its
     ratio to the FASTEST cp run of the session, so a slow moment of the disk does not make a slow
-    program look fast."""
+    program look fast; with ``cpin`` runs, the same for the copy into existing pages (its spread,
+    and every tool's ratio to its fastest run)."""
     cp_ok = [r for r in recs if r["tool"] == "cp" and r["rc"] == 0]
     if not cp_ok:
         return None
@@ -429,8 +469,14 @@ def _anchor(recs: list[dict], by: dict, cps: dict, rounds: list[int], tools: lis
         "cp_fastest_wall_s": fastest,
         "tools": {},
     }
+    cpin_ok = [r for r in recs if r["tool"] == "cpin" and r["rc"] == 0]
+    cpin_fastest = min((r["wall_s"] for r in cpin_ok), default=None)
+    if cpin_fastest is not None:
+        out["cpin_wall_s"] = med([r["wall_s"] for r in cpin_ok])
+        out["cpin_gb_per_s"] = med([r["input_gb_per_s"] for r in cpin_ok])
+        out["cpin_fastest_wall_s"] = cpin_fastest
     for t in tools:
-        if t.tool == "cp":
+        if t.tool in ("cp", "cpin"):
             continue
         pairs = []
         for rd in rounds:
@@ -446,6 +492,8 @@ def _anchor(recs: list[dict], by: dict, cps: dict, rounds: list[int], tools: lis
                         "vs_fastest_cp": round(r["wall_s"] / fastest, 3),
                     }
                 )
+                if cpin_fastest is not None:
+                    pairs[-1]["vs_fastest_cpin"] = round(r["wall_s"] / cpin_fastest, 3)
         if pairs:
             out["tools"][t.key] = {
                 "gb_per_s": med([p["gb_per_s"] for p in pairs]),
@@ -453,6 +501,8 @@ def _anchor(recs: list[dict], by: dict, cps: dict, rounds: list[int], tools: lis
                 "vs_fastest_cp": med([p["vs_fastest_cp"] for p in pairs]),
                 "pairs": pairs,
             }
+            if cpin_fastest is not None:
+                out["tools"][t.key]["vs_fastest_cpin"] = med([p["vs_fastest_cpin"] for p in pairs])
     return out
 
 
@@ -838,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--ckpt", type=Path, help="existing checkpoint directory")
     src.add_argument("--sizes", help="comma list of GB: generate each with make_checkpoint.py (scaling)")
     ap.add_argument("--schemes", default="int8,int4,fp16")
-    ap.add_argument("--tools", default="cp,mq,naive", help="comma list of cp, mq, naive")
+    ap.add_argument("--tools", default="cp,mq,naive", help="comma list of cp, cpin, mq, naive")
     ap.add_argument("--repeats", type=int, default=3, help="rounds (each tool once per round)")
     ap.add_argument("--cold", action="store_true", help="drop page cache before each run")
     ap.add_argument(
