@@ -428,6 +428,9 @@ def summarize(recs: list[dict], tools: list[Tool], meta: dict) -> dict:
             ratios[f"{t.key} / mq/{t.scheme}"] = ratio(t.key, f"mq/{t.scheme}")
         if t.tool == "naive" and f"mq/{t.scheme}" in keys:
             ratios[f"{t.key} / mq/{t.scheme}"] = ratio(t.key, f"mq/{t.scheme}")
+            # user CPU alone: the compute, without the system time of fresh page-cache pages
+            # (the naive script writes every output page new; see the cpin anchor)
+            ratios[f"{t.key} / mq/{t.scheme} user_cpu"] = ratio(t.key, f"mq/{t.scheme}", "user_s")
             ratios[f"{t.key} / mq/{t.scheme} peak_rss"] = ratio(t.key, f"mq/{t.scheme}", "peak_rss_mib")
             ratios[f"{t.key} / mq/{t.scheme} peak_anon"] = ratio(
                 t.key, f"mq/{t.scheme}", "self.peak_anon_mib"
