@@ -864,6 +864,7 @@ def bench_checkpoint(
             rec = run_one(t, ckpt, work, args, {**meta, **extra_meta})
             recs.append(rec)
             log(rec, sink)
+    shutil.rmtree(work / "inplace", ignore_errors=True)  # cpin's target: a full copy of the input
     summ = summarize(
         recs,
         tools,
