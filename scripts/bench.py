@@ -463,16 +463,16 @@ def _anchor(recs: list[dict], by: dict, cps: dict, rounds: list[int], tools: lis
     program look fast; with ``cpin`` runs, the same for the copy into existing pages (its spread,
     and every tool's ratio to its fastest run)."""
     cp_ok = [r for r in recs if r["tool"] == "cp" and r["rc"] == 0]
-    if not cp_ok:
+    cpin_ok = [r for r in recs if r["tool"] == "cpin" and r["rc"] == 0]
+    if not cp_ok and not cpin_ok:
         return None
-    fastest = min(r["wall_s"] for r in cp_ok)
+    fastest = min((r["wall_s"] for r in cp_ok), default=None)
     out: dict = {
         "cp_wall_s": med([r["wall_s"] for r in cp_ok]),
         "cp_gb_per_s": med([r["input_gb_per_s"] for r in cp_ok]),
         "cp_fastest_wall_s": fastest,
         "tools": {},
     }
-    cpin_ok = [r for r in recs if r["tool"] == "cpin" and r["rc"] == 0]
     cpin_fastest = min((r["wall_s"] for r in cpin_ok), default=None)
     if cpin_fastest is not None:
         out["cpin_wall_s"] = med([r["wall_s"] for r in cpin_ok])
@@ -492,7 +492,7 @@ def _anchor(recs: list[dict], by: dict, cps: dict, rounds: list[int], tools: lis
                         "gb_per_s": r["input_gb_per_s"],
                         "paired_cp_wall_s": c["wall_s"] if c and c["rc"] == 0 else None,
                         "vs_paired_cp": round(r["wall_s"] / c["wall_s"], 3) if c and c["rc"] == 0 else None,
-                        "vs_fastest_cp": round(r["wall_s"] / fastest, 3),
+                        "vs_fastest_cp": round(r["wall_s"] / fastest, 3) if fastest else None,
                     }
                 )
                 if cpin_fastest is not None:
