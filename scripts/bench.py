@@ -407,7 +407,7 @@ def summarize(recs: list[dict], tools: list[Tool], meta: dict) -> dict:
             "wall_s": med([r["wall_s"] for r in ok]),
             "input_gb_per_s": med([r["input_gb_per_s"] for r in ok]),
             "peak_rss_mib": med([r["peak_rss_mib"] for r in ok]),
-            "cpu_s": med([r["user_s"] + r["sys_s"] for r in ok]),
+            "cpu_s": med([_get(r, "cpu") for r in ok]),
             "self_seconds": med([(r.get("self") or {}).get("seconds") for r in ok]),
             "self_peak_anon_mib": med([(r.get("self") or {}).get("peak_anon_mib") for r in ok]),
             "overlap_on": sum(1 for r in ok if (r.get("self") or {}).get("overlap")),
